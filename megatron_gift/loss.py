@@ -1,0 +1,280 @@
+"""Vocab-parallel GIFT loss (Gibbs Initialization with Finite Temperature).
+
+Per token ``t`` with label ``y``, student logits ``z`` and frozen-reference logits ``r``::
+
+    p'(v)  = (1 - lambda) * softmax(r)(v) + lambda / V          (V: the GLOBAL vocab size)
+    q(v)   = softmax(log p' + beta * onehot(y))(v)
+    loss_t = -sum_v q(v) * log softmax(z)(v)
+
+``q`` has a closed form that keeps every step in log space. With ``p = p'(y)`` and
+``g = 1 / (1 + p (e^beta - 1)) = sigmoid(-(log p + log(e^beta - 1)))``::
+
+    q      = (1 - g) * onehot(y) + g * p'
+    loss_t = (1 - g) * NLL(z, y) + g * CE(p', softmax(z))
+    dloss_t / dz = softmax(z) - q
+
+so ``beta = inf`` gives ``g = 0`` (plain cross-entropy), ``beta = 0`` gives ``g = 1``
+(cross-entropy against the reference), and neither ``e^beta`` nor ``p`` is ever formed: a
+label the reference gives probability 1e-30 is handled exactly, which is what GIFT is about.
+
+Logits are sharded over the tensor-parallel group along the last dim, rank ``k`` owning
+columns ``[k * V/tp, (k + 1) * V/tp)`` as in Megatron-Core. The forward makes two all-reduces
+of batched per-token statistics (one MAX, one SUM), the backward none; one fp32
+``[..., V/tp]`` buffer (``softmax(z) - g * p'``) is kept for the backward. Inputs are never
+written to.
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class GiftTokenStats(NamedTuple):
+    """Per-token diagnostics, fp32, shaped like ``labels``; 0 at ignored positions."""
+
+    student_entropy: torch.Tensor  # H(softmax(z)) in nats
+    target_mass: torch.Tensor  # q(y): 1 for plain SFT, lower where GIFT keeps the reference's tail
+    student_label_prob: torch.Tensor  # softmax(z)(y)
+
+
+def vocab_parallel_gift_loss(
+    logits: torch.Tensor,
+    ref_logits: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    beta: float,
+    smooth_lambda: float = 0.0,
+    ignore_index: int = -100,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    return_stats: bool = False,
+):
+    """Per-token GIFT loss of vocab-parallel student logits against a frozen reference.
+
+    Args:
+        logits: student logits ``[..., V/tp]`` (e.g. Megatron's ``[s, b, V/tp]`` or
+            ``[b, s, V/tp]``), fp32/bf16/fp16, usually requiring grad.
+        ref_logits: reference logits, same shape and sharding, any float dtype; receives no
+            gradient. May be ``None`` only when ``beta`` is ``inf`` (plain SFT).
+        labels: global token ids ``[...]`` (int64); ``ignore_index`` marks positions
+            without a loss.
+        beta: inverse temperature, ``>= 0``; ``float('inf')`` is plain cross-entropy.
+        smooth_lambda: weight of the uniform distribution mixed into the reference, in
+            ``[0, 1]``.
+        ignore_index: label value whose positions get loss 0 and gradient 0.
+        tp_group: tensor-parallel group the vocab is sharded over. Default: Megatron-Core's
+            tensor-parallel group when model parallelism is initialised, else no sharding.
+        return_stats: also return a :class:`GiftTokenStats`.
+
+    Returns:
+        The loss ``[...]`` in fp32 (nats per token), identical on every TP rank, and the
+        stats when ``return_stats``.
+    """
+    beta, smooth_lambda = _checked_hyperparameters(beta, smooth_lambda)
+    if ref_logits is None and not math.isinf(beta):
+        raise ValueError(f"ref_logits is required for finite beta={beta} (only beta=inf skips it)")
+    if ref_logits is not None and ref_logits.shape != logits.shape:
+        raise ValueError(
+            f"logits and ref_logits shapes differ: {tuple(logits.shape)} vs "
+            f"{tuple(ref_logits.shape)}; student and reference must share vocab and sharding"
+        )
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)} "
+            "without the vocab dim"
+        )
+    tp_group = _default_tp_group(tp_group)
+    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    _check_labels(labels, logits.size(-1) * tp_size, ignore_index)
+    if math.isinf(beta):
+        ref_logits = None  # q is one-hot: the reference cannot change the loss
+    loss, entropy, target_mass, label_prob = _VocabParallelGiftLoss.apply(
+        logits, ref_logits, labels, beta, smooth_lambda, ignore_index, tp_group, return_stats
+    )
+    if return_stats:
+        return loss, GiftTokenStats(entropy, target_mass, label_prob)
+    return loss
+
+
+def _checked_hyperparameters(beta, smooth_lambda):
+    beta, smooth_lambda = float(beta), float(smooth_lambda)
+    if math.isnan(beta) or beta < 0:
+        raise ValueError(f"beta must be >= 0 (inf for plain SFT), got {beta}")
+    if math.isnan(smooth_lambda) or not 0.0 <= smooth_lambda <= 1.0:
+        raise ValueError(f"smooth_lambda must be in [0, 1], got {smooth_lambda}")
+    return beta, smooth_lambda
+
+
+def _default_tp_group(tp_group):
+    if tp_group is not None:
+        return tp_group
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def _check_labels(labels, vocab_size, ignore_index):
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"label {value} is outside the vocab [0, {vocab_size}) and is not "
+            f"ignore_index={ignore_index}"
+        )
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _log_expm1(x: float) -> float:
+    """log(e^x - 1) for x >= 0, exact for large x; -inf at 0, inf at inf."""
+    if x == 0:
+        return -math.inf
+    return x + math.log(-math.expm1(-x))
+
+
+def _all_reduce(tensor, op, group):
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+class _VocabParallelGiftLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ref_logits, labels, beta, smooth_lambda, ignore_index, group,
+                with_stats):
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        tp_size = dist.get_world_size(group) if group is not None else 1
+        tp_rank = dist.get_rank(group) if group is not None else 0
+        local_vocab = logits.size(-1)
+        vocab = local_vocab * tp_size
+        vocab_start = tp_rank * local_vocab
+        z_all = logits.reshape(-1, local_vocab)
+        r_all = ref_logits.reshape(-1, local_vocab) if ref_logits is not None else None
+        y = labels.reshape(-1)
+
+        valid = y != ignore_index
+        owned = valid & (y >= vocab_start) & (y < vocab_start + local_vocab)
+        column = torch.where(owned, y - vocab_start, 0).unsqueeze(-1)
+
+        # Pass 1: per-token maxima of both models, one MAX all-reduce.
+        maxima = [x.amax(-1).to(dtype) for x in (z_all, r_all) if x is not None]
+        maxima = _all_reduce(torch.stack(maxima, -1), dist.ReduceOp.MAX, group)
+
+        # Pass 2: shifted logits (<= 0), exp(z) into the saved buffer, per-token sums;
+        # one SUM all-reduce. Chunks of rows go through two fp32 workspaces.
+        names = ["sum_exp_z", "z_label"] + (["dot_exp_z_z"] if with_stats else [])
+        if r_all is not None:
+            names += ["r_label", "sum_exp_r", "dot_exp_r_z"]
+            names += ["sum_z"] if smooth_lambda > 0 else []
+        local = torch.empty(z_all.size(0), len(names), dtype=dtype, device=z_all.device)
+        probs = torch.empty(z_all.shape, dtype=dtype, device=z_all.device)
+        workspace = _Workspace(z_all, dtype, count=2)
+        for rows in workspace.chunks:
+            z = workspace.shifted(0, z_all[rows], maxima[rows, :1])
+            exp_z = torch.exp(z, out=probs[rows])
+            sums = [exp_z.sum(-1), _gather(z, column[rows], owned[rows])]
+            if r_all is not None:
+                r = workspace.shifted(1, r_all[rows], maxima[rows, 1:])
+                sums.append(_gather(r, column[rows], owned[rows]))
+                exp_r = r.exp_()
+                sums += [exp_r.sum(-1), exp_r.mul_(z).sum(-1)]
+                if smooth_lambda > 0:
+                    sums.append(z.sum(-1))
+            if with_stats:
+                sums.insert(2, z.mul_(exp_z).sum(-1))
+            torch.stack(sums, -1, out=local[rows])
+        t = dict(zip(names, _all_reduce(local, dist.ReduceOp.SUM, group).unbind(-1)))
+
+        log_sum_exp_z = torch.log(t["sum_exp_z"])
+        nll = log_sum_exp_z - t["z_label"]
+        if r_all is None:
+            g = torch.zeros_like(nll)
+            loss, target_mass = nll, torch.ones_like(nll)
+        else:
+            # CE(p', softmax(z)) = sum_v p'(v) * (log_sum_exp_z - z(v)), and log p'(y).
+            ce_ref = log_sum_exp_z - t["dot_exp_r_z"] / t["sum_exp_r"]
+            log_p_label = t["r_label"] - torch.log(t["sum_exp_r"])
+            if smooth_lambda > 0:
+                ce_ref = ((1 - smooth_lambda) * ce_ref
+                          + smooth_lambda * (log_sum_exp_z - t["sum_z"] / vocab))
+                log_p_label = torch.logaddexp(
+                    log_p_label + _log(1 - smooth_lambda),
+                    torch.full_like(log_p_label, _log(smooth_lambda / vocab)),
+                )
+            g = torch.sigmoid(-(log_p_label + _log_expm1(beta)))
+            loss = nll + g * (ce_ref - nll)
+            target_mass = 1 - g * (1 - torch.exp(log_p_label))
+
+        # Pass 3: probs <- softmax(z) - g * p', the gradient up to the one-hot term.
+        inv_sum_exp_z = t["sum_exp_z"].reciprocal().unsqueeze(-1)
+        if r_all is not None:
+            ref_weight = (g * (1 - smooth_lambda) / t["sum_exp_r"]).unsqueeze(-1)
+            uniform_weight = (g * smooth_lambda / vocab).unsqueeze(-1)
+        for rows in workspace.chunks:
+            p = probs[rows].mul_(inv_sum_exp_z[rows])
+            if r_all is not None:
+                exp_r = workspace.shifted(1, r_all[rows], maxima[rows, 1:]).exp_()
+                p.addcmul_(exp_r, ref_weight[rows], value=-1)
+                if smooth_lambda > 0:
+                    p.sub_(uniform_weight[rows])
+
+        ctx.save_for_backward(probs, column, torch.where(owned, 1 - g, 0.0), valid)
+        ctx.input_shape, ctx.input_dtype = logits.shape, logits.dtype
+        if with_stats:
+            entropy = log_sum_exp_z - t["dot_exp_z_z"] / t["sum_exp_z"]
+            stats = (entropy, target_mass, torch.exp(-nll))
+        else:
+            stats = (torch.zeros_like(nll),) * 3
+        outputs = tuple(torch.where(valid, x, 0.0).view(labels.shape) for x in (loss,) + stats)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_stat_grads):
+        probs_minus_soft_target, column, onehot_weight, valid = ctx.saved_tensors
+        scale = torch.where(valid, grad_loss.reshape(-1), 0.0).unsqueeze(-1)
+        label_term = -(onehot_weight.unsqueeze(-1) * scale)
+        grad = torch.empty(probs_minus_soft_target.shape, dtype=ctx.input_dtype,
+                           device=probs_minus_soft_target.device)
+        workspace = _Workspace(probs_minus_soft_target, probs_minus_soft_target.dtype,
+                               count=0 if grad.dtype == probs_minus_soft_target.dtype else 1)
+        for rows in workspace.chunks:
+            out = workspace.get(0, rows) if workspace.count else grad[rows]
+            torch.mul(probs_minus_soft_target[rows], scale[rows], out=out)
+            out.scatter_add_(-1, column[rows], label_term[rows])
+            if workspace.count:
+                grad[rows].copy_(out)
+        return grad.view(ctx.input_shape), None, None, None, None, None, None, None
+
+
+class _Workspace:
+    """Reusable fp32 buffers for row chunks of a ``[N, V]`` tensor.
+
+    Full-size temporaries would cost a fresh allocation (and, on CPU, page faults) per call;
+    chunk-sized ones, allocated once per pass, stay in cache. Chunks are ~16 MiB of fp32 on
+    CPU and larger on accelerators, where they bound peak memory at few kernel launches.
+    """
+
+    def __init__(self, x, dtype, count):
+        elements = 1 << 22 if x.device.type == "cpu" else 1 << 26
+        step = min(x.size(0), max(1, elements // max(1, x.size(-1))))
+        self.chunks = [slice(i, min(i + step, x.size(0))) for i in range(0, x.size(0), step)]
+        self.count = count
+        self.buffers = torch.empty(count, step, x.size(-1), dtype=dtype, device=x.device)
+
+    def get(self, index, rows):
+        return self.buffers[index, : rows.stop - rows.start]
+
+    def shifted(self, index, x, maximum):
+        """``x - maximum`` in the workspace's dtype, never writing into ``x``."""
+        return self.get(index, slice(0, x.size(0))).copy_(x).sub_(maximum)
+
+
+def _gather(x, column, owned):
+    """x at the label column where this rank owns the label, else 0; shape ``[rows]``."""
+    return torch.where(owned, x.gather(-1, column).squeeze(-1), 0.0)
