@@ -1,0 +1,171 @@
+"""Multi-process test harness: gloo process groups, tiny Megatron GPT models, full weights.
+
+Each distributed test spawns its own ranks (``run_distributed``), and every rank initialises
+and tears down its own Megatron parallel state, as Megatron-Core's own unit tests do.
+"""
+
+import contextlib
+import os
+import re
+import socket
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_distributed(world_size, fn, *args):
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks; re-raise the first rank's failure."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(world_size, port, fn, args), nprocs=world_size, join=True)
+
+
+def _rank_main(rank, world_size, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    from megatron_gift.cpu import enable_cpu_megatron
+
+    enable_cpu_megatron()
+    try:
+        fn(*args)
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def model_parallel(tp=1, pp=1, vpp=None, seed=1234):
+    """Megatron parallel state for the duration of a block."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def tiny_gpt_config(**overrides):
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=48, normalization="RMSNorm", gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        hidden_dropout=0.0, attention_dropout=0.0, gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def tiny_gpt(config, vocab_size, seq_length, vp_stage=None):
+    """This rank's stage of a RoPE GPT with the local (no Transformer Engine) layer spec."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    return GPTModel(
+        config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=vocab_size, max_sequence_length=seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=False, position_embedding_type="rope",
+        vp_stage=vp_stage,
+    )
+
+
+def global_parameters(model):
+    """``{global name: (local param, partition dim or None, stride)}`` for one model chunk.
+
+    The global name replaces the stage-local layer index by the layer's global index, so the
+    same name denotes the same weight at every pipeline layout.
+    """
+    params = {}
+    for name, param in model.named_parameters():
+        match = re.match(r"decoder\.layers\.(\d+)\.", name)
+        if match:
+            layer = model.decoder.layers[int(match.group(1))].layer_number - 1
+            name = f"decoder.layers.{layer}." + name[match.end():]
+        dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+        params[name] = (param, dim, getattr(param, "partition_stride", 1))
+    return params
+
+
+def full_tensor(name, shape):
+    """A deterministic full-size weight for ``name``: small noise, norms around 1."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    noise = torch.randn(shape, generator=g)
+    return 1 + 0.1 * noise if "norm" in name or "layer_norm" in name else 0.2 * noise
+
+
+def shard(full, dim, stride, tp_size, tp_rank):
+    """This rank's part of ``full`` along ``dim`` (Megatron's strided TP partitioning)."""
+    if dim is None:
+        return full
+    return torch.cat([c.chunk(tp_size, dim)[tp_rank] for c in full.chunk(stride, dim)], dim)
+
+
+def unshard(shards, dim, stride):
+    """Inverse of :func:`shard` for the list of every TP rank's part."""
+    if dim is None:
+        return shards[0]
+    pieces = [s.chunk(stride, dim) for s in shards]
+    return torch.cat([torch.cat([p[k] for p in pieces], dim) for k in range(stride)], dim)
+
+
+def set_full_weights(models):
+    """Give every model chunk the deterministic weights of :func:`full_tensor`."""
+    from megatron.core import parallel_state
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for model in models:
+        for name, (param, dim, stride) in global_parameters(model).items():
+            shape = list(param.shape)
+            if dim is not None:
+                shape[dim] *= tp_size
+            with torch.no_grad():
+                param.copy_(shard(full_tensor(name, shape), dim, stride, tp_size, tp_rank))
+
+
+def gather_full_grads(models):
+    """``{global name: full grad}`` from every rank (all ranks get the dict)."""
+    from megatron.core import parallel_state
+
+    local = {}
+    for model in models:
+        for name, (param, dim, stride) in global_parameters(model).items():
+            local[name] = (param.grad.detach().clone(), dim, stride)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, (parallel_state.get_pipeline_model_parallel_rank(),
+                                        tp_rank, local))
+    by_name = {}
+    for _, rank_in_tp, grads in sorted(everything, key=lambda x: (x[0], x[1])):
+        for name, (grad, dim, stride) in grads.items():
+            by_name.setdefault(name, ({}, dim, stride))[0][rank_in_tp] = grad
+    return {name: unshard([parts[k] for k in sorted(parts)], dim, stride)
+            for name, (parts, dim, stride) in by_name.items()}
+
+
+def causal_mask(batch, seq):
+    """Boolean attention mask ``[b, 1, s, s]``, True where attention is blocked."""
+    mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
+    return mask.view(1, 1, seq, seq).expand(batch, 1, seq, seq)
