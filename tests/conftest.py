@@ -1,4 +1,23 @@
 import os
+import socket
 import sys
 
+import pytest
+import torch.distributed as dist
+
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture
+def world_of_one():
+    """A one-rank gloo world with Megatron's parallel state (TP = PP = 1)."""
+    from megatron.core import parallel_state
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
