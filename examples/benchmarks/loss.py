@@ -82,6 +82,8 @@ def main():
     device = torch.device(args.device) if args.device else (
         torch.accelerator.current_accelerator() if torch.accelerator.is_available()
         else torch.device("cpu"))
+    if device.type != "cpu" and device.index is None:
+        device = torch.device(device.type, torch.accelerator.current_device_index())
 
     # Megatron's cross-entropy reduces over the tensor-parallel group: a world of one.
     with socket.socket() as s:
