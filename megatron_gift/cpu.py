@@ -23,6 +23,10 @@ What each patch covers (megatron-core 0.19.2; file :: function, relative to mega
     DotProductAttention.forward forks the tracker on every call.
 ``current_stream``  ``torch.cuda.current_stream()`` returns a stream whose waits are no-ops.
     distributed/param_and_grad_buffer.py :: _ParamAndGradBucketGroup.start_grad_sync.
+``clip_grads``  gradient clipping accepts CPU fp32 grads.
+    optimizer/clip_grads.py :: clip_grad_by_total_norm_fp32 asserts
+    ``param.grad.type() == 'torch.cuda.FloatTensor'``; the replacement scales the same grads by
+    the same ``max_norm / (total_norm + 1e-6)`` (also as imported by optimizer/optimizer.py).
 ``cuda_literals``  ``torch.zeros/ones/empty/tensor/full(..., device="cuda")`` allocate on CPU,
     through a private ``torch`` proxy installed in these modules only:
     pipeline_parallel/schedules.py :: forward_backward_no_pipelining,
@@ -115,6 +119,22 @@ def _patch_cuda_literals():
         importlib.import_module(module_name).torch = _CpuTorch()
 
 
+def _patch_clip_grads():
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attribute = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attribute) for p in parameters if getattr(p, attribute, None) is not None]
+        clip_coeff = max_norm / (float(total_norm) + 1.0e-6)
+        if clip_coeff < 1.0:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
 class _CpuTorch(types.ModuleType):
     """``torch`` whose tensor factories read ``device="cuda"`` as the CPU."""
 
@@ -142,5 +162,6 @@ _PATCHES = (
     ("synchronize", _patch_synchronize),
     ("rng", _patch_rng),
     ("current_stream", _patch_current_stream),
+    ("clip_grads", _patch_clip_grads),
     ("cuda_literals", _patch_cuda_literals),
 )

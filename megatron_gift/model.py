@@ -1,0 +1,137 @@
+"""The trainable student and its frozen, co-located reference, one pipeline chunk at a time.
+
+Both are Megatron-Core ``GPTModel``s (Llama-style: RoPE, RMSNorm, SwiGLU, GQA) built from the
+same ``TransformerConfig`` and layout, so each rank holds the reference shard that matches its
+student shard. On a pipeline stage that is not the last, the two hidden states travel together,
+concatenated on the hidden dim (``[s, b, 2h]``); the last stage returns both vocab-parallel
+logits ``[b, s, V/tp]`` (never gathered). With ``beta = inf`` there is no reference at all.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def transformer_config(config, params_dtype):
+    """Megatron's ``TransformerConfig`` for the run (``config``: the run's OmegaConf)."""
+    model, parallel = config.model, config.parallel
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size, kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm", layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, init_method_std=model.init_method_std,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
+        calculate_per_token_loss=True, use_cpu_initialization=on_cpu,
+        # The interleaved schedule cannot be told the doubled activation width: shapes travel.
+        variable_seq_lengths=vpp is not None, moe_token_dispatcher_type="alltoall",
+        batch_p2p_comm=not (on_cpu and vpp is not None),  # see megatron_gift.cpu
+        gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, cross_entropy_loss_fusion=False,
+    )
+
+
+def padded_vocab_size(vocab_size, config):
+    """The vocab padded to a multiple of ``make_vocab_size_divisible_by`` that TP divides.
+
+    Unlike Megatron-LM's ``128 * tp``, this does not change with TP (for TP dividing 128), so
+    checkpoints load at any layout.
+    """
+    multiple = math.lcm(config.model.make_vocab_size_divisible_by,
+                        config.parallel.tensor_model_parallel_size)
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_chunks(config, tf_config, vocab_size):
+    """This rank's ``GPTModel`` chunks (one per virtual pipeline stage)."""
+    vpp = config.parallel.virtual_pipeline_model_parallel_size
+    spec = _layer_spec()
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunks.append(GPTModel(
+            config=tf_config, transformer_layer_spec=spec, vocab_size=vocab_size,
+            max_sequence_length=config.model.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
+            position_embedding_type="rope", rotary_base=config.model.rotary_base, vp_stage=stage,
+        ))
+    return chunks
+
+
+def freeze(model):
+    """Eval mode, no grads: the reference never changes."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+class GiftModel(torch.nn.Module):
+    """One pipeline chunk of the student (usually DDP-wrapped) beside its frozen reference.
+
+    ``forward`` returns, on the last stage, ``(student_logits, reference_logits)`` each
+    ``[b, s, V/tp]`` (reference ``None`` without one); elsewhere the hidden states to send,
+    ``[s, b, h]`` or, with a reference, ``[s, b, 2h]`` (student first).
+    """
+
+    def __init__(self, student, reference=None):
+        super().__init__()
+        self.student = student
+        self.reference = freeze(reference) if reference is not None else None
+        inner = unwrap(student)
+        self.config, self.model_type = inner.config, inner.model_type
+        self.pre_process, self.post_process = inner.pre_process, inner.post_process
+        self.hidden_size = inner.config.hidden_size
+
+    def set_input_tensor(self, input_tensor):
+        tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+        inner = unwrap(self.student)
+        if self.reference is None or tensor is None:
+            inner.set_input_tensor(tensor)
+            if self.reference is not None:
+                self.reference.set_input_tensor(None)
+            return
+        student_part, reference_part = tensor.split(self.hidden_size, dim=-1)
+        inner.set_input_tensor(student_part)
+        self.reference.set_input_tensor(reference_part)
+
+    def forward(self, tokens, position_ids, attention_mask):
+        reference_out = None
+        if self.reference is not None:
+            with torch.no_grad():
+                reference_out = self.reference(tokens, position_ids, attention_mask)
+        student_out = self.student(tokens, position_ids, attention_mask)
+        if self.post_process:
+            return student_out, reference_out
+        if reference_out is None:
+            return student_out
+        return torch.cat([student_out, reference_out], dim=-1)
+
+
+def unwrap(module):
+    """The module inside DDP-style wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _layer_spec():
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return get_gpt_layer_local_spec(normalization="RMSNorm")
+    return get_gpt_layer_with_transformer_engine_spec()

@@ -1,0 +1,89 @@
+"""GIFT inside Megatron-Core's pipeline schedules: the forward step, the loss on the last stage,
+and the shapes of the student+reference activations that travel between stages.
+
+The loss function follows the schedules' per-token contract: it returns
+``(loss_sum, num_tokens, report)`` and ``calculate_per_token_loss=True`` lets Megatron divide
+the gradients by the tokens of the whole global batch (all micro-batches, all DP ranks).
+Report values are ``[sum, count]`` pairs, summed over micro-batches by the training loop.
+"""
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_gift.loss import vocab_parallel_gift_loss
+
+
+def forward_step_func(beta, smooth_lambda, attention_mask_fn, evaluate=False):
+    """A ``forward_step_func(data_iterator, model)`` for Megatron's schedules.
+
+    Training steps compute the GIFT loss; ``evaluate`` computes plain next-token
+    cross-entropy and accuracy on the loss tokens, with the student only.
+    """
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        mask = attention_mask_fn(batch["tokens"])
+        output = model(batch["tokens"], batch["position_ids"], mask)
+        if not model.post_process:
+            return output, None
+        logits, reference_logits = output
+        if evaluate:
+            return logits, lambda out: _evaluation_loss(out, batch)
+        return logits, lambda out: _gift_loss(out, reference_logits, batch, beta, smooth_lambda)
+
+    return forward_step
+
+
+def _gift_loss(logits, reference_logits, batch, beta, smooth_lambda):
+    loss, stats = vocab_parallel_gift_loss(logits, reference_logits, batch["labels"], beta=beta,
+                                           smooth_lambda=smooth_lambda, return_stats=True)
+    num_tokens = batch["loss_mask"].sum().to(torch.int)
+    loss_sum = loss.sum()
+    count = num_tokens.float()
+    report = {"loss": torch.stack([loss_sum.detach(), count]),
+              "student_entropy": torch.stack([stats.student_entropy.sum(), count]),
+              "target_mass": torch.stack([stats.target_mass.sum(), count]),
+              "student_label_prob": torch.stack([stats.student_label_prob.sum(), count])}
+    return loss_sum, num_tokens, report
+
+
+def _evaluation_loss(logits, batch):
+    labels = batch["labels"]
+    loss, stats = vocab_parallel_gift_loss(logits, None, labels, beta=float("inf"),
+                                           return_stats=True)
+    valid = labels != -100
+    count = valid.sum().float()
+    correct = (_vocab_parallel_argmax(logits) == labels) & valid
+    report = {"valid_ce": torch.stack([loss.sum(), count]),
+              "valid_accuracy": torch.stack([correct.sum().float(), count])}
+    return loss.sum(), valid.sum().to(torch.int), report
+
+
+def _vocab_parallel_argmax(logits):
+    """Global argmax ``[...]`` of vocab-parallel logits ``[..., V/tp]`` (lowest index on ties)."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    local_max, local_index = logits.float().max(-1)
+    local_index = local_index + parallel_state.get_tensor_model_parallel_rank() * logits.size(-1)
+    global_max = local_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    candidate = torch.where(local_max == global_max, local_index, torch.iinfo(torch.long).max)
+    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+    return candidate
+
+
+def shapes_with_reference(hidden_size):
+    """``adjust_tensor_shapes_fn`` for the 1F1B schedule: activations carry both models."""
+
+    def adjust(recv_shapes, send_shapes):
+        widen = lambda shapes: [(*s[:-1], s[-1] + hidden_size) for s in shapes]  # noqa: E731
+        return widen(recv_shapes), widen(send_shapes)
+
+    return adjust
+
+
+def causal_attention_mask(tokens):
+    """Boolean ``[b, 1, s, s]`` mask, True where attention is blocked (device of ``tokens``)."""
+    b, s = tokens.shape
+    mask = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu_(1)
+    return mask.view(1, 1, s, s).expand(b, 1, s, s)
