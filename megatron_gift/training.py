@@ -54,7 +54,7 @@ def train(config):
     _init_distributed()
     try:
         job = setup(config)
-        return _loop(job)
+        return run(job)
     finally:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
@@ -62,6 +62,7 @@ def train(config):
 
 
 def setup(config):
+    """Parallel state, data, student (+ reference), optimizer; resumes or loads weights."""
     tp = config.parallel.tensor_model_parallel_size
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
@@ -133,7 +134,8 @@ def setup(config):
                iteration, consumed, reference_source, micro_batches)
 
 
-def _loop(job):
+def run(job):
+    """Train from ``job.iteration`` to ``train_iters``; returns the last iteration."""
     config = job.config
     training = config.training
     is_rank0 = dist.get_rank() == 0

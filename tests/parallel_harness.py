@@ -15,18 +15,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def run_distributed(world_size, fn, *args):
-    """Run ``fn(*args)`` on ``world_size`` gloo ranks; re-raise the first rank's failure."""
+def run_distributed(world_size, fn, *args, initialize=True):
+    """Run ``fn(*args)`` on ``world_size`` ranks; re-raise the first rank's failure.
+
+    With ``initialize`` the harness makes the gloo group and applies the CPU layer; without,
+    ``fn`` gets only torchrun's environment variables (as the launcher does).
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(world_size, port, fn, args), nprocs=world_size, join=True)
+    mp.spawn(_rank_main, args=(world_size, port, fn, args, initialize), nprocs=world_size,
+             join=True)
 
 
-def _rank_main(rank, world_size, port, fn, args):
+def _rank_main(rank, world_size, port, fn, args, initialize):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    if not initialize:
+        fn(*args)
+        return
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     from megatron_gift.cpu import enable_cpu_megatron
 

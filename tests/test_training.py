@@ -1,0 +1,278 @@
+"""The training engine: every parallel layout trains like one process, SFT is Megatron CE,
+checkpoints resume exactly (also resharded, after SIGKILL, on SIGTERM), bad input fails fast."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from megatron_gift import synthetic
+from megatron_gift.config import parse_config
+from parallel_harness import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
+              "ffn_hidden_size": 64, "seq_length": 32}
+
+
+def _overrides(world, **sections):
+    base = {
+        "model": dict(TINY_MODEL),
+        "data": {"train_path": world["demos"], "valid_path": world["valid"]},
+        "training": {"train_iters": 3, "micro_batch_size": 2, "global_batch_size": 8,
+                     "eval_interval": 1000, "eval_iters": 1},
+        "optimizer": {"lr": 1e-2, "lr_decay_style": "constant", "clip_grad": 1.0},
+        "gift": {"beta": 3.0},
+        "checkpoint": {"pretrained_checkpoint": world["base"]},
+        "logging": {"progress": False},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return base
+
+
+def _metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _losses(path):
+    return [r["loss"] for r in _metrics(path) if "loss" in r]
+
+
+def _train(overrides, world_size=1, argv=()):
+    """Run megatron_gift.training.train on ``world_size`` spawned ranks."""
+    run_distributed(world_size, _train_rank, list(argv), overrides, initialize=False)
+
+
+def _train_rank(argv, overrides):
+    from megatron_gift.training import train
+
+    train(parse_config(argv, defaults=overrides))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Synthetic data and a tiny base checkpoint, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("world")
+    paths = {"corpus": str(root / "corpus.jsonl"), "demos": str(root / "demos.jsonl"),
+             "valid": str(root / "valid.jsonl"), "base": str(root / "base")}
+    synthetic.write_pretraining_corpus(paths["corpus"], 256, seed=0)
+    synthetic.write_demonstrations(paths["demos"], 128, seed=1)
+    synthetic.write_demonstrations(paths["valid"], 16, seed=2)
+    _train({"model": dict(TINY_MODEL), "gift": {"beta": math.inf},
+            "data": {"train_path": paths["corpus"], "text_field": "text"},
+            "training": {"train_iters": 8, "micro_batch_size": 4, "global_batch_size": 8},
+            "optimizer": {"lr": 1e-2}, "checkpoint": {"save": paths["base"]},
+            "logging": {"progress": False}})
+    return paths
+
+
+def _layout_run(world, tmp, name, tp=1, pp=1, vpp=None):
+    out = tmp / name
+    overrides = _overrides(world, parallel={
+        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+        "virtual_pipeline_model_parallel_size": vpp},
+        checkpoint={"pretrained_checkpoint": world["base"], "save": str(out / "ckpt")},
+        logging={"metrics_file": str(out / "metrics.jsonl"), "progress": False})
+    _train(overrides, world_size=tp * pp)
+    return _losses(out / "metrics.jsonl"), _model_tensors(out / "ckpt" / "iter_0000003")
+
+
+def _model_tensors(directory):
+    """Full (unsharded) model tensors of a checkpoint, read in a one-rank world."""
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        tensors = dist_checkpointing.load_plain_tensors(str(directory))
+    finally:
+        dist.destroy_process_group()
+    return {k: v for k, v in tensors.items()
+            if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
+
+
+@pytest.fixture(scope="module")
+def single_process_run(world, tmp_path_factory):
+    return _layout_run(world, tmp_path_factory.mktemp("tp1"), "tp1")
+
+
+@pytest.mark.parametrize("tp,pp,vpp", [(2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)])
+def test_layouts_train_like_one_process(world, single_process_run, tmp_path, tp, pp, vpp):
+    losses, weights = _layout_run(world, tmp_path, f"tp{tp}pp{pp}vpp{vpp}", tp, pp, vpp)
+    expected_losses, expected_weights = single_process_run
+    # fp32; only the order of reductions differs (TP shards, pipeline stages): ~1e-6 relative
+    # in the loss, and three Adam steps keep weight differences ~1e-6 of their lr-sized moves.
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5,
+                               atol=1e-6)
+    assert weights.keys() == expected_weights.keys() and len(weights) >= 9
+    for key, value in expected_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _reference_stays_frozen(overrides):
+    from megatron_gift import training
+    from megatron.core import parallel_state
+
+    training._check_world_size(parse_config([], defaults=overrides))
+    training._init_distributed()
+    try:
+        job = training.setup(parse_config([], defaults=overrides))
+        before = [{n: p.detach().clone() for n, p in c.reference.named_parameters()}
+                  for c in job.chunks]
+        training.run(job)
+        for chunk, saved in zip(job.chunks, before):
+            assert not chunk.reference.training
+            for name, param in chunk.reference.named_parameters():
+                assert torch.equal(param, saved[name]), name
+                assert param.grad is None and not param.requires_grad, name
+        changed = [not torch.equal(p, q) for p, q in zip(
+            job.chunks[0].reference.parameters(), job.chunks[0].student.module.parameters())]
+        assert any(changed)  # the student did move away from the reference
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+def test_reference_is_bit_identical_after_training(world):
+    run_distributed(2, _reference_stays_frozen,
+                    _overrides(world, parallel={"pipeline_model_parallel_size": 2}),
+                    initialize=False)
+
+
+def _sft_with_megatron_ce(overrides, use_megatron_ce):
+    import megatron_gift.pipeline as pipeline
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_gift.loss import GiftTokenStats
+
+    if use_megatron_ce:
+        def megatron_ce(logits, reference_logits, labels, **kwargs):
+            assert reference_logits is None  # beta = inf builds and runs no reference
+            loss = vocab_parallel_cross_entropy(logits, labels.clamp(min=0)) * (labels != -100)
+            return loss, GiftTokenStats(*[torch.zeros_like(loss)] * 3)
+        pipeline.vocab_parallel_gift_loss = megatron_ce
+    _train_rank([], overrides)
+
+
+def test_infinite_beta_is_megatron_cross_entropy_sft_without_reference(world, tmp_path):
+    losses = {}
+    for use_megatron_ce in (False, True):
+        metrics = tmp_path / f"{use_megatron_ce}.jsonl"
+        overrides = _overrides(
+            world, gift={"beta": math.inf, "reference_load": str(tmp_path / "does-not-exist")},
+            parallel={"tensor_model_parallel_size": 2},
+            logging={"metrics_file": str(metrics), "progress": False})
+        run_distributed(2, _sft_with_megatron_ce, overrides, use_megatron_ce, initialize=False)
+        losses[use_megatron_ce] = _losses(metrics)
+    assert len(losses[True]) == 3
+    torch.testing.assert_close(torch.tensor(losses[False]), torch.tensor(losses[True]),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_save_at_tp2_resume_at_pp2_continues_exactly(world, single_process_run, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    _train(_overrides(world, training={"train_iters": 2}, checkpoint={
+        "pretrained_checkpoint": world["base"], "save": ckpt},
+        parallel={"tensor_model_parallel_size": 2}), world_size=2)
+    metrics = tmp_path / "resumed.jsonl"
+    _train(_overrides(world, checkpoint={"load": ckpt, "save": ckpt},
+                      parallel={"pipeline_model_parallel_size": 2},
+                      logging={"metrics_file": str(metrics), "progress": False}), world_size=2)
+    resumed = [r for r in _metrics(metrics) if "loss" in r]
+    assert [r["iteration"] for r in resumed] == [3]
+    torch.testing.assert_close(resumed[0]["loss"], single_process_run[0][2], rtol=1e-5, atol=1e-6)
+
+
+def _launch(world, tmp_path, name, *flags):
+    overrides = _overrides(world)
+    args = [sys.executable, os.path.join(REPO, "examples", "pretrain_gift.py"), "--config",
+            str(tmp_path / "recipe.yaml"), *flags]
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.create(overrides), tmp_path / "recipe.yaml")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _wait_for(condition, process, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the condition held"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_sigkill_resumes_from_last_checkpoint_on_the_same_curve(world, tmp_path):
+    flags = ["--train-iters", "30", "--save-interval", "5", "--lr-decay-style", "cosine"]
+    straight = _launch(world, tmp_path, "straight", *flags, "--metrics-file",
+                       str(tmp_path / "straight.jsonl"))
+    assert straight.wait(timeout=300) == 0
+    ckpt = str(tmp_path / "ckpt")
+    metrics = str(tmp_path / "killed.jsonl")
+    killed = _launch(world, tmp_path, "killed", *flags, "--save", ckpt, "--load", ckpt,
+                     "--metrics-file", metrics)
+    tracker = os.path.join(ckpt, "latest_checkpointed_iteration.txt")
+    _wait_for(lambda: os.path.exists(tracker) and open(tracker).read().strip() in ("10", "15"),
+              killed)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    resumed_from = int(open(tracker).read())
+    assert resumed_from < 30
+    resumed = _launch(world, tmp_path, "resumed", *flags, "--save", ckpt, "--load", ckpt,
+                      "--metrics-file", metrics)
+    assert resumed.wait(timeout=300) == 0
+    expected = {r["iteration"]: r["loss"] for r in _metrics(tmp_path / "straight.jsonl")}
+    records = _metrics(metrics)
+    after = [r for r in records if "loss" in r][-(30 - resumed_from):]
+    assert [r["iteration"] for r in after] == list(range(resumed_from + 1, 31))
+    for record in after:
+        assert record["loss"] == pytest.approx(expected[record["iteration"]], rel=1e-6, abs=1e-7)
+
+
+def test_sigterm_saves_then_exits_cleanly(world, tmp_path):
+    ckpt, metrics = str(tmp_path / "ckpt"), str(tmp_path / "metrics.jsonl")
+    process = _launch(world, tmp_path, "sigterm", "--train-iters", "100000", "--save", ckpt,
+                      "--metrics-file", metrics)
+    _wait_for(lambda: os.path.exists(metrics) and len(_losses(metrics)) >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    saved = int(open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read())
+    assert saved >= 3 and saved == _metrics(metrics)[-1]["iteration"] < 100000
+    assert os.path.isfile(os.path.join(ckpt, f"iter_{saved:07d}", "metadata.json"))
+
+
+def test_world_size_not_divisible_fails_before_any_work(world, tmp_path, monkeypatch):
+    from megatron_gift.training import train
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    config = parse_config([], defaults=_overrides(world, parallel={
+        "tensor_model_parallel_size": 2}, checkpoint={"save": str(tmp_path / "ckpt")}))
+    with pytest.raises(ValueError, match="world size 3 is not divisible by tensor x pipeline"):
+        train(config)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_reference_with_other_architecture_is_rejected(world, tmp_path):
+    overrides = _overrides(world, checkpoint={"pretrained_checkpoint": None,
+                                              "save": str(tmp_path / "ckpt")},
+                           gift={"reference_load": world["base"]},
+                           model={**TINY_MODEL, "hidden_size": 48, "ffn_hidden_size": 96})
+    with pytest.raises(Exception, match="does not match the model: hidden_size: checkpoint 32 vs "
+                                        "run 48, ffn_hidden_size: checkpoint 64 vs run 96"):
+        _train(overrides)
+    assert not (tmp_path / "ckpt").exists()
