@@ -227,8 +227,7 @@ def test_sigkill_resumes_from_last_checkpoint_on_the_same_curve(world, tmp_path)
     killed = _launch(world, tmp_path, "killed", *flags, "--save", ckpt, "--load", ckpt,
                      "--metrics-file", metrics)
     tracker = os.path.join(ckpt, "latest_checkpointed_iteration.txt")
-    _wait_for(lambda: os.path.exists(tracker) and open(tracker).read().strip() in ("10", "15"),
-              killed)
+    _wait_for(lambda: os.path.exists(tracker) and int(open(tracker).read() or 0) >= 10, killed)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     resumed_from = int(open(tracker).read())
@@ -236,7 +235,8 @@ def test_sigkill_resumes_from_last_checkpoint_on_the_same_curve(world, tmp_path)
     resumed = _launch(world, tmp_path, "resumed", *flags, "--save", ckpt, "--load", ckpt,
                       "--metrics-file", metrics)
     assert resumed.wait(timeout=300) == 0
-    expected = {r["iteration"]: r["loss"] for r in _metrics(tmp_path / "straight.jsonl")}
+    expected = {r["iteration"]: r["loss"] for r in _metrics(tmp_path / "straight.jsonl")
+                if "loss" in r}
     records = _metrics(metrics)
     after = [r for r in records if "loss" in r][-(30 - resumed_from):]
     assert [r["iteration"] for r in after] == list(range(resumed_from + 1, 31))
