@@ -1,6 +1,6 @@
 # make run   - set up .venv and run the main job on the embedded CPU default
 # make test  - set up .venv and run the whole test suite
-# make benchmark - the loss benchmark (ratios against Megatron's cross-entropy)
+# make benchmark - the loss and training-step benchmarks (ratios measured in one run)
 # PYTHON=/path/to/python3.12 picks the interpreter; else python3.12 is searched for.
 
 VENV := .venv
@@ -26,10 +26,11 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	$(PY) examples/benchmarks/loss.py
+	$(VENV)/bin/torchrun --nproc-per-node 2 examples/pretrain_gift.py --tensor-model-parallel-size 2
 
 benchmark: $(STAMP)
 	$(PY) examples/benchmarks/loss.py
+	$(PY) examples/benchmarks/step.py
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -166,8 +166,11 @@ def run(job):
                 break
         if save and last_saved != job.iteration:
             _save(job)
-        if save:
-            logger.message(f"checkpoint: {os.path.abspath(save)} (iteration {job.iteration})")
+        logging = config.logging
+        for what, path in (("checkpoints", save), ("metrics", logging.metrics_file),
+                           ("tensorboard", logging.tensorboard_dir)):
+            if path:
+                logger.message(f"{what}: {os.path.abspath(path)}")
     finally:
         logger.close()
     return job.iteration
