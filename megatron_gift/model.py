@@ -96,6 +96,7 @@ class GiftModel(torch.nn.Module):
         self.config, self.model_type = inner.config, inner.model_type
         self.pre_process, self.post_process = inner.pre_process, inner.post_process
         self.hidden_size = inner.config.hidden_size
+        self.device = next(inner.parameters()).device
 
     def set_input_tensor(self, input_tensor):
         tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor

@@ -22,7 +22,7 @@ def forward_step_func(beta, smooth_lambda, attention_mask_fn, evaluate=False):
     """
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = {k: v.to(model.device, non_blocking=True) for k, v in next(data_iterator).items()}
         mask = attention_mask_fn(batch["tokens"])
         output = model(batch["tokens"], batch["position_ids"], mask)
         if not model.post_process:

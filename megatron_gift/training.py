@@ -140,7 +140,7 @@ def run(job):
     training = config.training
     is_rank0 = dist.get_rank() == 0
     logger = MetricsLogger(config.logging, training.train_iters, job.iteration, is_rank0)
-    stop = _StopOnSignal()
+    stop = _StopOnSignal(job.chunks[0].device)
     if job.train_data.truncated:
         logger.message(f"data: cut {job.train_data.truncated} of {len(job.train_data)} training "
                        f"samples to seq_length + 1 = {config.model.seq_length + 1} tokens "
@@ -191,7 +191,7 @@ def _train_step(job):
     job.scheduler.step(increment=1)
     job.consumed_samples += config.training.global_batch_size
     totals = _reduce_reports(reports, ("loss", "student_entropy", "target_mass",
-                                       "student_label_prob"))
+                                       "student_label_prob"), job.chunks[0].device)
     elapsed = time.perf_counter() - start
     tokens = totals.pop("_tokens")
     return {**totals, "lr": job.optimizer.param_groups[0]["lr"],
@@ -212,7 +212,8 @@ def _evaluate(job):
                                     step=pipeline.forward_step_func(
                                         math.inf, 0.0, pipeline.causal_attention_mask,
                                         evaluate=True))
-            for key, (total, count) in _reduce_reports(reports, tuple(sums), as_sums=True).items():
+            reduced = _reduce_reports(reports, tuple(sums), job.chunks[0].device, as_sums=True)
+            for key, (total, count) in reduced.items():
                 sums[key][0] += total
                 sums[key][1] += count
     for chunk in job.chunks:
@@ -244,17 +245,18 @@ def _run_schedule(job, batches, forward_only, step):
         adjust_tensor_shapes_fn=adjust)
 
 
-def _reduce_reports(reports, keys, as_sums=False):
+def _reduce_reports(reports, keys, device, as_sums=False):
     """Sum ``[sum, count]`` reports over micro-batches and ranks; means unless ``as_sums``.
 
     Only the last pipeline stage has reports, and every TP rank there the same ones: TP rank 0
     of the last stage contributes, every rank receives the totals.
     """
-    totals = torch.zeros(len(keys), 2, dtype=torch.float64)
+    totals = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)
     if reports and parallel_state.get_tensor_model_parallel_rank() == 0:
         for report in reports:
-            totals += torch.stack([report[k].detach().double().cpu() for k in keys])
+            totals += torch.stack([report[k].detach().double() for k in keys])
     dist.all_reduce(totals)
+    totals = totals.cpu()
     if as_sums:
         return {k: (float(totals[i, 0]), float(totals[i, 1])) for i, k in enumerate(keys)}
     result = {k: float(totals[i, 0] / max(float(totals[i, 1]), 1.0)) for i, k in enumerate(keys)}
@@ -275,15 +277,15 @@ def _save(job):
 class _StopOnSignal:
     """SIGTERM (SLURM pre-emption) asks for a save and a clean exit; all ranks agree."""
 
-    def __init__(self):
-        self.received = False
+    def __init__(self, device):
+        self.received, self.device = False, device
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.received = True
 
     def requested(self):
-        flag = torch.tensor([1.0 if self.received else 0.0])
+        flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

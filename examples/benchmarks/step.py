@@ -60,6 +60,7 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")
     args = parser.parse_args()
 
     from megatron_gift import synthetic
@@ -67,7 +68,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "demos.jsonl")
         synthetic.write_demonstrations(data, 256, seed=0)
-        common = model_flags(args) + ["--train-path", data]
+        common = model_flags(args) + ["--train-path", data] + (["--bf16"] if args.bf16 else [])
         base = os.path.join(tmp, "base")
         run(common + ["--gift-beta", "inf", "--train-iters", "1", "--save", base])
         results = {"SFT (beta=inf)": [], "GIFT (beta=20)": []}
