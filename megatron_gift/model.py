@@ -54,8 +54,12 @@ def padded_vocab_size(vocab_size, config):
     return -(-vocab_size // multiple) * multiple
 
 
-def build_chunks(config, tf_config, vocab_size):
-    """This rank's ``GPTModel`` chunks (one per virtual pipeline stage)."""
+def build_chunks(config, tf_config, vocab_size, device):
+    """This rank's ``GPTModel`` chunks (one per virtual pipeline stage), on ``device``.
+
+    Every parameter takes ``params_dtype`` (norms included, as Megatron-LM's Float16Module
+    does), so a bf16 model has no stray fp32 parameters.
+    """
     vpp = config.parallel.virtual_pipeline_model_parallel_size
     spec = _layer_spec()
     chunks = []
@@ -68,7 +72,7 @@ def build_chunks(config, tf_config, vocab_size):
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
             position_embedding_type="rope", rotary_base=config.model.rotary_base, vp_stage=stage,
-        ))
+        ).to(device=device, dtype=tf_config.params_dtype))
     return chunks
 
 

@@ -90,8 +90,9 @@ def setup(config):
     tf_config = models.transformer_config(config, params_dtype)
     vocab = models.padded_vocab_size(len(tokenizer), config)
     arch = checkpoint.architecture(config.model, vocab)
-    students = models.build_chunks(config, tf_config, vocab)
-    references = None if is_sft(config) else models.build_chunks(config, tf_config, vocab)
+    device = _local_device()
+    students = models.build_chunks(config, tf_config, vocab, device)
+    references = None if is_sft(config) else models.build_chunks(config, tf_config, vocab, device)
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.use_distributed_optimizer)
@@ -316,6 +317,14 @@ def _init_distributed():
 
         enable_cpu_megatron()
         dist.init_process_group(backend="gloo")
+
+
+def _local_device():
+    """This rank's accelerator (chosen by _init_distributed), or the CPU."""
+    if torch.accelerator.is_available():
+        accelerator = torch.accelerator.current_accelerator()
+        return torch.device(accelerator.type, torch.accelerator.current_device_index())
+    return torch.device("cpu")
 
 
 def _load_tokenizer(path):
