@@ -50,7 +50,7 @@ class Job:
 
 def train(config):
     """Run the job described by ``config`` (a validated OmegaConf from megatron_gift.config)."""
-    _check_world_size(config)
+    _check_before_start(config)
     _init_distributed()
     try:
         job = setup(config)
@@ -291,7 +291,10 @@ class _StopOnSignal:
         return bool(flag.item())
 
 
-def _check_world_size(config):
+def _check_before_start(config):
+    if config.parallel.use_distributed_optimizer and not torch.cuda.is_available():
+        raise ValueError("parallel.use_distributed_optimizer needs CUDA: Megatron-Core's "
+                         "DistributedOptimizer accepts only CUDA parameters")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp, pp = config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
     if world % (tp * pp):

@@ -74,14 +74,14 @@ def world(tmp_path_factory):
     return paths
 
 
-def _layout_run(world, tmp, name, tp=1, pp=1, vpp=None):
+def _layout_run(world, tmp, name, tp=1, pp=1, vpp=None, dp=1):
     out = tmp / name
     overrides = _overrides(world, parallel={
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
         "virtual_pipeline_model_parallel_size": vpp},
         checkpoint={"pretrained_checkpoint": world["base"], "save": str(out / "ckpt")},
         logging={"metrics_file": str(out / "metrics.jsonl"), "progress": False})
-    _train(overrides, world_size=tp * pp)
+    _train(overrides, world_size=tp * pp * dp)
     return _losses(out / "metrics.jsonl"), _model_tensors(out / "ckpt" / "iter_0000003")
 
 
@@ -109,9 +109,10 @@ def single_process_run(world, tmp_path_factory):
     return _layout_run(world, tmp_path_factory.mktemp("tp1"), "tp1")
 
 
-@pytest.mark.parametrize("tp,pp,vpp", [(2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)])
-def test_layouts_train_like_one_process(world, single_process_run, tmp_path, tp, pp, vpp):
-    losses, weights = _layout_run(world, tmp_path, f"tp{tp}pp{pp}vpp{vpp}", tp, pp, vpp)
+@pytest.mark.parametrize("tp,pp,vpp,dp", [(2, 1, None, 1), (1, 2, None, 1), (2, 2, None, 1),
+                                         (1, 2, 2, 1), (1, 1, None, 2)])
+def test_layouts_train_like_one_process(world, single_process_run, tmp_path, tp, pp, vpp, dp):
+    losses, weights = _layout_run(world, tmp_path, f"tp{tp}pp{pp}vpp{vpp}dp{dp}", tp, pp, vpp, dp)
     expected_losses, expected_weights = single_process_run
     # fp32; only the order of reductions differs (TP shards, pipeline stages): ~1e-6 relative
     # in the loss, and three Adam steps keep weight differences ~1e-6 of their lr-sized moves.
@@ -126,7 +127,7 @@ def _reference_stays_frozen(overrides):
     from megatron_gift import training
     from megatron.core import parallel_state
 
-    training._check_world_size(parse_config([], defaults=overrides))
+    training._check_before_start(parse_config([], defaults=overrides))
     training._init_distributed()
     try:
         job = training.setup(parse_config([], defaults=overrides))
@@ -254,6 +255,14 @@ def test_sigterm_saves_then_exits_cleanly(world, tmp_path):
     saved = int(open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read())
     assert saved >= 3 and saved == _metrics(metrics)[-1]["iteration"] < 100000
     assert os.path.isfile(os.path.join(ckpt, f"iter_{saved:07d}", "metadata.json"))
+
+
+def test_distributed_optimizer_without_cuda_is_refused_up_front(world, tmp_path):
+    from megatron_gift.training import train
+
+    config = parse_config(["--use-distributed-optimizer"], defaults=_overrides(world))
+    with pytest.raises(ValueError, match="use_distributed_optimizer needs CUDA"):
+        train(config)
 
 
 def test_world_size_not_divisible_fails_before_any_work(world, tmp_path, monkeypatch):
