@@ -3,6 +3,12 @@
 # make benchmark - the loss and training-step benchmarks (ratios measured in one run)
 # PYTHON=/path/to/python3.12 picks the interpreter; else python3.12 is searched for.
 
+# PyTorch's CPU allocator hands every large block back to the OS, and the next step pays page
+# faults for it again; keeping freed memory in the process makes CPU training ~1.2-1.5x faster.
+export MALLOC_MMAP_THRESHOLD_ ?= 17179869184
+export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
+export MALLOC_TOP_PAD_ ?= 536870912
+
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

@@ -7,6 +7,8 @@ Each configuration trains in its own process (one rank) from the same random bas
 SFT and GIFT alternate ``--rounds`` times. Step time is the median over iterations after the
 first; peak memory is the process's resident high-water mark on CPU, or the accelerator's peak
 allocation. GIFT adds a reference forward to every forward+backward: the floor is ~1.33x.
+Workers keep freed memory in the process (glibc's MALLOC_* settings, as ``make`` sets them)
+unless ``--os-malloc`` asks for the C library's defaults.
 """
 
 import argparse
@@ -43,9 +45,13 @@ def worker(argv):
     print(json.dumps({"peak_bytes": peak}))
 
 
-def run(argv):
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "17179869184",
+                     "MALLOC_TRIM_THRESHOLD_": "17179869184", "MALLOC_TOP_PAD_": "536870912"}
+
+
+def run(argv, env):
     result = subprocess.run([sys.executable, __file__, "--worker", *argv], capture_output=True,
-                            text=True)
+                            text=True, env=env)
     if result.returncode != 0:
         sys.exit(result.stderr[-4000:])
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -61,7 +67,10 @@ def main():
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")
+    parser.add_argument("--os-malloc", action="store_true",
+                        help="glibc's default malloc settings (freed memory goes back to the OS)")
     args = parser.parse_args()
+    env = dict(os.environ) if args.os_malloc else {**KEEP_FREED_MEMORY, **os.environ}
 
     from megatron_gift import synthetic
 
@@ -70,14 +79,14 @@ def main():
         synthetic.write_demonstrations(data, 256, seed=0)
         common = model_flags(args) + ["--train-path", data] + (["--bf16"] if args.bf16 else [])
         base = os.path.join(tmp, "base")
-        run(common + ["--gift-beta", "inf", "--train-iters", "1", "--save", base])
+        run(common + ["--gift-beta", "inf", "--train-iters", "1", "--save", base], env)
         results = {"SFT (beta=inf)": [], "GIFT (beta=20)": []}
         for _ in range(args.rounds):
             for name, flags in (("SFT (beta=inf)", ["--gift-beta", "inf"]),
                                 ("GIFT (beta=20)", ["--gift-beta", "20", "--reference-load", base])):
                 metrics = os.path.join(tmp, "metrics.jsonl")
                 peak = run(common + flags + ["--pretrained-checkpoint", base, "--train-iters",
-                                             str(args.iters), "--metrics-file", metrics])
+                                             str(args.iters), "--metrics-file", metrics], env)
                 with open(metrics) as f:
                     times = [json.loads(line)["step_time"] for line in f][1:]
                 os.remove(metrics)
@@ -85,7 +94,8 @@ def main():
 
     print(f"{args.layers} layers, hidden {args.hidden}, seq {args.seq}, micro-batch "
           f"{args.micro_batch}, {args.iters} iterations x {args.rounds} rounds, "
-          f"{'accelerator' if torch.accelerator.is_available() else 'CPU'}")
+          f"{'accelerator' if torch.accelerator.is_available() else 'CPU'}"
+          f"{', OS malloc defaults' if args.os_malloc else ''}")
     summary = {}
     for name, runs in results.items():
         step = statistics.median(t for times, _ in runs for t in times)
