@@ -1,5 +1,4 @@
 import os
-import socket
 import sys
 
 import pytest
@@ -13,10 +12,9 @@ def world_of_one():
     """A one-rank gloo world with Megatron's parallel state (TP = PP = 1)."""
     from megatron.core import parallel_state
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    from parallel_harness import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     yield
     parallel_state.destroy_model_parallel()

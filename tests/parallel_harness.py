@@ -21,11 +21,16 @@ def run_distributed(world_size, fn, *args, initialize=True):
     With ``initialize`` the harness makes the gloo group and applies the CPU layer; without,
     ``fn`` gets only torchrun's environment variables (as the launcher does).
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank_main, args=(world_size, port, fn, args, initialize), nprocs=world_size,
              join=True)
+
+
+def free_port():
+    """A TCP port on localhost that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _rank_main(rank, world_size, port, fn, args, initialize):

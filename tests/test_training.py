@@ -14,7 +14,7 @@ import torch
 
 from megatron_gift import synthetic
 from megatron_gift.config import parse_config
-from parallel_harness import run_distributed
+from parallel_harness import free_port, run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
@@ -87,15 +87,10 @@ def _layout_run(world, tmp, name, tp=1, pp=1, vpp=None, dp=1):
 
 def _model_tensors(directory):
     """Full (unsharded) model tensors of a checkpoint, read in a one-rank world."""
-    import socket
-
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         tensors = dist_checkpointing.load_plain_tensors(str(directory))
     finally:
