@@ -24,7 +24,9 @@ from megatron_gift.model import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                     "ffn_hidden_size", "untie_embeddings_and_output_weights")
+                     "ffn_hidden_size", "untie_embeddings_and_output_weights", "kv_channels",
+                     "add_qkv_bias", "rotary_base", "rope_scaling_factor", "norm_epsilon",
+                     "vocab_size")
 
 
 def latest_checkpoint(path):
@@ -41,15 +43,19 @@ def latest_checkpoint(path):
 
 
 def save_checkpoint(save_dir, iteration, chunks, optimizer, scheduler, consumed_samples, common):
-    """Save the student chunks and the training state; ``common``: plain dict of run facts."""
+    """Save the student chunks and the training state; ``common``: plain dict of run facts.
+
+    Without an optimizer (``None``, as for a converted model) only the weights are saved.
+    """
     directory = os.path.join(save_dir, f"iter_{iteration:07d}")
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
     dist.barrier()
     state = _model_state(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, **_optimizer_kwargs(optimizer))
-    state.update(opt_param_scheduler=scheduler.state_dict(), iteration=iteration,
-                 consumed_samples=consumed_samples, run=common, rng_state=_rng_object())
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, **_optimizer_kwargs(optimizer))
+        state.update(opt_param_scheduler=scheduler.state_dict(), rng_state=_rng_object())
+    state.update(iteration=iteration, consumed_samples=consumed_samples, run=common)
     dist_checkpointing.save(state, directory)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -59,6 +65,11 @@ def save_checkpoint(save_dir, iteration, chunks, optimizer, scheduler, consumed_
         os.replace(tmp, os.path.join(save_dir, TRACKER))
     dist.barrier()
     return directory
+
+
+def run_facts(directory):
+    """The run facts (config, architecture, layout, ...) saved with ``directory``."""
+    return dist_checkpointing.load_common_state_dict(directory)["run"]
 
 
 def load_checkpoint(directory, chunks, optimizer, scheduler):
@@ -90,7 +101,7 @@ def load_model_weights(path, chunks, expected_architecture):
     directory = latest_checkpoint(path)
     if directory is None:
         raise FileNotFoundError(f"no Megatron checkpoint at {path} (no {TRACKER} or metadata.json)")
-    stored = dist_checkpointing.load_common_state_dict(directory)["run"]["architecture"]
+    stored = run_facts(directory)["architecture"]
     differing = {k: (stored.get(k), v) for k, v in expected_architecture.items()
                  if stored.get(k) != v}
     if differing:
@@ -104,7 +115,7 @@ def load_model_weights(path, chunks, expected_architecture):
 
 def architecture(model_config, padded_vocab_size):
     """The facts a checkpoint must share with the model it is loaded into."""
-    facts = {key: model_config[key] for key in ARCHITECTURE_KEYS}
+    facts = {key: model_config.get(key) for key in ARCHITECTURE_KEYS}
     facts["padded_vocab_size"] = padded_vocab_size
     return facts
 

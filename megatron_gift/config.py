@@ -17,6 +17,13 @@ DEFAULTS = {
         "init_method_std": 0.02, "untie_embeddings_and_output_weights": True,
         "make_vocab_size_divisible_by": 128,
         "tokenizer": None,  # a Hugging Face tokenizer directory; None: the bundled one
+        # Set from the HF config when the pretrained checkpoint is a Hugging Face model:
+        "family": "llama",  # llama | qwen2 | mistral: the HF architecture of exports
+        "kv_channels": None,  # head dim; None: hidden_size / num_attention_heads
+        "rope_scaling_factor": None,  # Llama 3.x RoPE scaling factor
+        "add_qkv_bias": False,  # Qwen2
+        "vocab_size": None,  # the real vocab (the model pads it); None: the tokenizer's
+        "sliding_window": None,  # Mistral's attention window: seq_length may not exceed it
     },
     "parallel": {
         "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
@@ -24,10 +31,15 @@ DEFAULTS = {
     },
     "gift": {"beta": 20.0, "smooth_lambda": 0.0, "reference_load": None},
     "data": {
-        "train_path": None, "valid_path": None,
+        # JSONL, Parquet, or a datasets.save_to_disk directory (split: of a DatasetDict)
+        "train_path": None, "valid_path": None, "split": "train",
         "prompt_field": "prompt", "response_field": "response",
+        "messages_field": "messages",  # chat records: a list of {role, content}
         "text_field": None,  # set for plain next-token training on raw text
         "overlong": "truncate",  # or "reject"
+        "malformed": "reject",  # or "skip" (reported in the log)
+        "pack": False,  # several samples per sequence, attention kept inside each
+        "cache_dir": None,  # None: $MEGATRON_GIFT_CACHE/data, else ~/.cache/megatron_gift/data
     },
     "training": {
         "micro_batch_size": 4, "global_batch_size": 16, "train_iters": 100, "seed": 1234,
@@ -40,7 +52,8 @@ DEFAULTS = {
     "checkpoint": {"save": None, "load": None, "pretrained_checkpoint": None, "save_interval": None},
     "logging": {"tensorboard_dir": None, "metrics_file": None, "log_interval": 1, "progress": True},
 }
-_CHOICES = {"data.overlong": ("truncate", "reject"),
+_CHOICES = {"data.overlong": ("truncate", "reject"), "data.malformed": ("reject", "skip"),
+            "model.family": ("llama", "qwen2", "mistral"),
             "optimizer.lr_decay_style": ("constant", "linear", "cosine")}
 
 
@@ -106,6 +119,10 @@ def validate(config):
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if int(model[key]) <= 0:
             raise ValueError(f"model.{key} must be positive, got {model[key]}")
+    window = model.sliding_window
+    if window is not None and int(model.seq_length) > int(window):
+        raise ValueError(f"model.seq_length={model.seq_length} exceeds the model's sliding "
+                         f"attention window {window}; full attention is only exact up to it")
     for key in ("micro_batch_size", "global_batch_size", "train_iters"):
         if int(training[key]) <= 0:
             raise ValueError(f"training.{key} must be positive, got {training[key]}")

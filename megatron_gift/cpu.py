@@ -35,6 +35,10 @@ What each patch covers (megatron-core 0.19.2; file :: function, relative to mega
     MixedPrecisionOptimizer.__init__, FP32Optimizer.__init__;
     optimizer/clip_grads.py :: get_grad_norm_fp32, clip_grad_by_total_norm_fp32,
     count_zeros_fp32; utils.py :: local_multi_tensor_l2_norm.
+``tensor_cuda``  ``Tensor.cuda()`` returns the tensor itself.
+    models/common/language_module/language_module.py :: setup_embeddings_and_output_layer
+    (tied embeddings across pipeline stages move the shared weight to "cuda" before their
+    all-reduce).
 
 Models must be built with ``use_cpu_initialization=True`` and given an explicit attention
 mask (transformer/utils.py :: get_default_causal_mask allocates on "cuda"). Interleaved pipeline
@@ -119,6 +123,10 @@ def _patch_cuda_literals():
         importlib.import_module(module_name).torch = _CpuTorch()
 
 
+def _patch_tensor_cuda():
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
 def _patch_clip_grads():
     from megatron.core.optimizer import clip_grads, optimizer
 
@@ -164,4 +172,5 @@ _PATCHES = (
     ("current_stream", _patch_current_stream),
     ("clip_grads", _patch_clip_grads),
     ("cuda_literals", _patch_cuda_literals),
+    ("tensor_cuda", _patch_tensor_cuda),
 )

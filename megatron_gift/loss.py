@@ -48,6 +48,7 @@ def vocab_parallel_gift_loss(
     smooth_lambda: float = 0.0,
     ignore_index: int = -100,
     tp_group: Optional[dist.ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
     return_stats: bool = False,
 ):
     """Per-token GIFT loss of vocab-parallel student logits against a frozen reference.
@@ -65,6 +66,9 @@ def vocab_parallel_gift_loss(
         ignore_index: label value whose positions get loss 0 and gradient 0.
         tp_group: tensor-parallel group the vocab is sharded over. Default: Megatron-Core's
             tensor-parallel group when model parallelism is initialised, else no sharding.
+        vocab_size: the real vocab size when the sharded vocab ``V`` is padded (Megatron pads
+            it to a multiple of TP): columns ``>= vocab_size`` are left out of both softmaxes,
+            the smoothing term and the labels' range, and get zero gradient. Default ``V``.
         return_stats: also return a :class:`GiftTokenStats`.
 
     Returns:
@@ -86,11 +90,18 @@ def vocab_parallel_gift_loss(
         )
     tp_group = _default_tp_group(tp_group)
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    _check_labels(labels, logits.size(-1) * tp_size, ignore_index)
+    padded_vocab = logits.size(-1) * tp_size
+    if vocab_size is None:
+        vocab_size = padded_vocab
+    if not 0 < vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded_vocab}] "
+                         f"(the logits' vocab, {logits.size(-1)} x tp {tp_size})")
+    _check_labels(labels, vocab_size, ignore_index)
     if math.isinf(beta):
         ref_logits = None  # q is one-hot: the reference cannot change the loss
     loss, entropy, target_mass, label_prob = _VocabParallelGiftLoss.apply(
-        logits, ref_logits, labels, beta, smooth_lambda, ignore_index, tp_group, return_stats
+        logits, ref_logits, labels, beta, smooth_lambda, ignore_index, tp_group, vocab_size,
+        return_stats
     )
     if return_stats:
         return loss, GiftTokenStats(entropy, target_mass, label_prob)
@@ -146,15 +157,15 @@ def _all_reduce(tensor, op, group):
 class _VocabParallelGiftLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ref_logits, labels, beta, smooth_lambda, ignore_index, group,
-                with_stats):
+                vocab, with_stats):
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        tp_size = dist.get_world_size(group) if group is not None else 1
         tp_rank = dist.get_rank(group) if group is not None else 0
-        local_vocab = logits.size(-1)
-        vocab = local_vocab * tp_size
-        vocab_start = tp_rank * local_vocab
-        z_all = logits.reshape(-1, local_vocab)
-        r_all = ref_logits.reshape(-1, local_vocab) if ref_logits is not None else None
+        shard = logits.size(-1)
+        vocab_start = tp_rank * shard
+        # Padding columns (>= vocab) sit at the end of the vocab: each rank keeps a prefix.
+        local_vocab = min(max(vocab - vocab_start, 0), shard)
+        z_all = logits.reshape(-1, shard)[:, :local_vocab]
+        r_all = ref_logits.reshape(-1, shard)[:, :local_vocab] if ref_logits is not None else None
         y = labels.reshape(-1)
 
         valid = y != ignore_index
@@ -162,7 +173,7 @@ class _VocabParallelGiftLoss(torch.autograd.Function):
         column = torch.where(owned, y - vocab_start, 0).unsqueeze(-1)
 
         # Pass 1: per-token maxima of both models, one MAX all-reduce.
-        maxima = [x.amax(-1).to(dtype) for x in (z_all, r_all) if x is not None]
+        maxima = [_row_max(x, dtype) for x in (z_all, r_all) if x is not None]
         maxima = _all_reduce(torch.stack(maxima, -1), dist.ReduceOp.MAX, group)
 
         # Pass 2: shifted logits (<= 0), exp(z) into the saved buffer, per-token sums;
@@ -224,7 +235,7 @@ class _VocabParallelGiftLoss(torch.autograd.Function):
                     p.sub_(uniform_weight[rows])
 
         ctx.save_for_backward(probs, column, torch.where(owned, 1 - g, 0.0), valid)
-        ctx.input_shape, ctx.input_dtype = logits.shape, logits.dtype
+        ctx.input_shape, ctx.input_dtype, ctx.shard = logits.shape, logits.dtype, shard
         if with_stats:
             entropy = log_sum_exp_z - t["dot_exp_z_z"] / t["sum_exp_z"]
             stats = (entropy, target_mass, torch.exp(-nll))
@@ -239,17 +250,22 @@ class _VocabParallelGiftLoss(torch.autograd.Function):
         probs_minus_soft_target, column, onehot_weight, valid = ctx.saved_tensors
         scale = torch.where(valid, grad_loss.reshape(-1), 0.0).unsqueeze(-1)
         label_term = -(onehot_weight.unsqueeze(-1) * scale)
-        grad = torch.empty(probs_minus_soft_target.shape, dtype=ctx.input_dtype,
-                           device=probs_minus_soft_target.device)
+        rows, local_vocab = probs_minus_soft_target.shape
+        # Padding columns of the shard (if any) get zero gradient.
+        allocate = torch.empty if local_vocab == ctx.shard else torch.zeros
+        full_grad = allocate(rows, ctx.shard, dtype=ctx.input_dtype,
+                             device=probs_minus_soft_target.device)
+        grad = full_grad[:, :local_vocab]
         workspace = _Workspace(probs_minus_soft_target, probs_minus_soft_target.dtype,
                                count=0 if grad.dtype == probs_minus_soft_target.dtype else 1)
         for rows in workspace.chunks:
             out = workspace.get(0, rows) if workspace.count else grad[rows]
             torch.mul(probs_minus_soft_target[rows], scale[rows], out=out)
-            out.scatter_add_(-1, column[rows], label_term[rows])
+            if local_vocab:
+                out.scatter_add_(-1, column[rows], label_term[rows])
             if workspace.count:
                 grad[rows].copy_(out)
-        return grad.view(ctx.input_shape), None, None, None, None, None, None, None
+        return full_grad.view(ctx.input_shape), *(None,) * 8
 
 
 class _Workspace:
@@ -275,6 +291,15 @@ class _Workspace:
         return self.get(index, slice(0, x.size(0))).copy_(x).sub_(maximum)
 
 
+def _row_max(x, dtype):
+    """Per-row max ``[rows]`` in ``dtype``; -inf for a rank whose shard is all padding."""
+    if x.size(-1) == 0:
+        return torch.full(x.shape[:1], -math.inf, dtype=dtype, device=x.device)
+    return x.amax(-1).to(dtype)
+
+
 def _gather(x, column, owned):
     """x at the label column where this rank owns the label, else 0; shape ``[rows]``."""
+    if x.size(-1) == 0:
+        return torch.zeros(x.shape[:1], dtype=x.dtype, device=x.device)
     return torch.where(owned, x.gather(-1, column).squeeze(-1), 0.0)

@@ -26,7 +26,9 @@ def transformer_config(config, params_dtype):
     return TransformerConfig(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
-        ffn_hidden_size=model.ffn_hidden_size, kv_channels=model.hidden_size // model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.kv_channels or model.hidden_size // model.num_attention_heads,
+        add_qkv_bias=model.add_qkv_bias,
         normalization="RMSNorm", layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, init_method_std=model.init_method_std,
         hidden_dropout=0.0, attention_dropout=0.0,
@@ -71,7 +73,9 @@ def build_chunks(config, tf_config, vocab_size, device):
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
-            position_embedding_type="rope", rotary_base=config.model.rotary_base, vp_stage=stage,
+            position_embedding_type="rope", rotary_base=config.model.rotary_base,
+            rope_scaling=bool(config.model.rope_scaling_factor),
+            rope_scaling_factor=config.model.rope_scaling_factor or 8.0, vp_stage=stage,
         ).to(device=device, dtype=tf_config.params_dtype))
     return chunks
 

@@ -14,11 +14,12 @@ from megatron.core import parallel_state
 from megatron_gift.loss import vocab_parallel_gift_loss
 
 
-def forward_step_func(beta, smooth_lambda, attention_mask_fn, evaluate=False):
+def forward_step_func(beta, smooth_lambda, attention_mask_fn, vocab_size, evaluate=False):
     """A ``forward_step_func(data_iterator, model)`` for Megatron's schedules.
 
     Training steps compute the GIFT loss; ``evaluate`` computes plain next-token
-    cross-entropy and accuracy on the loss tokens, with the student only.
+    cross-entropy and accuracy on the loss tokens, with the student only. ``vocab_size`` is
+    the real vocab: the padding columns of the logits take no part in either.
     """
 
     def forward_step(data_iterator, model):
@@ -29,15 +30,17 @@ def forward_step_func(beta, smooth_lambda, attention_mask_fn, evaluate=False):
             return output, None
         logits, reference_logits = output
         if evaluate:
-            return logits, lambda out: _evaluation_loss(out, batch)
-        return logits, lambda out: _gift_loss(out, reference_logits, batch, beta, smooth_lambda)
+            return logits, lambda out: _evaluation_loss(out, batch, vocab_size)
+        return logits, lambda out: _gift_loss(out, reference_logits, batch, beta, smooth_lambda,
+                                              vocab_size)
 
     return forward_step
 
 
-def _gift_loss(logits, reference_logits, batch, beta, smooth_lambda):
+def _gift_loss(logits, reference_logits, batch, beta, smooth_lambda, vocab_size):
     loss, stats = vocab_parallel_gift_loss(logits, reference_logits, batch["labels"], beta=beta,
-                                           smooth_lambda=smooth_lambda, return_stats=True)
+                                           smooth_lambda=smooth_lambda, vocab_size=vocab_size,
+                                           return_stats=True)
     num_tokens = batch["loss_mask"].sum().to(torch.int)
     loss_sum = loss.sum()
     count = num_tokens.float()
@@ -48,23 +51,29 @@ def _gift_loss(logits, reference_logits, batch, beta, smooth_lambda):
     return loss_sum, num_tokens, report
 
 
-def _evaluation_loss(logits, batch):
+def _evaluation_loss(logits, batch, vocab_size):
     labels = batch["labels"]
-    loss, stats = vocab_parallel_gift_loss(logits, None, labels, beta=float("inf"),
-                                           return_stats=True)
+    loss = vocab_parallel_gift_loss(logits, None, labels, beta=float("inf"), vocab_size=vocab_size)
     valid = labels != -100
     count = valid.sum().float()
-    correct = (_vocab_parallel_argmax(logits) == labels) & valid
+    correct = (_vocab_parallel_argmax(logits, vocab_size) == labels) & valid
     report = {"valid_ce": torch.stack([loss.sum(), count]),
               "valid_accuracy": torch.stack([correct.sum().float(), count])}
     return loss.sum(), valid.sum().to(torch.int), report
 
 
-def _vocab_parallel_argmax(logits):
-    """Global argmax ``[...]`` of vocab-parallel logits ``[..., V/tp]`` (lowest index on ties)."""
+def _vocab_parallel_argmax(logits, vocab_size):
+    """Global argmax ``[...]`` of vocab-parallel logits ``[..., V/tp]`` over the real vocab
+    ``[0, vocab_size)`` (lowest index on ties)."""
     group = parallel_state.get_tensor_model_parallel_group()
-    local_max, local_index = logits.float().max(-1)
-    local_index = local_index + parallel_state.get_tensor_model_parallel_rank() * logits.size(-1)
+    start = parallel_state.get_tensor_model_parallel_rank() * logits.size(-1)
+    real = logits[..., : max(0, min(vocab_size - start, logits.size(-1)))].float()
+    if real.size(-1) == 0:
+        local_max = torch.full(logits.shape[:-1], -torch.inf, device=logits.device)
+        local_index = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    else:
+        local_max, local_index = real.max(-1)
+    local_index = local_index + start
     global_max = local_max.clone()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
     candidate = torch.where(local_max == global_max, local_index, torch.iinfo(torch.long).max)

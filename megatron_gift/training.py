@@ -24,7 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
-from megatron_gift import checkpoint, model as models, pipeline
+from megatron_gift import checkpoint, model as models, pipeline, sources
 from megatron_gift.config import is_sft
 from megatron_gift.data import SFTDataset, micro_batch_indices
 from megatron_gift.metrics import MetricsLogger
@@ -46,6 +46,7 @@ class Job:
     consumed_samples: int
     reference_source: object
     micro_batches: int
+    vocab_size: int  # the real vocab; the model's is padded
 
 
 def train(config):
@@ -82,13 +83,15 @@ def setup(config):
             f"micro_batch_size x data-parallel size = {training.micro_batch_size} x {dp}")
     micro_batches = training.global_batch_size // (training.micro_batch_size * dp)
 
-    tokenizer = _load_tokenizer(config.model.tokenizer)
+    pretrained = config.checkpoint.pretrained_checkpoint
+    tokenizer = _load_tokenizer(config.model.tokenizer or sources.hf_assets(pretrained))
+    config = sources.resolve_model(config, len(tokenizer))
     train_data = _dataset(config, config.data.train_path, tokenizer)
     valid_data = _dataset(config, config.data.valid_path, tokenizer) if config.data.valid_path else None
 
     params_dtype = torch.bfloat16 if training.bf16 else torch.float32
     tf_config = models.transformer_config(config, params_dtype)
-    vocab = models.padded_vocab_size(len(tokenizer), config)
+    vocab = models.padded_vocab_size(config.model.vocab_size, config)
     arch = checkpoint.architecture(config.model, vocab)
     device = _local_device()
     students = models.build_chunks(config, tf_config, vocab, device)
@@ -107,8 +110,8 @@ def setup(config):
     if resume_from is not None:
         iteration, consumed, resumed_run = checkpoint.load_checkpoint(
             resume_from, ddp_chunks, optimizer, scheduler)
-    elif config.checkpoint.pretrained_checkpoint or config.checkpoint.load:
-        source = config.checkpoint.pretrained_checkpoint or config.checkpoint.load
+    elif pretrained or config.checkpoint.load:
+        source = sources.megatron_checkpoint(pretrained or config.checkpoint.load)
         checkpoint.load_model_weights(source, students, arch)
         for chunk in ddp_chunks:
             chunk.broadcast_params()
@@ -118,11 +121,13 @@ def setup(config):
     if references is not None:
         reference_source = (config.gift.reference_load
                             or (resumed_run or {}).get("reference_source")
-                            or config.checkpoint.pretrained_checkpoint or config.checkpoint.load)
+                            or pretrained or config.checkpoint.load)
         if reference_source is None:
             raise ValueError("GIFT with finite beta needs a reference: set --reference-load or "
                              "--pretrained-checkpoint (or --gift-beta inf for plain SFT)")
-        checkpoint.load_model_weights(reference_source, references, arch)
+        sources.check_reference_matches(pretrained, reference_source)
+        checkpoint.load_model_weights(sources.megatron_checkpoint(reference_source), references,
+                                      arch)
 
     tf_config.no_sync_func = [c.no_sync for c in ddp_chunks]
     if len(ddp_chunks) == 1:
@@ -132,7 +137,7 @@ def setup(config):
     tf_config.grad_scale_func = optimizer.scale_loss
     chunks = [models.GiftModel(s, r) for s, r in zip(ddp_chunks, references or [None] * len(ddp_chunks))]
     return Job(config, tf_config, chunks, ddp_chunks, optimizer, scheduler, train_data, valid_data,
-               iteration, consumed, reference_source, micro_batches)
+               iteration, consumed, reference_source, micro_batches, config.model.vocab_size)
 
 
 def run(job):
@@ -187,7 +192,8 @@ def _train_step(job):
     reports = _run_schedule(job, batches, forward_only=False,
                             step=pipeline.forward_step_func(float(config.gift.beta),
                                                             float(config.gift.smooth_lambda),
-                                                            pipeline.causal_attention_mask))
+                                                            pipeline.causal_attention_mask,
+                                                            job.vocab_size))
     _, grad_norm, _ = job.optimizer.step()
     job.scheduler.step(increment=1)
     job.consumed_samples += config.training.global_batch_size
@@ -212,7 +218,7 @@ def _evaluate(job):
             reports = _run_schedule(job, batches, forward_only=True,
                                     step=pipeline.forward_step_func(
                                         math.inf, 0.0, pipeline.causal_attention_mask,
-                                        evaluate=True))
+                                        job.vocab_size, evaluate=True))
             reduced = _reduce_reports(reports, tuple(sums), job.chunks[0].device, as_sums=True)
             for key, (total, count) in reduced.items():
                 sums[key][0] += total
@@ -273,6 +279,9 @@ def _save(job):
            "reference_source": job.reference_source}
     checkpoint.save_checkpoint(config.checkpoint.save, job.iteration, job.ddp_chunks,
                                job.optimizer, job.scheduler, job.consumed_samples, run)
+    if dist.get_rank() == 0:
+        sources.copy_assets(config.checkpoint.pretrained_checkpoint or config.checkpoint.load,
+                            config.checkpoint.save)
 
 
 class _StopOnSignal:

@@ -213,3 +213,22 @@ def test_shape_mismatches_raise():
         vocab_parallel_gift_loss(logits, ref, labels[:-1], beta=1.0)
     with pytest.raises(ValueError, match="ref_logits is required"):
         vocab_parallel_gift_loss(logits, None, labels, beta=1.0)
+
+
+@pytest.mark.parametrize("beta,smooth_lambda", [(0.0, 0.0), (20.0, 0.0), (3.0, 0.2), (math.inf, 0.0)])
+def test_padded_vocab_columns_are_left_out(beta, smooth_lambda):
+    # The oracle sees only the real vocab; the padding gets no probability and no gradient.
+    real = 29
+    logits, ref, labels = _inputs(vocab=40, scale=3.0)
+    labels = torch.where(labels >= real, labels % real, labels)
+    loss, grad = _ours(logits, ref, labels, beta, smooth_lambda, vocab_size=real)
+    expected_loss, expected_grad = _oracle(logits[..., :real], ref[..., :real], labels, beta,
+                                           smooth_lambda)
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad[..., :real].double(), expected_grad, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(grad[..., real:]) == 0
+    labels.view(-1)[1] = real
+    with pytest.raises(ValueError, match=f"label {real} is outside the vocab \\[0, {real}\\)"):
+        vocab_parallel_gift_loss(logits, ref, labels, beta=beta, vocab_size=real)
+    with pytest.raises(ValueError, match="vocab_size=41"):
+        vocab_parallel_gift_loss(logits, ref, labels, beta=beta, vocab_size=41)

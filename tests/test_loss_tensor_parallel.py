@@ -124,6 +124,30 @@ def _explicit_group_and_bad_label():
             raise AssertionError("label == V was accepted")
 
 
+def _padded_vocab():
+    # 30: the second shard (columns 24..47) holds 6 real columns; 20: it holds none.
+    with model_parallel(tp=TP):
+        for real in (30, 20):
+            for beta, smooth_lambda in [(20.0, 0.0), (2.0, 0.1), (math.inf, 0.0)]:
+                logits, ref, labels = _full_inputs(torch.float32)
+                labels = torch.where(labels >= real, labels % real, labels)
+                local = _shard(logits).clone().requires_grad_()
+                loss = vocab_parallel_gift_loss(local, _shard(ref), labels, beta=beta,
+                                                smooth_lambda=smooth_lambda, vocab_size=real)
+                loss.sum().backward()
+                full = logits[..., :real].double().requires_grad_()
+                expected = gift_loss_full_vocab(full, ref[..., :real], labels, beta, smooth_lambda)
+                expected.sum().backward()
+                torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+                padded_grad = torch.cat([full.grad, full.grad.new_zeros(6, 2, VOCAB - real)], -1)
+                torch.testing.assert_close(local.grad.double(), _shard(padded_grad), rtol=1e-5,
+                                           atol=1e-6)
+
+
+def test_tp2_padded_vocab_matches_oracle_on_the_real_vocab():
+    run_distributed(TP, _padded_vocab)
+
+
 def test_tp2_matches_full_vocab_oracle():
     run_distributed(TP, _compare_with_oracle)
 

@@ -150,14 +150,21 @@ def test_reference_is_bit_identical_after_training(world):
 
 def _sft_with_megatron_ce(overrides, use_megatron_ce):
     import megatron_gift.pipeline as pipeline
+    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_gift.loss import GiftTokenStats
 
     if use_megatron_ce:
-        def megatron_ce(logits, reference_logits, labels, **kwargs):
+        def megatron_ce(logits, reference_logits, labels, vocab_size, **kwargs):
             assert reference_logits is None  # beta = inf builds and runs no reference
+            # The vocab padding takes no part: Megatron's CE sees it at -inf.
+            shard = logits.size(-1)
+            columns = torch.arange(shard) + parallel_state.get_tensor_model_parallel_rank() * shard
+            logits = logits.masked_fill(columns >= vocab_size, -torch.inf)
             loss = vocab_parallel_cross_entropy(logits, labels.clamp(min=0)) * (labels != -100)
+            if not kwargs.get("return_stats"):
+                return loss
             return loss, GiftTokenStats(*[torch.zeros_like(loss)] * 3)
         pipeline.vocab_parallel_gift_loss = megatron_ce
     _train_rank([], overrides)

@@ -1,0 +1,95 @@
+"""Where a run's weights come from, settled before any model is built.
+
+``--pretrained-checkpoint`` and ``--reference-load`` each name either a Megatron checkpoint
+(Megatron-LM layout, as the trainer and ``megatron_gift.convert`` write) or a local Hugging Face
+model directory, which is converted once into the conversion cache. A source with Hugging
+Face assets (an HF directory, or a checkpoint with ``hf/``) also sets the ``model`` section's
+architecture and, unless given, the tokenizer; its assets travel into the run's checkpoints
+so that exports and the RL hand-off find them.
+"""
+
+import os
+
+import torch
+from omegaconf import OmegaConf
+
+from megatron_gift import checkpoint, convert
+from megatron_gift.config import validate
+from megatron_gift.hf_architecture import MODEL_KEYS, is_hf_directory, model_section_from_hf
+
+
+def resolve_model(config, tokenizer_size):
+    """Fill the ``model`` section from the pretrained source's HF config and make
+    ``vocab_size`` and ``kv_channels`` concrete (in place); returns ``config``."""
+    assets = hf_assets(config.checkpoint.pretrained_checkpoint)
+    model = config.model
+    if assets is not None:
+        model.update(model_section_from_hf(assets))
+        if model.tokenizer is None:
+            model.tokenizer = assets
+    if model.vocab_size is None:
+        model.vocab_size = tokenizer_size
+    if tokenizer_size > model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer_size} tokens but model.vocab_size is "
+                         f"{model.vocab_size}")
+    if model.kv_channels is None:
+        model.kv_channels = model.hidden_size // model.num_attention_heads
+    return validate(config)
+
+
+def hf_assets(source):
+    """The directory with the source's HF ``config.json`` and tokenizer, or None."""
+    if source is None:
+        return None
+    if is_hf_directory(source):
+        return source
+    own = os.path.join(source, convert.ASSETS)
+    return own if is_hf_directory(own) else None
+
+
+def megatron_checkpoint(source, cache_root=None):
+    """A Megatron checkpoint path for ``source`` (HF directories go through the cache)."""
+    if source is None:
+        return None
+    if is_hf_directory(source):
+        return convert.cached_conversion(source, cache_root)
+    if checkpoint.latest_checkpoint(source) is None:
+        raise FileNotFoundError(f"no checkpoint at {source}: neither a Megatron checkpoint "
+                                f"({checkpoint.TRACKER} or metadata.json) nor a Hugging Face "
+                                "directory (config.json)")
+    return source
+
+
+def check_reference_matches(student_source, reference_source):
+    """Refuse a reference whose weights' dtype or model differs from the student's source."""
+    if student_source is None or reference_source is None or student_source == reference_source:
+        return
+    facts = {name: _facts(path) for name, path in (("student", student_source),
+                                                  ("reference", reference_source))}
+    for key in ("dtype", "vocab_size", "architecture"):
+        student, reference = facts["student"][key], facts["reference"][key]
+        if student != reference:
+            raise ValueError(f"the reference checkpoint {reference_source} differs from the "
+                             f"student's {student_source} in {key}: {reference} vs {student}")
+
+
+def copy_assets(source, save_dir):
+    """Copy the source's HF assets (config, tokenizer) to ``save_dir/hf``; rank 0 calls it."""
+    assets = hf_assets(source)
+    if assets is not None:
+        convert.copy_assets(assets, save_dir)
+
+
+def _facts(source):
+    if is_hf_directory(source):
+        section = model_section_from_hf(source)
+        dtype = str(convert.checkpoint_dtype(convert.weight_files(source))).removeprefix("torch.")
+    else:
+        directory = checkpoint.latest_checkpoint(source)
+        if directory is None:
+            raise FileNotFoundError(f"no checkpoint at {source}")
+        config = OmegaConf.create(checkpoint.run_facts(directory)["config"])
+        section = OmegaConf.to_container(config.model)
+        dtype = str(torch.bfloat16 if config.training.bf16 else torch.float32).removeprefix("torch.")
+    arch = {k: section.get(k) for k in MODEL_KEYS if k not in ("vocab_size", "family", "sliding_window")}
+    return {"dtype": dtype, "vocab_size": section.get("vocab_size"), "architecture": arch}
