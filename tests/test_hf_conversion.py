@@ -80,10 +80,10 @@ def _megatron_logits(hf_dir, checkpoint_dir, tokens, tp, pp):
         "model": {"seq_length": SEQ},
         "checkpoint": {"pretrained_checkpoint": str(hf_dir)},
         "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}})
-    config = sources.resolve_model(config, VOCAB)
+    config = sources.resolve_model(config, 0)
     with model_parallel(tp=tp, pp=pp):
         tf_config = models.transformer_config(config, torch.float32)
-        vocab = models.padded_vocab_size(VOCAB, config)
+        vocab = models.padded_vocab_size(config.model.vocab_size, config)
         [model] = models.build_chunks(config, tf_config, vocab, torch.device("cpu"))
         checkpoint.load_model_weights(str(checkpoint_dir), [model],
                                       checkpoint.architecture(config.model, vocab))
@@ -102,14 +102,14 @@ def _megatron_logits(hf_dir, checkpoint_dir, tokens, tp, pp):
         return None
 
 
-def _check_logits(hf_dir, checkpoint_dir, tp, pp):
-    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+def _check_logits(hf_dir, checkpoint_dir, tp, pp, vocab=VOCAB):
+    tokens = torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(0))
     logits = _megatron_logits(hf_dir, checkpoint_dir, tokens, tp, pp)
     if logits is None:
         return
     reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(tokens).logits
-    assert logits.shape[-1] == 384 and reference.shape[-1] == VOCAB
-    torch.testing.assert_close(logits[..., :VOCAB], reference.detach(), rtol=0, atol=2e-5)
+    assert logits.shape[-1] == 128 * -(-vocab // 128) and reference.shape[-1] == vocab
+    torch.testing.assert_close(logits[..., :vocab], reference.detach(), rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
@@ -229,3 +229,21 @@ def test_reference_that_differs_from_the_student_is_refused_before_training(tmp_
     with pytest.raises(Exception, match=expected):
         run_distributed(1, _train_rank, overrides, initialize=False)
     assert not (tmp_path / "gift").exists()
+
+
+def test_a_model_trained_here_exports_as_llama_with_the_same_logits(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    synthetic.write_pretraining_corpus(str(corpus), 64, seed=0)
+    run_distributed(1, _train_rank, {
+        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                  "num_query_groups": 2, "ffn_hidden_size": 64, "seq_length": 32},
+        "gift": {"beta": float("inf")}, "data": {"train_path": str(corpus), "text_field": "text"},
+        "training": {"train_iters": 2, "micro_batch_size": 4, "global_batch_size": 4},
+        "checkpoint": {"save": str(tmp_path / "base")}, "logging": {"progress": False}},
+        initialize=False)
+    result = convert_cli("megatron-to-hf", "--load", tmp_path / "base", "--out", tmp_path / "hf")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
+    vocab = len(AutoTokenizer.from_pretrained(tmp_path / "hf"))
+    run_distributed(1, _check_logits, tmp_path / "hf", tmp_path / "base", 1, 1, vocab)
