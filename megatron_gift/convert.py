@@ -70,11 +70,7 @@ def hf_to_megatron(hf_dir, out_dir, converter="auto"):
         if converter == "bridge":
             _bridge_load(hf_dir, model)
         else:
-            hf_state = {}
-            for path in weights:
-                hf_state.update(_read_safetensors(path))
-            model.load_state_dict(megatron_state_from_hf(hf_state, config.model,
-                                                         model.vocab_size))
+            _load_hf_weights(model, weights, config.model)
         run = _run_facts(config, model, source=os.path.abspath(hf_dir), converter=converter)
         directory = checkpoint.save_checkpoint(out_dir, 0, [model], None, None, 0, run)
     copy_assets(hf_dir, out_dir)
@@ -117,33 +113,29 @@ def megatron_to_hf(load_dir, out_dir):
     return out_dir
 
 
-def megatron_state_from_hf(hf_state, model, padded_vocab):
-    """Megatron local-spec state dict (TP=1) from an HF state dict; ``model``: model section."""
+def megatron_tensors_from_hf(read, model, padded_vocab):
+    """Yield ``(Megatron local-spec name, tensor)`` at TP=1, reading HF tensors one at a time.
+
+    ``read(name)``: the HF tensor ``name`` (without the ``model.`` prefix, except
+    ``lm_head.weight``); ``model``: the model config section; ``padded_vocab``: the
+    embedding rows of the Megatron model.
+    """
     heads, groups = model.num_attention_heads, model.num_query_groups
     d = model.kv_channels or model.hidden_size // heads
-    hf = {k.removeprefix("model."): v for k, v in hf_state.items()}
-    state = {"embedding.word_embeddings.weight": _pad_rows(hf.pop("embed_tokens.weight"), padded_vocab),
-             "decoder.final_layernorm.weight": hf.pop("norm.weight")}
+    yield "embedding.word_embeddings.weight", _pad_rows(read("embed_tokens.weight"), padded_vocab)
+    yield "decoder.final_layernorm.weight", read("norm.weight")
     if model.untie_embeddings_and_output_weights:
-        state["output_layer.weight"] = _pad_rows(hf.pop("lm_head.weight"), padded_vocab)
-    else:
-        hf.pop("lm_head.weight", None)
+        yield "output_layer.weight", _pad_rows(read("lm_head.weight"), padded_vocab)
     for i in range(model.num_layers):
         src, dst = f"layers.{i}.", f"decoder.layers.{i}."
         for ours, theirs in _LAYER_MAP.items():
-            state[dst + ours] = hf.pop(src + theirs)
+            yield dst + ours, read(src + theirs)
         attn = src + "self_attn."
-        state[dst + "self_attention.linear_qkv.weight"] = _fuse_qkv(
-            *(hf.pop(f"{attn}{p}_proj.weight") for p in "qkv"), heads, groups, d)
-        if model.add_qkv_bias:
-            state[dst + "self_attention.linear_qkv.bias"] = _fuse_qkv(
-                *(hf.pop(f"{attn}{p}_proj.bias") for p in "qkv"), heads, groups, d)
-        state[dst + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf.pop(src + "mlp.gate_proj.weight"), hf.pop(src + "mlp.up_proj.weight")])
-    leftovers = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
-    if leftovers:
-        raise ValueError(f"HF weights not used by the {model.family} mapping: {leftovers[:8]}")
-    return state
+        for name in ("weight", "bias") if model.add_qkv_bias else ("weight",):
+            yield f"{dst}self_attention.linear_qkv.{name}", _fuse_qkv(
+                *(read(f"{attn}{p}_proj.{name}") for p in "qkv"), heads, groups, d)
+        yield dst + "mlp.linear_fc1.weight", torch.cat(
+            [read(src + "mlp.gate_proj.weight"), read(src + "mlp.up_proj.weight")])
 
 
 def hf_state_from_megatron(state, model):
@@ -254,10 +246,36 @@ def _tokenizer_files(hf_dir):
     return found
 
 
-def _read_safetensors(path):
-    from safetensors.torch import load_file
+def _load_hf_weights(model, weight_files, section):
+    """Copy the HF weights into ``model`` tensor by tensor (peak memory: the model + one
+    layer's tensors); every Megatron tensor must be written and every HF tensor used."""
+    from safetensors import safe_open
 
-    return load_file(path)
+    files = {path: safe_open(path, "pt") for path in weight_files}
+    where = {name.removeprefix("model."): (handle, name)
+             for handle in files.values() for name in handle.keys()}
+    used = set()
+
+    def read(name):
+        if name not in where:
+            raise ValueError(f"HF weights lack {name!r} (needed by the {section.family} mapping)")
+        used.add(name)
+        handle, full_name = where[name]
+        return handle.get_tensor(full_name)
+
+    params = model.state_dict()
+    written = set()
+    with torch.no_grad():
+        for name, tensor in megatron_tensors_from_hf(read, section, model.vocab_size):
+            params[name].copy_(tensor)
+            written.add(name)
+    unwritten = sorted(k for k in params if k not in written and not k.endswith("_extra_state"))
+    ignorable = ("rotary_emb.inv_freq",) + (
+        () if section.untie_embeddings_and_output_weights else ("lm_head.weight",))
+    unused = sorted(k for k in set(where) - used if not k.endswith(ignorable))
+    if unwritten or unused:
+        raise ValueError(f"the {section.family} mapping left Megatron tensors {unwritten[:8]} "
+                         f"unset and HF tensors {unused[:8]} unused")
 
 
 def checkpoint_dtype(weight_files):
@@ -277,8 +295,11 @@ def _build(config, dtype):
     from megatron_gift import model as models
 
     tf_config = models.transformer_config(config, dtype)
+    # Built in host memory, never on a GPU, and not randomly initialised: every tensor is loaded.
+    tf_config.use_cpu_initialization, tf_config.perform_initialization = True, False
     vocab = models.padded_vocab_size(config.model.vocab_size, config)
-    return models.build_chunks(config, tf_config, vocab, torch.device("cpu"))[0]
+    # The name mapping is written for the local layers (TE checkpoints use the same keys).
+    return models.build_chunks(config, tf_config, vocab, torch.device("cpu"), local_spec=True)[0]
 
 
 def _run_facts(config, model, source, converter):

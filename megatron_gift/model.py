@@ -56,14 +56,15 @@ def padded_vocab_size(vocab_size, config):
     return -(-vocab_size // multiple) * multiple
 
 
-def build_chunks(config, tf_config, vocab_size, device):
+def build_chunks(config, tf_config, vocab_size, device, local_spec=False):
     """This rank's ``GPTModel`` chunks (one per virtual pipeline stage), on ``device``.
 
     Every parameter takes ``params_dtype`` (norms included, as Megatron-LM's Float16Module
-    does), so a bf16 model has no stray fp32 parameters.
+    does), so a bf16 model has no stray fp32 parameters. Layers are Transformer Engine's when
+    it is installed, unless ``local_spec``; checkpoints of either load into the other.
     """
     vpp = config.parallel.virtual_pipeline_model_parallel_size
-    spec = _layer_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm") if local_spec else _layer_spec()
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
