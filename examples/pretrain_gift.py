@@ -2,8 +2,10 @@
 
     torchrun --nproc-per-node N examples/pretrain_gift.py [--config recipe.yaml] [flags] [k=v]
 
-Without ``--config`` it runs the embedded default (megatron_gift.default_run): GIFT from a tiny
-base model on synthetic one-style demonstrations, building the base first when it is missing.
+With neither ``--config`` nor ``--train-path`` it runs the embedded default
+(megatron_gift.default_run): GIFT from a tiny base model on synthetic one-style demonstrations,
+building the base first when it is missing. A real run names its data and base model, e.g.
+``--pretrained-checkpoint /models/Qwen2.5-Math-7B --train-path sft.parquet --save DIR``.
 Flags follow Megatron-LM (``--tensor-model-parallel-size``, ``--train-iters``, ``--gift-beta``,
 ...); ``python examples/pretrain_gift.py --help`` lists them all.
 """
@@ -16,12 +18,18 @@ from megatron_gift.training import train
 
 
 def main(argv):
-    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+    if _names_its_job(argv):
         config = parse_config(argv)
     else:
         config = parse_config(argv, defaults=default_run.gift_overrides(default_run.RUN_DIR))
         default_run.prepare(default_run.RUN_DIR)
     train(config)
+
+
+def _names_its_job(argv):
+    """True when the command line brings a recipe or its own training data."""
+    return any(arg.split("=")[0] in ("--config", "--train-path") or arg.startswith("data.train_path=")
+               for arg in argv)
 
 
 if __name__ == "__main__":

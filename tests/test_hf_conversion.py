@@ -247,3 +247,20 @@ def test_a_model_trained_here_exports_as_llama_with_the_same_logits(tmp_path):
         assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
     vocab = len(AutoTokenizer.from_pretrained(tmp_path / "hf"))
     run_distributed(1, _check_logits, tmp_path / "hf", tmp_path / "base", 1, 1, vocab)
+
+
+def test_launcher_trains_from_a_hugging_face_directory_and_data_file(tmp_path):
+    make_hf_model(tmp_path / "hf", "mistral")
+    demos = tmp_path / "demos.jsonl"
+    synthetic.write_demonstrations(str(demos), 16, seed=1)
+    env = {**os.environ, "MEGATRON_GIFT_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "examples/pretrain_gift.py", "--pretrained-checkpoint", str(tmp_path / "hf"),
+         "--train-path", str(demos), "--seq-length", "32", "--train-iters", "2",
+         "--micro-batch-size", "2", "--global-batch-size", "2", "--save", str(tmp_path / "gift"),
+         "--no-progress"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "builtin converter" in result.stdout
+    assert "runs/default" not in result.stdout + result.stderr  # the embedded job stays out
+    assert (tmp_path / "gift" / "iter_0000002").is_dir()
