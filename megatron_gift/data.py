@@ -1,60 +1,106 @@
-"""SFT data: JSONL or Parquet records -> token sequences with a response-only loss mask, and
-the deterministic micro-batch order that a checkpoint can resume.
+"""SFT data: records -> cached token sequences with a loss mask -> micro-batches, and the
+deterministic micro-batch order that a checkpoint can resume.
 
-A prompt/response record becomes ``prompt + response + eos`` with the loss on the response and
-the eos; a raw-text record (``text_field``) becomes ``bos + text + eos`` with the loss on every
-token. Micro-batches hold ``tokens``, ``labels`` (next tokens, ``-100`` where no loss),
-``loss_mask`` and ``position_ids``, each ``[b, s]``.
+Records are read and checked by :mod:`megatron_gift.records`, turned into tokens by
+:mod:`megatron_gift.formatting`, optionally packed by :mod:`megatron_gift.packing`, and stored
+once per node by :mod:`megatron_gift.data_cache`. A micro-batch holds ``[b, s]`` tensors:
+
+* ``tokens`` (int64): the inputs; ``pad`` after the last sample;
+* ``labels`` (int64): the next token where it is a training target, else ``-100``;
+* ``loss_mask`` (float32): 1.0 where ``labels`` is a target;
+* ``position_ids`` (int64): 0 at the start of each sample, counting on into the padding;
+* ``segment_ids`` (int64, packed data only): 1, 2, ... per sample of the row, 0 for padding;
+  attention stays inside a segment (``pipeline.causal_attention_mask``).
+
+Each sample fills its own positions with its tokens but the last and labels them with its
+tokens but the first, so no label crosses a sample boundary.
 """
 
 import json
 import os
+from dataclasses import asdict
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
 
+from megatron_gift import data_cache
+from megatron_gift.formatting import encode
+from megatron_gift.packing import pack as pack_samples
+from megatron_gift.records import Fields, Malformed, read_examples
+
 IGNORE_INDEX = -100
+OVERLONG = ("truncate", "reject")
+MALFORMED = ("reject", "skip")
+_REPORTED_SKIPS = 5
 
 
 class SFTDataset:
-    """Tokenised records of one file; ``samples[i] = (token ids, loss mask)`` as int arrays."""
+    """The tokenised samples of one data source, as sequences (one sample each, or packs).
+
+    ``len()`` counts sequences. ``num_records``, ``num_samples``, ``truncated`` (samples cut to
+    ``seq_length + 1`` tokens), ``skipped`` (malformed records left out) and
+    ``skipped_examples`` (the first few, ``"place: reason"``) describe what was read;
+    ``cache_path`` is the cache file and ``built`` whether this process wrote it.
+    """
 
     def __init__(self, path, tokenizer, seq_length, *, prompt_field="prompt",
-                 response_field="response", text_field=None, overlong="truncate"):
-        self.path, self.seq_length = path, seq_length
+                 response_field="response", messages_field="messages", text_field=None,
+                 split="train", overlong="truncate", malformed="reject", pack=False,
+                 cache_dir=None):
+        for name, value, choices in (("overlong", overlong, OVERLONG),
+                                     ("malformed", malformed, MALFORMED)):
+            if value not in choices:
+                raise ValueError(f"data.{name} must be one of {choices}, got {value!r}")
+        self.seq_length, self.pack = seq_length, bool(pack)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.samples, self.truncated = [], 0
-        for line, record in _read_records(path):
-            ids, mask = _tokenize(record, line, path, tokenizer, prompt_field, response_field,
-                                  text_field)
-            if len(ids) > seq_length + 1:
-                if overlong == "reject":
-                    raise ValueError(
-                        f"{path}:{line}: {len(ids)} tokens exceed seq_length + 1 = "
-                        f"{seq_length + 1} (data.overlong=reject; use truncate to cut)")
-                ids, mask = ids[: seq_length + 1], mask[: seq_length + 1]
-                self.truncated += 1
-            self.samples.append((np.asarray(ids, np.int64), np.asarray(mask, np.bool_)))
+        fields = Fields(prompt_field, response_field, messages_field, text_field)
+        options = {"split": split, "seq_length": seq_length, "overlong": overlong,
+                   "malformed": malformed, "pack": self.pack}
+        table, self.cache_path, self.built = data_cache.cached_table(
+            cache_dir or default_cache_dir(), os.path.basename(os.path.normpath(path)),
+            data_cache.cache_key(path, tokenizer, {**options, "fields": asdict(fields)}),
+            lambda: _tokenize(path, tokenizer, fields, **options))
+        info = json.loads(table.schema.metadata[b"megatron_gift"])
+        self.num_records, self.truncated = info["records"], info["truncated"]
+        self.skipped, self.skipped_examples = info["skipped"], info["skipped_examples"]
+        ids, mask = (table.column(k).combine_chunks() for k in ("input_ids", "loss_mask"))
+        self._offsets, self._ids, self._mask = (
+            ids.offsets.to_numpy(), ids.values.to_numpy(), mask.values.to_numpy())
+        sequence = table.column("sequence").to_numpy()
+        self._starts = np.flatnonzero(np.diff(sequence, prepend=-1, append=-1))
+        self.num_samples = len(sequence)
 
     def __len__(self):
-        return len(self.samples)
+        return len(self._starts) - 1
+
+    def sample(self, index):
+        """``(ids, mask)`` of stored sample ``index`` (pack order): int32 and bool ``[n]``."""
+        lo, hi = self._offsets[index], self._offsets[index + 1]
+        return self._ids[lo:hi], self._mask[lo:hi].astype(np.bool_)
 
     def batch(self, indices):
-        """The micro-batch of ``indices``: dict of ``[b, s]`` tensors (see module doc)."""
+        """The micro-batch of sequences ``indices``: dict of ``[b, s]`` tensors (module doc)."""
         b, s = len(indices), self.seq_length
-        tokens = np.full((b, s + 1), self.pad_id, np.int64)
-        mask = np.zeros((b, s + 1), np.bool_)
+        tokens = np.full((b, s), self.pad_id, np.int64)
+        labels = np.full((b, s), IGNORE_INDEX, np.int64)
+        positions, segments = np.zeros((b, s), np.int64), np.zeros((b, s), np.int64)
         for row, index in enumerate(indices):
-            ids, loss_mask = self.samples[index]
-            tokens[row, : len(ids)], mask[row, : len(ids)] = ids, loss_mask
-        tokens, mask = torch.from_numpy(tokens), torch.from_numpy(mask)
-        return {
-            "tokens": tokens[:, :-1].contiguous(),
-            "labels": torch.where(mask[:, 1:], tokens[:, 1:], IGNORE_INDEX),
-            "loss_mask": mask[:, 1:].float(),
-            "position_ids": torch.arange(s).expand(b, s).contiguous(),
-        }
+            end = 0
+            for segment, k in enumerate(range(self._starts[index], self._starts[index + 1]), 1):
+                ids, mask = self.sample(k)
+                start, end = end, end + len(ids) - 1
+                tokens[row, start:end] = ids[:-1]
+                labels[row, start:end] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
+                positions[row, start:end] = np.arange(end - start)
+                segments[row, start:end] = segment
+            positions[row, end:] = np.arange(end - start, end - start + s - end)
+        batch = {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+                 "loss_mask": torch.from_numpy(labels != IGNORE_INDEX).float(),
+                 "position_ids": torch.from_numpy(positions)}
+        if self.pack:
+            batch["segment_ids"] = torch.from_numpy(segments)
+        return batch
 
 
 def micro_batch_indices(num_samples, consumed_samples, global_batch_size, micro_batch_size,
@@ -77,42 +123,58 @@ def micro_batch_indices(num_samples, consumed_samples, global_batch_size, micro_
     return [mine[i: i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
 
 
-def _read_records(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    if path.endswith(".parquet"):
-        records = enumerate(pq.read_table(path).to_pylist(), start=1)
-    else:
-        records = _jsonl(path)
-    count = 0
-    for line, record in records:
-        count += 1
-        yield line, record
-    if count == 0:
-        raise ValueError(f"data file has no records: {path}")
+def default_cache_dir():
+    """``$MEGATRON_GIFT_CACHE/data`` if that is set, else ``~/.cache/megatron_gift/data``."""
+    root = os.environ.get("MEGATRON_GIFT_CACHE")
+    return (os.path.join(root, "data") if root
+            else os.path.join(os.path.expanduser("~"), ".cache", "megatron_gift", "data"))
 
 
-def _jsonl(path):
-    with open(path) as f:
-        for line, text in enumerate(f, start=1):
-            if text.strip():
-                try:
-                    yield line, json.loads(text)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{line}: not a JSON record ({error})") from None
+def _tokenize(path, tokenizer, fields, *, split, seq_length, overlong, malformed, pack):
+    """Every usable record of ``path`` as one Arrow table: ``input_ids`` and ``loss_mask``
+    lists, ``sequence`` (the number of the sequence each sample goes to), rows in sequence
+    order; counts in the schema metadata."""
+    samples, skipped, truncated, records = [], [], 0, 0
+    for place, example in read_examples(path, fields, split):
+        records += 1
+        if not isinstance(example, Malformed):
+            try:
+                example = encode(example, tokenizer)
+            except Malformed as error:
+                example = error
+            except ValueError as error:
+                raise ValueError(f"{place}: {error}") from None
+        if isinstance(example, Malformed):
+            if malformed == "reject":
+                raise ValueError(f"{place}: {example} (data.malformed=reject; set it to skip "
+                                 "to leave such records out)")
+            skipped.append(f"{place}: {example}")
+            continue
+        ids, mask = example
+        if len(ids) > seq_length + 1:
+            if overlong == "reject":
+                raise ValueError(f"{place}: {len(ids)} tokens exceed seq_length + 1 = "
+                                 f"{seq_length + 1} (data.overlong=reject; use truncate to cut)")
+            ids, mask = ids[: seq_length + 1], mask[: seq_length + 1]
+            truncated += 1
+        samples.append((ids, mask))
+    if not samples:
+        raise ValueError(f"{path}: none of its {records} records is usable "
+                         f"({len(skipped)} malformed, skipped)")
+    bins = (pack_samples([len(ids) - 1 for ids, _ in samples], seq_length) if pack
+            else [[i] for i in range(len(samples))])
+    order = [i for b in bins for i in b]
+    info = {"records": records, "truncated": truncated, "skipped": len(skipped),
+            "skipped_examples": skipped[:_REPORTED_SKIPS]}
+    return pa.table({
+        "input_ids": _lists([samples[i][0] for i in order], np.int32),
+        "loss_mask": _lists([samples[i][1] for i in order], np.int8),
+        "sequence": pa.array(np.repeat(np.arange(len(bins)), [len(b) for b in bins]), pa.int32()),
+    }, metadata={"megatron_gift": json.dumps(info)})
 
 
-def _tokenize(record, line, path, tokenizer, prompt_field, response_field, text_field):
-    def field(name):
-        value = record.get(name) if isinstance(record, dict) else None
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{path}:{line}: record has no non-empty string field {name!r}")
-        return value
-
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    if text_field is not None:
-        ids = [tokenizer.bos_token_id] + encode(field(text_field)) + [tokenizer.eos_token_id]
-        return ids, [False] + [True] * (len(ids) - 1)
-    prompt = encode(field(prompt_field))
-    response = encode(field(response_field)) + [tokenizer.eos_token_id]
-    return prompt + response, [False] * len(prompt) + [True] * len(response)
+def _lists(rows, dtype):
+    """An Arrow ``large_list<dtype>`` array of the lists ``rows``."""
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    values = np.concatenate([np.asarray(r, dtype) for r in rows])
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))

@@ -20,11 +20,14 @@ def forward_step_func(beta, smooth_lambda, attention_mask_fn, vocab_size, evalua
     Training steps compute the GIFT loss; ``evaluate`` computes plain next-token
     cross-entropy and accuracy on the loss tokens, with the student only. ``vocab_size`` is
     the real vocab: the padding columns of the logits take no part in either.
+
+    ``attention_mask_fn(batch)`` gives a micro-batch's attention mask (see
+    :func:`causal_attention_mask`).
     """
 
     def forward_step(data_iterator, model):
         batch = {k: v.to(model.device, non_blocking=True) for k, v in next(data_iterator).items()}
-        mask = attention_mask_fn(batch["tokens"])
+        mask = attention_mask_fn(batch)
         output = model(batch["tokens"], batch["position_ids"], mask)
         if not model.post_process:
             return output, None
@@ -91,8 +94,14 @@ def shapes_with_reference(hidden_size):
     return adjust
 
 
-def causal_attention_mask(tokens):
-    """Boolean ``[b, 1, s, s]`` mask, True where attention is blocked (device of ``tokens``)."""
+def causal_attention_mask(batch):
+    """Boolean ``[b, 1, s, s]`` mask of a micro-batch, True where attention is blocked, on the
+    device of its ``tokens``: causal, and block-diagonal by ``segment_ids`` when it has them
+    (packed sequences: a query sees only earlier keys of its own sample)."""
+    tokens = batch["tokens"]
     b, s = tokens.shape
-    mask = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu_(1)
-    return mask.view(1, 1, s, s).expand(b, 1, s, s)
+    blocked = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu_(1)
+    segments = batch.get("segment_ids")
+    if segments is None:
+        return blocked.view(1, 1, s, s).expand(b, 1, s, s)
+    return (blocked | (segments[:, :, None] != segments[:, None, :])).unsqueeze(1)

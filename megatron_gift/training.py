@@ -147,10 +147,9 @@ def run(job):
     is_rank0 = dist.get_rank() == 0
     logger = MetricsLogger(config.logging, training.train_iters, job.iteration, is_rank0)
     stop = _StopOnSignal(job.chunks[0].device)
-    if job.train_data.truncated:
-        logger.message(f"data: cut {job.train_data.truncated} of {len(job.train_data)} training "
-                       f"samples to seq_length + 1 = {config.model.seq_length + 1} tokens "
-                       "(data.overlong=truncate)")
+    for name, data in (("train", job.train_data), ("valid", job.valid_data)):
+        for line in _data_report(name, data, config.model.seq_length) if data is not None else ():
+            logger.message(line)
     logger.message(_describe(job))
     save, last_saved = config.checkpoint.save, job.iteration
     try:
@@ -351,9 +350,34 @@ def _dataset(config, path, tokenizer):
     if path is None:
         raise ValueError("data.train_path (--train-path) is required")
     data = config.data
+    if data.pack:
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            raise ValueError("data.pack needs the local attention layers: the Transformer Engine "
+                             "layers that are used when it is installed ignore the packed "
+                             "(block-diagonal) attention mask; run without data.pack")
     return SFTDataset(path, tokenizer, config.model.seq_length, prompt_field=data.prompt_field,
-                      response_field=data.response_field, text_field=data.text_field,
-                      overlong=data.overlong)
+                      response_field=data.response_field, messages_field=data.messages_field,
+                      text_field=data.text_field, split=data.split, overlong=data.overlong,
+                      malformed=data.malformed, pack=data.pack, cache_dir=data.cache_dir)
+
+
+def _data_report(name, data, seq_length):
+    """Log lines on what was read into ``data`` (an SFTDataset) for the ``name`` split."""
+    kept = (f"{data.num_samples} samples packed into {len(data)} sequences" if data.pack
+            else f"{data.num_samples} samples")
+    lines = [f"data ({name}): {data.num_records} records -> {kept}; "
+             f"{'tokenised into' if data.built else 'read from'} cache {data.cache_path}"]
+    if data.truncated:
+        lines.append(f"data ({name}): cut {data.truncated} of {data.num_samples} samples to "
+                     f"seq_length + 1 = {seq_length + 1} tokens (data.overlong=truncate)")
+    if data.skipped:
+        lines.append(f"data ({name}): skipped {data.skipped} malformed records "
+                     f"(data.malformed=skip), first: " + "; ".join(data.skipped_examples))
+    return lines
 
 
 def _optimizer_config(config, params_dtype):

@@ -1,0 +1,430 @@
+"""SFT data: formats, chat templates and assistant masks, packing (down to the model's losses),
+bad records, truncation, the on-disk cache (once per node) and the batch order.
+
+Expected tokens are spelled out word by word and looked up in the vocabulary, so they do not
+come from the code under test.
+"""
+
+import json
+import math
+import os
+import sys
+import types
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from megatron_gift import synthetic
+from megatron_gift.config import parse_config
+from megatron_gift.data import SFTDataset, micro_batch_indices
+from parallel_harness import model_parallel, run_distributed, set_full_weights, tiny_gpt, tiny_gpt_config
+
+# Role markers are words of the bundled vocabulary: system "where", user "Q:", assistant "A:".
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+            "{% if m['role'] == 'system' %}where {{ m['content'] }} "
+            "{% elif m['role'] == 'user' %}Q: {{ m['content'] }} "
+            "{% else %}A: {{ m['content'] }} <eos> {% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
+CHAT = [{"role": "user", "content": "1 + 2"}, {"role": "assistant", "content": "3"},
+        {"role": "user", "content": "3 * 2"}, {"role": "assistant", "content": "6"}]
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATRON_GIFT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    tokenizer = AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _words(tokenizer, text):
+    """Ids of space-separated words, looked up one by one (digits are single words)."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[w] for w in text.split()]
+
+
+def _marked(tokenizer, text):
+    """``(ids, mask)`` of words where ``[`` ... ``]`` encloses the trained words."""
+    ids, mask, inside = [], [], False
+    for word in text.split():
+        if word in "[]":
+            inside = word == "["
+            continue
+        ids += _words(tokenizer, word)
+        mask.append(inside)
+    return ids, mask
+
+
+def _sample(data, index):
+    ids, mask = data.sample(index)
+    return ids.tolist(), mask.tolist()
+
+
+@pytest.mark.parametrize("record,marked,templated", [
+    ({"prompt": "Q: 1 + 2 = ?", "response": "3 . A: 3"},
+     "Q: 1 + 2 = ? [ 3 . A: 3 <eos> ]", False),
+    ({"text": "1 + 2 = 3"}, "<bos> [ 1 + 2 = 3 <eos> ]", False),
+    ({"messages": CHAT}, "1 + 2 [ 3 <eos> ] 3 * 2 [ 6 <eos> ]", False),
+    ({"prompt": "1 + 2", "response": "3"}, "<bos> Q: 1 + 2 A: [ 3 <eos> ]", True),
+    ({"messages": CHAT}, "<bos> Q: 1 + 2 A: [ 3 <eos> ] Q: 3 * 2 A: [ 6 <eos> ]", True),
+    ({"messages": [{"role": "system", "content": "0"}] + CHAT[:2]},
+     "<bos> where 0 Q: 1 + 2 A: [ 3 <eos> ]", True),
+    ({"prompt": [{"role": "system", "content": "0"}, {"role": "user", "content": "1 + 2"}],
+      "response": "3"}, "<bos> where 0 Q: 1 + 2 A: [ 3 <eos> ]", True),
+])
+def test_tokens_and_loss_mask(tmp_path, tokenizer, chat_tokenizer, record, marked, templated):
+    tok = chat_tokenizer if templated else tokenizer
+    data = SFTDataset(_jsonl(tmp_path / "d.jsonl", [record]), tok, 32,
+                      text_field="text" if "text" in record else None)
+    assert _sample(data, 0) == _marked(tok, marked)
+
+
+def test_batch_shifts_labels_and_pads(tmp_path, chat_tokenizer):
+    data = SFTDataset(_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}]), chat_tokenizer, 16)
+    batch = data.batch([0])
+    ids = _words(chat_tokenizer, "<bos> Q: 1 + 2 A: 3 <eos> Q: 3 * 2 A: 6 <eos>")
+    pad, x = chat_tokenizer.pad_token_id, -100
+    assert len(ids) == 15 and batch["tokens"][0].tolist() == ids[:-1] + [pad] * 2
+    assert batch["labels"][0].tolist() == [x] * 5 + ids[6:8] + [x] * 5 + ids[13:15] + [x] * 2
+    assert batch["loss_mask"][0].tolist() == [float(v != x) for v in batch["labels"][0].tolist()]
+    assert batch["position_ids"][0].tolist() == list(range(16))
+    assert "segment_ids" not in batch
+
+
+def test_prefix_unstable_template_names_the_record(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)
+    tokenizer.chat_template = "{{ messages | length }} " + TEMPLATE  # the turn count leads
+    path = _jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
+    with pytest.raises(ValueError, match=r"d.jsonl:1: the chat template is not prefix-stable "
+                                         r"at assistant turn 1"):
+        SFTDataset(path, tokenizer, 32, malformed="skip")
+
+
+def test_template_refusal_is_a_malformed_record(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)
+    tokenizer.chat_template = ("{% if messages[0]['role'] != 'user' %}"
+                               "{{ raise_exception('user first') }}{% endif %}" + TEMPLATE)
+    path = _jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}, {"messages": CHAT[1:2]}])
+    with pytest.raises(ValueError, match=r"d.jsonl:2: the chat template refuses .*user first"):
+        SFTDataset(path, tokenizer, 32)
+    assert SFTDataset(path, tokenizer, 32, malformed="skip").skipped == 1
+
+
+def _mixed_records():
+    return [{"prompt": "Q: 1 + 2 = ?", "response": "3", "messages": None},
+            {"prompt": None, "response": None, "messages": CHAT},
+            {"prompt": "Q: 4 * 4 = ?", "response": "16", "messages": None}]
+
+
+def test_jsonl_parquet_and_datasets_dir_agree(tmp_path, chat_tokenizer):
+    import datasets
+
+    records = _mixed_records()
+    jsonl = _jsonl(tmp_path / "d.jsonl", [{k: v for k, v in r.items() if v is not None}
+                                          for r in records])
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records),
+                          "test": datasets.Dataset.from_list(records[:1])}
+                         ).save_to_disk(str(tmp_path / "ds"))
+    loaded = [SFTDataset(p, chat_tokenizer, 32) for p in (jsonl, str(tmp_path / "d.parquet"),
+                                                          str(tmp_path / "ds"))]
+    expected = [_marked(chat_tokenizer, "<bos> Q: Q: 1 + 2 = ? A: [ 3 <eos> ]"),
+                _marked(chat_tokenizer, "<bos> Q: 1 + 2 A: [ 3 <eos> ] Q: 3 * 2 A: [ 6 <eos> ]"),
+                _marked(chat_tokenizer, "<bos> Q: Q: 4 * 4 = ? A: [ 1 6 <eos> ]")]
+    for data in loaded:
+        assert [_sample(data, i) for i in range(data.num_samples)] == expected
+    test_split = SFTDataset(str(tmp_path / "ds"), chat_tokenizer, 32, split="test")
+    assert test_split.num_samples == 1
+    with pytest.raises(ValueError, match=r"ds: no split 'valid' \(it has \['test', 'train'\]\)"):
+        SFTDataset(str(tmp_path / "ds"), chat_tokenizer, 32, split="valid")
+
+
+GOOD = '{"prompt": "Q:", "response": "1"}\n'
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ('{"prompt": "Q:"}', r"record has no non-empty string field 'response'"),
+    ('{"prompt": "Q:", "response": " "}', r"record has no non-empty string field 'response'"),
+    ('{"prompt": "Q:", "response": 7}', r"record has no non-empty string field 'response' \(got 7\)"),
+    ('{"prompt": 5, "response": "1"}', r"record has no non-empty string field 'prompt' \(got 5\)"),
+    ("not json", r"not a JSON record"),
+    ("[1, 2]", r"record is a list, not an object"),
+    ('{"messages": [{"role": "user", "content": "1"}]}', r"chat 'messages' has no assistant turn"),
+    ('{"messages": "1 + 2"}', r"field 'messages' is not a non-empty list of messages"),
+    ('{"messages": [{"role": "user", "content": "1"}, "2"]}', r"messages\[1\] is not a"),
+    ('{"messages": [{"role": "assistant", "content": ""}]}',
+     r"messages\[0\] \(assistant\) has no non-empty string content"),
+    ('{"messages": [{"content": "1"}]}', r"messages\[0\] has no string role"),
+    ('{"text": ""}', r"record has no non-empty string field 'text'"),
+])
+def test_malformed_records_are_rejected_or_skipped_by_line(tmp_path, tokenizer, bad, reason):
+    path = tmp_path / "d.jsonl"
+    path.write_text(GOOD + "\n" + bad + "\n" + GOOD)  # the bad record is on line 3
+    text_field = "text" if "text" in bad else None
+    if text_field:
+        path.write_text('{"text": "1"}\n\n' + bad + '\n{"text": "2"}\n')
+    with pytest.raises(ValueError, match=rf"d.jsonl:3: {reason}.*data.malformed=reject"):
+        SFTDataset(str(path), tokenizer, 16, text_field=text_field)
+    data = SFTDataset(str(path), tokenizer, 16, text_field=text_field, malformed="skip")
+    assert (data.num_records, data.num_samples, data.skipped) == (3, 2, 1)
+    assert len(data.skipped_examples) == 1 and data.skipped_examples[0].startswith(f"{path}:3: ")
+
+
+def test_malformed_parquet_rows_are_named_by_row(tmp_path, tokenizer):
+    records = [{"prompt": "Q:", "response": "1"}, {"prompt": "Q:", "response": None}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match=r"d.parquet row 1: record has no non-empty string"):
+        SFTDataset(str(tmp_path / "d.parquet"), tokenizer, 16)
+
+
+def test_only_the_first_skips_are_listed_and_all_bad_is_an_error(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text(GOOD + "x\n" * 9)
+    data = SFTDataset(str(path), tokenizer, 16, malformed="skip")
+    assert data.skipped == 9 and [s.split(": ")[0] for s in data.skipped_examples] == [
+        f"{path}:{line}" for line in range(2, 7)]
+    path.write_text("x\n")
+    with pytest.raises(ValueError, match="none of its 1 records is usable"):
+        SFTDataset(str(path), tokenizer, 16, malformed="skip")
+
+
+@pytest.mark.parametrize("content,error,message", [
+    ("\n", ValueError, r"data file has no records"),
+    (None, FileNotFoundError, r"data file not found: .*d.jsonl"),
+])
+def test_empty_or_missing_file_is_named(tmp_path, tokenizer, content, error, message):
+    if content is not None:
+        (tmp_path / "d.jsonl").write_text(content)
+    with pytest.raises(error, match=message):
+        SFTDataset(str(tmp_path / "d.jsonl"), tokenizer, 16)
+
+
+def test_overlong_records_are_cut_or_rejected(tmp_path, tokenizer):
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: 1 + 2 = ?", "response": "3 . A: 3"},
+                                         {"prompt": "Q:", "response": "1"}])
+    cut = SFTDataset(path, tokenizer, seq_length=5, overlong="truncate")
+    assert cut.truncated == 1 and _sample(cut, 0) == _marked(tokenizer, "Q: 1 + 2 = ?")
+    with pytest.raises(ValueError, match=r"d.jsonl:1: 11 tokens exceed seq_length \+ 1 = 6"):
+        SFTDataset(path, tokenizer, seq_length=5, overlong="reject")
+
+
+def _packing_records():
+    # Input positions (tokens - 1): 2, 4, 3, 7. Best-fit decreasing into 8 positions puts the
+    # 7 alone, the 4 in a new sequence, the 3 beside the 4 (4 left), the 2 in a third one.
+    return [{"prompt": "1", "response": "2"}, {"prompt": "3 + 4", "response": "7"},
+            {"prompt": "5", "response": "6 6"}, {"prompt": "9 9 9 9 9 9", "response": "1"}]
+
+
+def test_packing_tokens_labels_positions_segments_and_mask(tmp_path, tokenizer):
+    from megatron_gift.pipeline import causal_attention_mask
+
+    path = _jsonl(tmp_path / "d.jsonl", _packing_records())
+    data = SFTDataset(path, tokenizer, 8, pack=True)
+    assert (len(data), data.num_samples) == (3, 4)
+    batch = data.batch([1, 0])
+    w = lambda text: _words(tokenizer, text)  # noqa: E731
+    pad, eos, x = tokenizer.pad_token_id, tokenizer.eos_token_id, -100
+    assert batch["tokens"].tolist() == [w("3 + 4 7 5 6 6") + [pad], w("1 2") + [pad] * 6]
+    assert batch["labels"].tolist() == [[x, x] + w("7") + [eos] + w("6 6") + [eos, x],
+                                        w("2") + [eos] + [x] * 6]
+    assert batch["loss_mask"].sum().item() == 7  # the real loss tokens, padding excluded
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3], list(range(8))]
+    assert batch["segment_ids"].tolist() == [[1, 1, 1, 1, 2, 2, 2, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
+    allowed = ["10000000", "11000000", "11100000", "11110000",
+               "00001000", "00001100", "00001110", "00000001"]
+    blocked = [[c == "0" for c in row] for row in allowed]
+    mask = causal_attention_mask(batch)
+    assert mask.shape == (2, 1, 8, 8) and mask.dtype == torch.bool
+    assert mask[0, 0].tolist() == blocked
+    unpacked = SFTDataset(path, tokenizer, 8)
+    assert causal_attention_mask(unpacked.batch([0]))[0, 0].tolist() == [
+        [k > q for k in range(8)] for q in range(8)]
+
+
+def _packed_equals_unpacked(path, tokenizer_dir, vocab, seq, out):
+    import torch.nn.functional as F
+
+    from megatron_gift.model import GiftModel
+    from megatron_gift.pipeline import causal_attention_mask, forward_step_func
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    packed, single = (SFTDataset(path, tokenizer, seq, pack=p) for p in (True, False))
+    with model_parallel(), torch.no_grad():
+        model = tiny_gpt(tiny_gpt_config(), vocab, seq)
+        set_full_weights([model])
+
+        def per_token(batch, mask):
+            logits = model(batch["tokens"], batch["position_ids"], mask)
+            return F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
+
+        def loss_sums(data):
+            step = forward_step_func(math.inf, 0.0, causal_attention_mask, vocab)
+            batches = iter(data.batch([i]) for i in range(len(data)))
+            sums = [loss_func(out)[:2] for out, loss_func in
+                    (step(batches, GiftModel(model)) for _ in range(len(data)))]
+            return sum(float(s) for s, _ in sums), sum(int(n) for _, n in sums)
+
+        alone = [per_token(single.batch([i]), causal_attention_mask(single.batch([i])))[0]
+                 for i in range(len(single))]
+        batch = packed.batch(list(range(len(packed))))
+        together = per_token(batch, causal_attention_mask(batch))
+        leaky = per_token(batch, causal_attention_mask({"tokens": batch["tokens"]}))
+        index_of = {tuple(single.sample(i)[0][:-1].tolist()): i for i in range(len(single))}
+        result = {"max_error": 0.0, "max_leak": 0.0, "compared": 0}
+        for row in range(len(packed)):
+            segments = batch["segment_ids"][row]
+            for segment in range(1, int(segments.max()) + 1):
+                where = (segments == segment).nonzero().flatten()
+                target = batch["labels"][row, where] != -100
+                sample = index_of[tuple(batch["tokens"][row, where].tolist())]
+                reference = alone[sample][: len(where)][target]
+                result["max_error"] = max(result["max_error"], float(
+                    (together[row, where][target] - reference).abs().max()))
+                result["max_leak"] = max(result["max_leak"], float(
+                    (leaky[row, where][target] - reference).abs().max()))
+                result["compared"] += int(target.sum())
+        result["packed_sums"], result["single_sums"] = loss_sums(packed), loss_sums(single)
+    torch.save(result, out)
+
+
+def test_packed_losses_equal_unpacked_losses_in_a_megatron_gpt(tmp_path):
+    records = [{"prompt": f"Q: {a} + {b} = ?", "response": f"{a} + {b} = {a + b} . A: {a + b}"}
+               for a, b in ((1, 2), (3, 4), (5, 6), (7, 8), (9, 9), (2, 7))]
+    path = _jsonl(tmp_path / "d.jsonl", records)
+    run_distributed(1, _packed_equals_unpacked, path, synthetic.TOKENIZER_DIR, 26, 40,
+                    str(tmp_path / "out.pt"))
+    result = torch.load(tmp_path / "out.pt")
+    assert result["compared"] > 0 and result["max_error"] < 1e-4, result
+    assert result["max_leak"] > 1e-2, result  # without the block mask, samples see each other
+    (packed_sum, packed_n), (single_sum, single_n) = result["packed_sums"], result["single_sums"]
+    assert packed_n == single_n == result["compared"]
+    assert packed_sum == pytest.approx(single_sum, rel=1e-5)
+
+
+class _CountingCalls:
+    """Counts calls of the tokenizer and its chat template while it is active."""
+
+    def __init__(self, monkeypatch, tokenizer):
+        self.calls = 0
+        for name in ("__call__", "apply_chat_template"):
+            original = getattr(type(tokenizer), name)
+            monkeypatch.setattr(type(tokenizer), name, self._counted(original))
+
+    def _counted(self, original):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+        return counted
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, chat_tokenizer, monkeypatch):
+    counter = _CountingCalls(monkeypatch, chat_tokenizer)
+    path = tmp_path / "d.jsonl"
+    _jsonl(path, _mixed_records())
+
+    def load(**options):
+        before = counter.calls
+        data = SFTDataset(str(path), chat_tokenizer, options.pop("seq", 32), **options)
+        return data, counter.calls - before
+
+    first, calls = load()
+    assert calls > 0 and first.built and os.path.isfile(first.cache_path)
+    again, calls = load()
+    assert calls == 0 and not again.built and again.cache_path == first.cache_path
+    assert [_sample(again, i) for i in range(3)] == [_sample(first, i) for i in range(3)]
+    skip = {"malformed": "skip"}  # the changed fields below leave some records unusable
+    for options in ({"seq": 31}, {"pack": True}, {"overlong": "reject"}, skip,
+                    {**skip, "prompt_field": "question"}, {**skip, "response_field": "answer"},
+                    {**skip, "messages_field": "chat"}, {**skip, "text_field": "prompt"}):
+        assert load(**options)[1] > 0, options
+    _jsonl(path, _mixed_records()[:2])
+    assert load()[1] > 0
+    tokenizer = AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)
+    tokenizer.chat_template = TEMPLATE.replace("where", "(")
+    assert SFTDataset(str(path), tokenizer, 32).cache_path != first.cache_path
+
+
+def _load_on_a_rank(path, tokenizer_dir, cache_dir, out_dir):
+    import torch.distributed as dist
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    calls = [0]
+    original = type(tokenizer).__call__
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    type(tokenizer).__call__ = counted
+    data = SFTDataset(path, tokenizer, 32, cache_dir=cache_dir)
+    samples = [_sample(data, i) for i in range(data.num_samples)]
+    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump({"calls": calls[0], "built": data.built, "samples": samples}, f)
+
+
+def test_ranks_of_a_node_tokenise_once(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", _mixed_records()[:1] * 50)
+    run_distributed(2, _load_on_a_rank, path, synthetic.TOKENIZER_DIR, str(tmp_path / "c"),
+                    str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["calls"] >= 50 and ranks[0]["built"]
+    assert ranks[1]["calls"] == 0 and not ranks[1]["built"]
+    assert ranks[0]["samples"] == ranks[1]["samples"] and len(ranks[0]["samples"]) == 50
+
+
+def test_packing_is_refused_with_transformer_engine(tmp_path, tokenizer, monkeypatch):
+    from megatron_gift import training
+
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    config = parse_config(["--train-path", _jsonl(tmp_path / "d.jsonl", [{"text": "1"}]),
+                           "--pack"])
+    with pytest.raises(ValueError, match="data.pack needs the local attention layers"):
+        training._dataset(config, config.data.train_path, tokenizer)
+
+
+def test_training_log_reports_cuts_and_skips(tmp_path, tokenizer):
+    from megatron_gift.training import _data_report
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(GOOD + "oops\n" + '{"prompt": "Q: 1 + 2 = ?", "response": "3 . A: 3"}\n')
+    data = SFTDataset(str(path), tokenizer, 5, malformed="skip", pack=True)
+    lines = _data_report("train", data, 5)
+    assert lines[0].startswith("data (train): 3 records -> 2 samples packed into 2 sequences")
+    assert "cut 1 of 2 samples to seq_length + 1 = 6 tokens" in lines[1]
+    assert f"skipped 1 malformed records (data.malformed=skip), first: {path}:2: not a JSON" in lines[2]
+
+
+def test_batch_order_is_a_resumable_function_of_consumed_samples():
+    whole = [micro_batch_indices(10, k * 4, 4, 2, 0, 1, seed=3) for k in range(5)]
+    flat = [i for step in whole for mb in step for i in mb]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert flat[:10] != flat[10:20]  # a new permutation per epoch
+    assert micro_batch_indices(10, 8, 4, 2, 0, 1, seed=3) == whole[2]
+    ranks = [micro_batch_indices(10, 4, 4, 1, r, 2, seed=3) for r in range(2)]
+    assert [i for r in ranks for mb in r for i in mb] == [i for mb in whole[1] for i in mb]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--malformed", "drop"], "data.malformed must be one of"),
+    (["--split", "train", "--pack", "--cache-dir", "/tmp/c", "data.pak=true"], "unknown config keys"),
+])
+def test_bad_data_options_are_named(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(argv)
