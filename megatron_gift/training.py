@@ -407,6 +407,6 @@ def _describe(job):
         f"{job.reference_source}")
     return (f"{mode}; TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size}"
             f"{f' VPP={p.virtual_pipeline_model_parallel_size}' if p.virtual_pipeline_model_parallel_size else ''}"
-            f" DP={parallel_state.get_data_parallel_world_size()}; {len(job.train_data)} samples,"
+            f" DP={parallel_state.get_data_parallel_world_size()}; {len(job.train_data)} sequences,"
             f" {job.micro_batches} micro-batches of {config.training.micro_batch_size} per step;"
             f" starting at iteration {job.iteration}")

@@ -7,6 +7,18 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Conversions and tokenised data go to a temporary cache, never the user's."""
+    previous = os.environ.get("MEGATRON_GIFT_CACHE")
+    os.environ["MEGATRON_GIFT_CACHE"] = str(tmp_path_factory.mktemp("megatron_gift_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MEGATRON_GIFT_CACHE")
+    else:
+        os.environ["MEGATRON_GIFT_CACHE"] = previous
+
+
 @pytest.fixture
 def world_of_one():
     """A one-rank gloo world with Megatron's parallel state (TP = PP = 1)."""
