@@ -11,6 +11,7 @@ tracker file is written last (atomically), so a run killed while saving resumes 
 previous checkpoint. Only the student is saved; the reference's source path is recorded.
 """
 
+import argparse
 import os
 import random
 
@@ -23,6 +24,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron_gift.model import unwrap
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# Megatron-LM keeps its arguments in the common state; Megatron-Bridge (and so NeMo RL's
+# ``format: megatron_lm``) reads the layout from them. Loading them needs the class allowed.
+torch.serialization.add_safe_globals([argparse.Namespace])
 ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                      "ffn_hidden_size", "untie_embeddings_and_output_weights", "kv_channels",
                      "add_qkv_bias", "rotary_base", "rope_scaling_factor", "norm_epsilon",
@@ -55,7 +59,12 @@ def save_checkpoint(save_dir, iteration, chunks, optimizer, scheduler, consumed_
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, **_optimizer_kwargs(optimizer))
         state.update(opt_param_scheduler=scheduler.state_dict(), rng_state=_rng_object())
-    state.update(iteration=iteration, consumed_samples=consumed_samples, run=common)
+    state.update(iteration=iteration, consumed_samples=consumed_samples, run=common,
+                 args=argparse.Namespace(
+                     tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+                     pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+                     no_save_optim=optimizer is None, no_save_rng=optimizer is None,
+                     ckpt_format="torch_dist"))
     dist_checkpointing.save(state, directory)
     dist.barrier()
     if dist.get_rank() == 0:

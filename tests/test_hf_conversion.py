@@ -170,6 +170,17 @@ def test_missing_shard_and_missing_tokenizer_are_reported(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def checkpoint_args(directory):
+    """(TP, PP) from the Megatron-LM ``args`` in a checkpoint's common state, as Megatron-Bridge
+    reads them."""
+    from megatron.core import dist_checkpointing
+
+    import megatron_gift.checkpoint  # noqa: F401  (allows argparse.Namespace in weights-only loads)
+
+    args = dist_checkpointing.load_common_state_dict(str(directory))["args"]
+    return args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+
+
 def _train_rank(overrides):
     from megatron_gift.config import parse_config
     from megatron_gift.training import train
@@ -195,7 +206,9 @@ def test_gift_trains_from_a_hugging_face_directory_and_exports(tmp_path, monkeyp
     make_hf_model(tmp_path / "hf", "qwen2")
     run_distributed(2, _train_rank, _gift_overrides(tmp_path, tmp_path / "hf",
                                                     save=str(tmp_path / "gift")), initialize=False)
-    [cached] = os.listdir(tmp_path / "cache")  # converted once, then loaded at TP=2
+    [cached] = [n for n in os.listdir(tmp_path / "cache") if n != "data"]  # converted once
+    assert checkpoint_args(tmp_path / "cache" / cached / "iter_0000000") == (1, 1)
+    assert checkpoint_args(tmp_path / "gift" / "iter_0000003") == (2, 1)
     with open(tmp_path / "metrics.jsonl") as f:
         losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
