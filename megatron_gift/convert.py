@@ -101,13 +101,17 @@ def megatron_to_hf(load_dir, out_dir):
     if assets and os.path.isfile(os.path.join(assets, "config.json")):
         with open(os.path.join(assets, "config.json")) as f:
             base = json.load(f)
+    tokenizer = AutoTokenizer.from_pretrained(assets or config.model.tokenizer
+                                              or _bundled_tokenizer())
     hf_config = hf_config_from_model_section(config.model, base)
     hf_config.dtype = dtype
+    if base is None:  # a model trained here: its special tokens are the tokenizer's
+        hf_config.update({f"{kind}_token_id": getattr(tokenizer, f"{kind}_token_id")
+                          for kind in ("bos", "eos", "pad")})
     os.makedirs(out_dir, exist_ok=True)
     hf_config.save_pretrained(out_dir)
     save_torch_state_dict(state, out_dir)
-    tokenizer_source = assets or config.model.tokenizer or _bundled_tokenizer()
-    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     if assets and os.path.isfile(os.path.join(assets, "generation_config.json")):
         shutil.copy(os.path.join(assets, "generation_config.json"), out_dir)
     return out_dir

@@ -230,3 +230,41 @@ def test_math_reward_checks_equivalence_and_file_fields_are_named(tmp_path):
     with pytest.raises(ValueError, match=f"--data {path}: no field \\['answer'\\]"):
         grpo.file_dataset(str(path), "problem", "answer")
     assert grpo.file_dataset(str(path), "problem", "solution")[0] == {"prompt": "1+1?", "answer": "2"}
+
+
+def test_the_default_jobs_gift_checkpoint_goes_to_nemo_rl_and_trains_with_trl(tmp_path, nemo_rl_dir):
+    """The embedded default (stage 1, then 4 GIFT iterations), exported, handed to NeMo RL's
+    config writer and trained for two GRPO steps with TRL, each as a user would run it."""
+    import json
+    import subprocess
+    import sys
+
+    def run(*argv):
+        result = subprocess.run([sys.executable, *map(str, argv)], cwd=tmp_path,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    run(os.path.join(REPO, "examples", "pretrain_gift.py"), "--train-iters", "4", "--no-progress")
+    gift = tmp_path / "runs" / "default" / "gift"
+    run("-m", "megatron_gift.convert", "megatron-to-hf", "--load", gift, "--out", tmp_path / "hf")
+    with open(tmp_path / "hf" / "config.json") as f:
+        hf_config = json.load(f)
+    tokenizer = synthetic_tokenizer()
+    assert (hf_config["eos_token_id"], hf_config["pad_token_id"]) == (tokenizer.eos_token_id,
+                                                                      tokenizer.pad_token_id)
+    run("-m", "megatron_gift.rl_handoff", "nemo-rl", "--checkpoint", gift, "--hf", tmp_path / "hf",
+        "--nemo-rl-dir", nemo_rl_dir, "--out", tmp_path / "grpo.yaml")
+    config = OmegaConf.load(tmp_path / "grpo.yaml")
+    assert config.checkpointing.pretrained_checkpoint.path == str(gift)
+    out = run(os.path.join(REPO, "examples", "rl", "grpo_trl.py"), "--model", tmp_path / "hf",
+              "--output-dir", tmp_path / "grpo", "--steps", "2")
+    rewards = [float(r) for r in re.findall(r"step \d+: mean reward ([0-9.]+)", out)]
+    assert len(rewards) == 2 and all(0.0 <= r <= 1.0 for r in rewards)
+    assert (tmp_path / "grpo" / "config.json").exists()
+
+
+def synthetic_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)
