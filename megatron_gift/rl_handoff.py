@@ -131,10 +131,19 @@ def write_nemo_rl_config(checkpoint, hf_dir, nemo_rl_dir, out, base_config=BASE_
                          container=CONTAINER):
     """Validate the inputs, write the NeMo RL GRPO YAML to ``out``; returns the launch lines.
 
-    ``checkpoint``: the GIFT save root; ``hf_dir``: its HF export (config + tokenizer);
+    ``checkpoint``: the GIFT save root; ``hf_dir``: its HF export (config + tokenizer), by
+    default ``checkpoint/hf`` (the base model's config and tokenizer that a run from a Hugging
+    Face model keeps beside its checkpoints);
     ``nemo_rl_dir``: a NeMo RL checkout at the same path on the launch host and in the
     container; ``checkpoint_dir``: where RL checkpoints go (default ``<out dir>/grpo_checkpoints``).
     """
+    if hf_dir is None:
+        hf_dir = os.path.join(checkpoint, "hf")
+        if not os.path.isdir(hf_dir):
+            raise FileNotFoundError(
+                f"{hf_dir}: no HF config beside the checkpoint (the run did not start from a "
+                f"Hugging Face model); export one with `python -m megatron_gift.convert "
+                f"megatron-to-hf --load {checkpoint} --out HF_DIR` and pass --hf HF_DIR")
     checkpoint, hf_dir, nemo_rl_dir, out = (os.path.abspath(p) for p in
                                             (checkpoint, hf_dir, nemo_rl_dir, out))
     check_layout(tp, pp, num_nodes, gpus_per_node)
@@ -176,7 +185,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="target", required=True)
     nemo = sub.add_parser("nemo-rl", help="write a NeMo RL GRPO config (Megatron backend)")
     nemo.add_argument("--checkpoint", required=True, help="GIFT save root (Megatron-LM layout)")
-    nemo.add_argument("--hf", required=True, help="HF export of the run: config.json + tokenizer")
+    nemo.add_argument("--hf", help="HF export of the run: config.json + tokenizer (default: "
+                                    "CHECKPOINT/hf, kept by runs from a Hugging Face model)")
     nemo.add_argument("--nemo-rl-dir", required=True, help="NeMo RL checkout (launch directory)")
     nemo.add_argument("--out", required=True, help="YAML file to write")
     nemo.add_argument("--base-config", default=BASE_CONFIGS[1],

@@ -268,3 +268,17 @@ def synthetic_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)
+
+
+def test_hf_dir_defaults_to_the_assets_beside_the_checkpoint(megatron_lm_root, hf_dir, nemo_rl_dir,
+                                                             tmp_path):
+    with pytest.raises(FileNotFoundError, match="megatron-to-hf --load"):
+        rl_handoff.write_nemo_rl_config(str(megatron_lm_root), None, str(nemo_rl_dir),
+                                        str(tmp_path / "a.yaml"))
+    import shutil
+
+    shutil.copytree(hf_dir, megatron_lm_root / "hf")
+    rl_handoff.write_nemo_rl_config(str(megatron_lm_root), None, str(nemo_rl_dir),
+                                    str(tmp_path / "b.yaml"))
+    config = OmegaConf.load(tmp_path / "b.yaml")
+    assert config.policy.model_name == str(megatron_lm_root / "hf") == config.policy.tokenizer.name
