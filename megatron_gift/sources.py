@@ -19,9 +19,10 @@ from megatron_gift.hf_architecture import MODEL_KEYS, is_hf_directory, model_sec
 
 
 def resolve_model(config, tokenizer_size):
-    """Fill the ``model`` section from the pretrained source's HF config and make
-    ``vocab_size`` and ``kv_channels`` concrete (in place); returns ``config``."""
-    assets = hf_assets(config.checkpoint.pretrained_checkpoint)
+    """Fill the ``model`` section from the HF config of the pretrained checkpoint (else of the
+    run being resumed) and make ``vocab_size`` and ``kv_channels`` concrete (in place);
+    returns ``config``."""
+    assets = hf_assets(model_source(config))
     model = config.model
     if assets is not None:
         model.update(model_section_from_hf(assets))
@@ -35,6 +36,11 @@ def resolve_model(config, tokenizer_size):
     if model.kv_channels is None:
         model.kv_channels = model.hidden_size // model.num_attention_heads
     return validate(config)
+
+
+def model_source(config):
+    """Where the weights come from: the pretrained checkpoint, else the run to resume."""
+    return config.checkpoint.pretrained_checkpoint or config.checkpoint.load
 
 
 def hf_assets(source):

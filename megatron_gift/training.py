@@ -84,7 +84,8 @@ def setup(config):
     micro_batches = training.global_batch_size // (training.micro_batch_size * dp)
 
     pretrained = config.checkpoint.pretrained_checkpoint
-    tokenizer = _load_tokenizer(config.model.tokenizer or sources.hf_assets(pretrained))
+    tokenizer = _load_tokenizer(config.model.tokenizer
+                                or sources.hf_assets(sources.model_source(config)))
     config = sources.resolve_model(config, len(tokenizer))
     train_data = _dataset(config, config.data.train_path, tokenizer)
     valid_data = _dataset(config, config.data.valid_path, tokenizer) if config.data.valid_path else None
@@ -279,8 +280,7 @@ def _save(job):
     checkpoint.save_checkpoint(config.checkpoint.save, job.iteration, job.ddp_chunks,
                                job.optimizer, job.scheduler, job.consumed_samples, run)
     if dist.get_rank() == 0:
-        sources.copy_assets(config.checkpoint.pretrained_checkpoint or config.checkpoint.load,
-                            config.checkpoint.save)
+        sources.copy_assets(sources.model_source(config), config.checkpoint.save)
 
 
 class _StopOnSignal:

@@ -197,7 +197,7 @@ def _gift_overrides(tmp_path, pretrained, **checkpoint):
             "data": {"train_path": str(demos)},
             "training": {"train_iters": 3, "micro_batch_size": 2, "global_batch_size": 4},
             "optimizer": {"lr": 1e-3, "lr_decay_style": "constant"},
-            "checkpoint": {"pretrained_checkpoint": str(pretrained), **checkpoint},
+            "checkpoint": {"pretrained_checkpoint": pretrained and str(pretrained), **checkpoint},
             "logging": {"metrics_file": str(tmp_path / "metrics.jsonl"), "progress": False}}
 
 
@@ -220,6 +220,12 @@ def test_gift_trains_from_a_hugging_face_directory_and_exports(tmp_path, monkeyp
     assert sorted(trained) == sorted(base)
     changed = [name for name in base if not torch.equal(trained[name], base[name])]
     assert "model.layers.0.self_attn.q_proj.bias" in changed and len(changed) > len(base) // 2
+    # Resuming needs only --load: the model section and tokenizer come from gift/hf.
+    resume = _gift_overrides(tmp_path, None, load=str(tmp_path / "gift"), save=str(tmp_path / "gift"))
+    resume["training"]["train_iters"] = 4
+    resume["gift"] = {"reference_load": str(tmp_path / "hf")}
+    run_distributed(2, _train_rank, resume, initialize=False)
+    assert (tmp_path / "gift" / "iter_0000004").is_dir()
 
 
 @pytest.mark.parametrize("mismatch", ["vocab_size", "dtype"])
