@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 
 from megatron_gift import checkpoint, hf_architecture
 from megatron_gift.hf_architecture import hf_config_from_model_section, model_section_from_hf
+from megatron_gift.once import build_once
 
 ASSETS = "hf"  # the checkpoint's sub-directory with config.json and the tokenizer
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -167,24 +168,31 @@ def cached_conversion(hf_dir, cache_root=None):
     """The Megatron checkpoint of ``hf_dir`` in the conversion cache, converted once.
 
     Called by every rank of a job: global rank 0 converts (in a subprocess, so the job's
-    process group stays untouched) when the cache misses; the others wait. The cache key
-    covers the directory and its weight files' sizes and times, so an edited model converts
-    again. ``cache_root`` must be visible to every node (default ``$MEGATRON_GIFT_CACHE`` or
+    process group stays untouched) when the cache misses; the others wait for the result on the
+    file system (:mod:`megatron_gift.once`), however long it takes. The cache key covers the
+    directory and its files' sizes and times, so an edited model converts again.
+    ``cache_root`` must be visible to every node (default ``$MEGATRON_GIFT_CACHE`` or
     ``~/.cache/megatron_gift``).
     """
     cache_root = cache_root or os.environ.get("MEGATRON_GIFT_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "megatron_gift")
     out = os.path.join(cache_root, _cache_key(hf_dir))
-    ready = checkpoint.latest_checkpoint(out) is not None
-    if not ready and (not dist.is_initialized() or dist.get_rank() == 0):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("TORCHELASTIC", "MASTER_", "GROUP_", "ROLE_", "LOCAL_"))
-               and k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-        subprocess.run([sys.executable, "-m", "megatron_gift.convert", "hf-to-megatron",
-                        "--hf", hf_dir, "--out", out], check=True, env=env)
-    if dist.is_initialized():
-        dist.barrier()
+    build_once(lambda: checkpoint.latest_checkpoint(out) is not None,
+               lambda: _convert_in_subprocess(hf_dir, out),
+               is_worker=not dist.is_initialized() or dist.get_rank() == 0,
+               marker=out + ".failed", what=f"converting {hf_dir}")
     return out
+
+
+def _convert_in_subprocess(hf_dir, out):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TORCHELASTIC", "MASTER_", "GROUP_", "ROLE_", "LOCAL_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    result = subprocess.run([sys.executable, "-m", "megatron_gift.convert", "hf-to-megatron",
+                             "--hf", hf_dir, "--out", out], env=env, stderr=subprocess.PIPE,
+                            text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"converting {hf_dir} into {out} failed:\n{result.stderr[-2000:]}")
 
 
 def assets_directory(load_dir, config):

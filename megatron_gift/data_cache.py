@@ -3,7 +3,7 @@
 The key covers everything the tokens depend on: the data source (path, size and mtime of each
 file), the tokenizer (its full serialisation or vocab, special tokens, chat template) and the
 caller's options. Local rank 0 of each node builds a missing entry while the node's other ranks
-wait at a barrier; every rank then memory-maps the file. Writes go to a per-process temporary
+wait for the file; every rank then memory-maps it. Writes go to a per-process temporary
 file that ``os.replace`` moves into place, so nodes that share the file system may race
 safely: readers see a whole file or none, and any winner's file is the same.
 """
@@ -14,31 +14,22 @@ import os
 import socket
 
 import pyarrow as pa
-import torch.distributed as dist
+
+from megatron_gift.once import build_once
 
 _FORMAT = 1  # bump when the stored layout changes
 
 
 def cached_table(cache_dir, name, key, build):
     """The ``pyarrow.Table`` stored under ``key`` in ``cache_dir`` (``name`` prefixes the file),
-    made by ``build()`` on local rank 0 if absent; ``(table, path, built_here)``.
-
-    With ``torch.distributed`` initialised, every rank must call it (it holds a barrier).
+    made by ``build()`` on local rank 0 if absent while the node's other ranks wait for the
+    file (:mod:`megatron_gift.once`); ``(table, path, built_here)``.
     """
     path = os.path.join(cache_dir, f"{name}-{_digest(key)}.arrow")
-    built, error = False, None
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not os.path.exists(path):
-        try:
-            _write(path, build())
-            built = True
-        except Exception as exc:  # raised below, after the barrier the other ranks wait at
-            error = exc
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    if error is not None:
-        raise error
-    if not os.path.exists(path):  # local rank 0 could not write it: build here, same result
-        return build(), path, True
+    built = build_once(lambda: os.path.exists(path), lambda: _write(path, build()),
+                       is_worker=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+                       marker=f"{path}.{socket.gethostname()}.failed",
+                       what=f"tokenising into {path}")
     return pa.ipc.open_file(pa.memory_map(path)).read_all(), path, built
 
 

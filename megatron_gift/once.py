@@ -1,0 +1,63 @@
+"""Work that one rank does while the others wait: converting a model, tokenising a data set.
+
+The waiting ranks poll the file system instead of entering a collective, so the work may take
+longer than a process group's timeout (10 minutes for NCCL by default), as converting a 70B
+model or tokenising a large data set does. A failure of the working rank is written to a marker
+file that the waiting ranks raise; the marker names the job, so one left by an earlier job is
+ignored.
+"""
+
+import os
+import time
+
+WAIT_LIMIT_S = float(os.environ.get("MEGATRON_GIFT_WAIT_LIMIT_S", 6 * 3600))
+
+
+def build_once(ready, build, is_worker, marker, what, poll_s=0.5):
+    """Run ``build()`` on the worker unless ``ready()``; elsewhere wait until ``ready()``.
+
+    ``marker``: a path beside the result where the worker's failure is recorded; ``what``:
+    the work, for messages. Returns True where this process built the result.
+    """
+    if is_worker:
+        if ready():
+            return False
+        try:
+            build()
+        except BaseException as error:
+            _write_marker(marker, f"{type(error).__name__}: {error}")
+            raise
+        return True
+    start = time.monotonic()
+    while not ready():
+        failure = _read_marker(marker)
+        if failure is not None:
+            raise RuntimeError(f"{what} failed on the rank doing it: {failure}")
+        if time.monotonic() - start > WAIT_LIMIT_S:
+            raise TimeoutError(f"waited {WAIT_LIMIT_S:.0f} s for {what}; is {marker!r}'s directory "
+                               "on a file system every node sees? (MEGATRON_GIFT_WAIT_LIMIT_S)")
+        time.sleep(poll_s)
+    return False
+
+
+def _job():
+    env = os.environ
+    return (f"{env.get('TORCHELASTIC_RUN_ID', '')}@{env.get('MASTER_ADDR', '')}:"
+            f"{env.get('MASTER_PORT', '')}")
+
+
+def _write_marker(marker, message):
+    os.makedirs(os.path.dirname(os.path.abspath(marker)), exist_ok=True)
+    tmp = f"{marker}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{_job()}\n{message}")
+    os.replace(tmp, marker)
+
+
+def _read_marker(marker):
+    try:
+        with open(marker) as f:
+            job, _, message = f.read().partition("\n")
+    except FileNotFoundError:
+        return None
+    return message if job == _job() else None

@@ -1,0 +1,52 @@
+"""build_once: one rank works, the others wait on the file system and see its failure."""
+
+import threading
+import time
+
+import pytest
+
+from megatron_gift.once import build_once
+
+
+def test_waiting_rank_sees_the_result_and_the_worker_builds_once(tmp_path):
+    result, calls = tmp_path / "result", []
+
+    def build():
+        calls.append(1)
+        time.sleep(0.3)
+        result.write_text("done")
+
+    waiter = threading.Thread(target=lambda: calls.append(build_once(
+        result.exists, build, False, str(tmp_path / "m"), "work", poll_s=0.05)))
+    waiter.start()
+    assert build_once(result.exists, build, True, str(tmp_path / "m"), "work") is True
+    waiter.join(5)
+    assert calls == [1, False]  # built once; the waiter returned False after it appeared
+    assert build_once(result.exists, build, True, str(tmp_path / "m"), "work") is False
+
+
+def test_a_failure_reaches_the_waiting_ranks_and_an_old_jobs_marker_does_not(tmp_path, monkeypatch):
+    marker = tmp_path / "m"
+    monkeypatch.setenv("MASTER_PORT", "1111")
+    marker.write_text("@:2222\nValueError: from an earlier job")  # another job's marker
+    errors = []
+
+    def wait():
+        try:
+            build_once(lambda: False, None, False, str(marker), "tokenising", poll_s=0.05)
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive() and not errors  # the old marker was ignored
+
+    def fail():
+        raise ValueError("data.jsonl:7: record has no non-empty string field 'response'")
+
+    with pytest.raises(ValueError, match="data.jsonl:7"):
+        build_once(lambda: False, fail, True, str(marker), "tokenising")
+    waiter.join(5)
+    assert errors == ["tokenising failed on the rank doing it: ValueError: data.jsonl:7: record "
+                      "has no non-empty string field 'response'"]
