@@ -38,13 +38,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from megatron_gift import checkpoint, hf_architecture
-from megatron_gift.hf_architecture import hf_config_from_model_section, model_section_from_hf
+from megatron_gift import checkpoint
+from megatron_gift.hf_architecture import (ASSETS, check_tokenizer_files, hf_assets,
+                                           hf_config_from_model_section, model_section_from_hf)
 from megatron_gift.once import build_once
 
-ASSETS = "hf"  # the checkpoint's sub-directory with config.json and the tokenizer
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _LAYER_MAP = {  # Megatron name in layer i -> HF name in layer i (one-to-one tensors)
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
@@ -61,7 +60,7 @@ def hf_to_megatron(hf_dir, out_dir, converter="auto"):
     section = model_section_from_hf(hf_dir)
     converter = _pick_converter(converter)
     weights = weight_files(hf_dir)
-    _tokenizer_files(hf_dir)
+    check_tokenizer_files(hf_dir)
     dtype = checkpoint_dtype(weights)
     config = OmegaConf.create(DEFAULTS)
     config.model.update(section, tokenizer=os.path.abspath(hf_dir))
@@ -97,7 +96,8 @@ def megatron_to_hf(load_dir, out_dir):
         checkpoint.load_model_weights(load_dir, [model], checkpoint.architecture(
             config.model, model.vocab_size))
         state = hf_state_from_megatron(model.state_dict(), config.model)
-    assets = assets_directory(load_dir, config)
+    # The HF config and tokenizer: kept beside the checkpoint, else where the model came from.
+    assets = hf_assets(load_dir) or hf_assets(config.model.tokenizer)
     base = None
     if assets and os.path.isfile(os.path.join(assets, "config.json")):
         with open(os.path.join(assets, "config.json")) as f:
@@ -195,16 +195,6 @@ def _convert_in_subprocess(hf_dir, out):
         raise RuntimeError(f"converting {hf_dir} into {out} failed:\n{result.stderr[-2000:]}")
 
 
-def assets_directory(load_dir, config):
-    """Where the checkpoint's HF config and tokenizer live: ``load_dir/hf``, else the HF
-    directory the model came from (``model.tokenizer``), else None."""
-    own = os.path.join(load_dir, ASSETS)
-    if os.path.isdir(own):
-        return own
-    source = config.model.tokenizer
-    return source if hf_architecture.is_hf_directory(source) else None
-
-
 def _fuse_qkv(q, k, v, heads, groups, d):
     per_group = heads // groups
     tail = q.shape[1:]
@@ -249,13 +239,6 @@ def weight_files(hf_dir):
         return [single]
     raise FileNotFoundError(f"{hf_dir}: no safetensors weights (model.safetensors or "
                             "model.safetensors.index.json)")
-
-
-def _tokenizer_files(hf_dir):
-    found = [n for n in _TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
-    if not found:
-        raise FileNotFoundError(f"{hf_dir}: no tokenizer files (one of {list(_TOKENIZER_FILES)})")
-    return found
 
 
 def _load_hf_weights(model, weight_files, section):

@@ -17,6 +17,8 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
 # Megatron-Core's llama3 RoPE scaling fixes these (rotary_pos_embedding._apply_scaling).
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
+ASSETS = "hf"  # a checkpoint's sub-directory with its HF config.json and tokenizer, no weights
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # The model-section keys an HF config determines.
 MODEL_KEYS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "kv_channels", "rotary_base", "rope_scaling_factor",
@@ -27,6 +29,23 @@ MODEL_KEYS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num
 def is_hf_directory(path):
     """True for a directory holding a Hugging Face ``config.json``."""
     return path is not None and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def hf_assets(source):
+    """The directory with the HF ``config.json`` and tokenizer of ``source`` (an HF directory,
+    or a checkpoint root keeping them in ``hf/``), or None."""
+    if source is None:
+        return None
+    if is_hf_directory(source):
+        return source
+    own = os.path.join(source, ASSETS)
+    return own if is_hf_directory(own) else None
+
+
+def check_tokenizer_files(hf_dir):
+    """Raise FileNotFoundError naming ``hf_dir`` unless it holds a tokenizer's vocabulary."""
+    if not any(os.path.isfile(os.path.join(hf_dir, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{hf_dir}: no tokenizer files (one of {list(TOKENIZER_FILES)})")
 
 
 def model_section_from_hf(hf_dir):

@@ -43,10 +43,11 @@ import sys
 
 from omegaconf import OmegaConf
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from megatron_gift.checkpoint import TRACKER
+from megatron_gift.hf_architecture import ASSETS, check_tokenizer_files
+
 BASE_CONFIGS = ("grpo_math_1B_megatron.yaml", "grpo_math_8B_megatron.yaml",
                 "grpo_math_70B_megatron.yaml")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 CONTAINER = "nvcr.io/nvidia/nemo-rl:latest"
 
 
@@ -79,8 +80,7 @@ def check_hf_dir(path):
     """Raise FileNotFoundError naming ``path`` unless it holds config.json and a tokenizer."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{path}: no tokenizer file (one of {', '.join(TOKENIZER_FILES)})")
+    check_tokenizer_files(path)
 
 
 def check_layout(tp, pp, num_nodes, gpus_per_node):
@@ -138,7 +138,7 @@ def write_nemo_rl_config(checkpoint, hf_dir, nemo_rl_dir, out, base_config=BASE_
     container; ``checkpoint_dir``: where RL checkpoints go (default ``<out dir>/grpo_checkpoints``).
     """
     if hf_dir is None:
-        hf_dir = os.path.join(checkpoint, "hf")
+        hf_dir = os.path.join(checkpoint, ASSETS)
         if not os.path.isdir(hf_dir):
             raise FileNotFoundError(
                 f"{hf_dir}: no HF config beside the checkpoint (the run did not start from a "
@@ -171,12 +171,11 @@ def top_level(paths):
 
 
 def _common_state(directory):
-    """The non-sharded state saved with a torch_dist checkpoint (Megatron-LM's ``args`` loads)."""
-    import torch
+    """The non-sharded state saved with a torch_dist checkpoint (megatron_gift.checkpoint
+    allows the ``argparse.Namespace`` of Megatron-LM's ``args`` in weights-only loads)."""
     from megatron.core import dist_checkpointing
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return dist_checkpointing.load_common_state_dict(directory)
+    return dist_checkpointing.load_common_state_dict(directory)
 
 
 def main(argv=None):

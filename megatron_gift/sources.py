@@ -8,14 +8,13 @@ architecture and, unless given, the tokenizer; its assets travel into the run's 
 so that exports and the RL hand-off find them.
 """
 
-import os
-
 import torch
 from omegaconf import OmegaConf
 
 from megatron_gift import checkpoint, convert
 from megatron_gift.config import validate
-from megatron_gift.hf_architecture import MODEL_KEYS, is_hf_directory, model_section_from_hf
+from megatron_gift.hf_architecture import (MODEL_KEYS, hf_assets, is_hf_directory,
+                                           model_section_from_hf)
 
 
 def resolve_model(config, tokenizer_size):
@@ -41,16 +40,6 @@ def resolve_model(config, tokenizer_size):
 def model_source(config):
     """Where the weights come from: the pretrained checkpoint, else the run to resume."""
     return config.checkpoint.pretrained_checkpoint or config.checkpoint.load
-
-
-def hf_assets(source):
-    """The directory with the source's HF ``config.json`` and tokenizer, or None."""
-    if source is None:
-        return None
-    if is_hf_directory(source):
-        return source
-    own = os.path.join(source, convert.ASSETS)
-    return own if is_hf_directory(own) else None
 
 
 def megatron_checkpoint(source, cache_root=None):

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from megatron_gift import checkpoint, model as models, pipeline, sources
 from megatron_gift.config import is_sft
+from megatron_gift.hf_architecture import hf_assets
 from megatron_gift.data import SFTDataset, micro_batch_indices
 from megatron_gift.metrics import MetricsLogger
 
@@ -85,7 +86,7 @@ def setup(config):
 
     pretrained = config.checkpoint.pretrained_checkpoint
     tokenizer = _load_tokenizer(config.model.tokenizer
-                                or sources.hf_assets(sources.model_source(config)))
+                                or hf_assets(sources.model_source(config)))
     config = sources.resolve_model(config, len(tokenizer))
     train_data = _dataset(config, config.data.train_path, tokenizer)
     valid_data = _dataset(config, config.data.valid_path, tokenizer) if config.data.valid_path else None

@@ -285,16 +285,15 @@ def test_launcher_trains_from_a_hugging_face_directory_and_data_file(tmp_path):
     assert (tmp_path / "gift" / "iter_0000002").is_dir()
 
 
-def test_bridge_converter_without_megatron_bridge_is_refused(tmp_path):
-    try:
-        import megatron.bridge  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("Megatron-Bridge is installed here")
+def test_bridge_converter_without_megatron_bridge_is_refused(tmp_path, monkeypatch, capsys):
+    from megatron_gift import convert
+
+    monkeypatch.setitem(sys.modules, "megatron.bridge", None)  # as where it is not installed
     make_hf_model(tmp_path / "hf", "llama")
-    result = convert_cli("hf-to-megatron", "--hf", tmp_path / "hf", "--out", tmp_path / "out",
-                         "--converter", "bridge")
-    assert result.returncode == 2
-    assert "--converter bridge: Megatron-Bridge (megatron.bridge) is not installed" in result.stderr
+    with pytest.raises(SystemExit) as exit_:
+        convert.main(["hf-to-megatron", "--hf", str(tmp_path / "hf"), "--out",
+                      str(tmp_path / "out"), "--converter", "bridge"])
+    assert exit_.value.code == 2
+    assert ("--converter bridge: Megatron-Bridge (megatron.bridge) is not installed"
+            in capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
