@@ -38,10 +38,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from megatron_gift import checkpoint
+from megatron_gift import checkpoint, once
 from megatron_gift.hf_architecture import (ASSETS, check_tokenizer_files, hf_assets,
                                            hf_config_from_model_section, model_section_from_hf)
-from megatron_gift.once import build_once
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 _LAYER_MAP = {  # Megatron name in layer i -> HF name in layer i (one-to-one tensors)
@@ -174,10 +173,8 @@ def cached_conversion(hf_dir, cache_root=None):
     ``cache_root`` must be visible to every node (default ``$MEGATRON_GIFT_CACHE`` or
     ``~/.cache/megatron_gift``).
     """
-    cache_root = cache_root or os.environ.get("MEGATRON_GIFT_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "megatron_gift")
-    out = os.path.join(cache_root, _cache_key(hf_dir))
-    build_once(lambda: checkpoint.latest_checkpoint(out) is not None,
+    out = os.path.join(cache_root or once.cache_root(), _cache_key(hf_dir))
+    once.build_once(lambda: checkpoint.latest_checkpoint(out) is not None,
                lambda: _convert_in_subprocess(hf_dir, out),
                is_worker=not dist.is_initialized() or dist.get_rank() == 0,
                marker=out + ".failed", what=f"converting {hf_dir}")

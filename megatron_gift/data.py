@@ -26,6 +26,7 @@ import torch
 
 from megatron_gift import data_cache
 from megatron_gift.formatting import encode
+from megatron_gift.once import cache_root
 from megatron_gift.packing import pack as pack_samples
 from megatron_gift.records import Fields, Malformed, read_examples
 
@@ -57,8 +58,9 @@ class SFTDataset:
         fields = Fields(prompt_field, response_field, messages_field, text_field)
         options = {"split": split, "seq_length": seq_length, "overlong": overlong,
                    "malformed": malformed, "pack": self.pack}
+        cache_dir = cache_dir or os.path.join(cache_root(), "data")
         table, self.cache_path, self.built = data_cache.cached_table(
-            cache_dir or default_cache_dir(), os.path.basename(os.path.normpath(path)),
+            cache_dir, os.path.basename(os.path.normpath(path)),
             data_cache.cache_key(path, tokenizer, {**options, "fields": asdict(fields)}),
             lambda: _tokenize(path, tokenizer, fields, **options))
         info = json.loads(table.schema.metadata[b"megatron_gift"])
@@ -121,13 +123,6 @@ def micro_batch_indices(num_samples, consumed_samples, global_batch_size, micro_
     per_rank = global_batch_size // dp_size
     mine = indices[dp_rank * per_rank: (dp_rank + 1) * per_rank]
     return [mine[i: i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
-
-
-def default_cache_dir():
-    """``$MEGATRON_GIFT_CACHE/data`` if that is set, else ``~/.cache/megatron_gift/data``."""
-    root = os.environ.get("MEGATRON_GIFT_CACHE")
-    return (os.path.join(root, "data") if root
-            else os.path.join(os.path.expanduser("~"), ".cache", "megatron_gift", "data"))
 
 
 def _tokenize(path, tokenizer, fields, *, split, seq_length, overlong, malformed, pack):

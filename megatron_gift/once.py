@@ -1,4 +1,5 @@
-"""Work that one rank does while the others wait: converting a model, tokenising a data set.
+"""Work that one rank does while the others wait, converting a model or tokenising a data set,
+and the cache where its results are kept.
 
 The waiting ranks poll the file system instead of entering a collective, so the work may take
 longer than a process group's timeout (10 minutes for NCCL by default), as converting a 70B
@@ -11,6 +12,13 @@ import os
 import time
 
 WAIT_LIMIT_S = float(os.environ.get("MEGATRON_GIFT_WAIT_LIMIT_S", 6 * 3600))
+
+
+def cache_root():
+    """``$MEGATRON_GIFT_CACHE``, else ``~/.cache/megatron_gift``: converted models at the top,
+    tokenised data under ``data/``. Every node of a job must see the same directory."""
+    return (os.environ.get("MEGATRON_GIFT_CACHE")
+            or os.path.join(os.path.expanduser("~"), ".cache", "megatron_gift"))
 
 
 def build_once(ready, build, is_worker, marker, what, poll_s=0.5):
