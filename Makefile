@@ -32,7 +32,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	$(VENV)/bin/torchrun --nproc-per-node 2 examples/pretrain_gift.py --tensor-model-parallel-size 2
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 examples/pretrain_gift.py --tensor-model-parallel-size 2
 
 benchmark: $(STAMP)
 	$(PY) examples/benchmarks/loss.py

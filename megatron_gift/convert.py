@@ -1,400 +1,49 @@
-"""Hugging Face <-> Megatron-Core checkpoints for the Llama, Qwen2 and Mistral families.
+"""``python -m megatron_gift.convert``: Hugging Face <-> Megatron-Core checkpoints.
 
 ::
 
-    python -m megatron_gift.convert hf-to-megatron --hf HF_DIR --out DIR
+    python -m megatron_gift.convert hf-to-megatron --hf HF_DIR --out DIR [--converter auto]
     python -m megatron_gift.convert megatron-to-hf --load DIR --out HF_DIR
 
 ``hf-to-megatron`` writes a Megatron-LM-layout checkpoint (``DIR/iter_0000000``, torch_dist,
-global offsets, so it loads at any TP/PP) plus ``DIR/hf/``: the model's ``config.json`` and
-tokenizer files, no weights. ``megatron-to-hf`` is the exact inverse for any checkpoint the
-trainer writes: safetensors shards, ``config.json`` and the tokenizer, loadable with
-``transformers.AutoModelForCausalLM.from_pretrained``. Weights keep their dtype, so a round
-trip is bit-identical.
-
-The built-in converter needs only megatron-core, transformers and safetensors and runs on CPU
-in one process (the model is held once, in its own dtype). Where Megatron-Bridge is installed,
-``--converter bridge`` loads the HF weights through ``AutoBridge`` instead; ``auto`` picks it
-when present. The command says which one ran.
-
-Weight mapping (Megatron local-spec names; HF ``model.`` prefix omitted)::
-
-    embedding.word_embeddings.weight   [Vp, h]        embed_tokens.weight [V, h], zero-padded
-    layers.i.self_attention.linear_qkv [g*(q/g+2)*d]  per KV group g: its q heads, then k, v
-    layers.i.mlp.linear_fc1            [2f, h]        cat(gate_proj, up_proj)
-    output_layer.weight                [Vp, h]        lm_head.weight (absent when tied)
+loadable at any TP/PP) plus ``DIR/hf/`` (the model's config and tokenizer); ``megatron-to-hf``
+exports any checkpoint the trainer writes as safetensors, config and tokenizer. The work is done
+by :mod:`megatron_gift.hf.convert`; this module only parses the command line, so ``--help``
+answers without importing torch.
 """
 
 import argparse
-import contextlib
-import hashlib
-import json
-import os
-import shutil
-import subprocess
-import sys
+from typing import Optional, Sequence
 
-import torch
-import torch.distributed as dist
-from omegaconf import OmegaConf
-
-from megatron_gift import checkpoint, once
-from megatron_gift.hf_architecture import (ASSETS, check_tokenizer_files, hf_assets,
-                                           hf_config_from_model_section, model_section_from_hf)
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-_LAYER_MAP = {  # Megatron name in layer i -> HF name in layer i (one-to-one tensors)
-    "input_layernorm.weight": "input_layernorm.weight",
-    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-}
+from megatron_gift.platform.console import entry_point, quiet_third_party
 
 
-def hf_to_megatron(hf_dir, out_dir, converter="auto"):
-    """Convert the HF model in ``hf_dir`` to a checkpoint root ``out_dir``; returns the
-    iteration directory and the converter that ran ("builtin" or "bridge")."""
-    from megatron_gift.config import DEFAULTS
-
-    section = model_section_from_hf(hf_dir)
-    converter = _pick_converter(converter)
-    weights = weight_files(hf_dir)
-    check_tokenizer_files(hf_dir)
-    dtype = checkpoint_dtype(weights)
-    config = OmegaConf.create(DEFAULTS)
-    config.model.update(section, tokenizer=os.path.abspath(hf_dir))
-    config.training.bf16 = dtype == torch.bfloat16
-    with _world_of_one():
-        model = _build(config, dtype)
-        if converter == "bridge":
-            _bridge_load(hf_dir, model)
-        else:
-            _load_hf_weights(model, weights, config.model)
-        run = _run_facts(config, model, source=os.path.abspath(hf_dir), converter=converter)
-        directory = checkpoint.save_checkpoint(out_dir, 0, [model], None, None, 0, run)
-    copy_assets(hf_dir, out_dir)
-    return directory, converter
-
-
-def megatron_to_hf(load_dir, out_dir):
-    """Export the newest checkpoint under ``load_dir`` (any TP/PP it was saved at) as an HF
-    directory ``out_dir``; returns ``out_dir``."""
-    from huggingface_hub import save_torch_state_dict
-    from transformers import AutoTokenizer
-
-    directory = checkpoint.latest_checkpoint(load_dir)
-    if directory is None:
-        raise FileNotFoundError(f"no Megatron checkpoint at {load_dir}")
-    run = checkpoint.run_facts(directory)
-    config = OmegaConf.create(run["config"])
-    dtype = torch.bfloat16 if config.training.bf16 else torch.float32
-    config.parallel.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                           virtual_pipeline_model_parallel_size=None)
-    with _world_of_one():
-        model = _build(config, dtype)
-        checkpoint.load_model_weights(load_dir, [model], checkpoint.architecture(
-            config.model, model.vocab_size))
-        state = hf_state_from_megatron(model.state_dict(), config.model)
-    # The HF config and tokenizer: kept beside the checkpoint, else where the model came from.
-    assets = hf_assets(load_dir) or hf_assets(config.model.tokenizer)
-    base = None
-    if assets and os.path.isfile(os.path.join(assets, "config.json")):
-        with open(os.path.join(assets, "config.json")) as f:
-            base = json.load(f)
-    tokenizer = AutoTokenizer.from_pretrained(assets or config.model.tokenizer
-                                              or _bundled_tokenizer())
-    hf_config = hf_config_from_model_section(config.model, base)
-    hf_config.dtype = dtype
-    if base is None:  # a model trained here: its special tokens are the tokenizer's
-        hf_config.update({f"{kind}_token_id": getattr(tokenizer, f"{kind}_token_id")
-                          for kind in ("bos", "eos", "pad")})
-    os.makedirs(out_dir, exist_ok=True)
-    hf_config.save_pretrained(out_dir)
-    save_torch_state_dict(state, out_dir)
-    tokenizer.save_pretrained(out_dir)
-    if assets and os.path.isfile(os.path.join(assets, "generation_config.json")):
-        shutil.copy(os.path.join(assets, "generation_config.json"), out_dir)
-    return out_dir
-
-
-def megatron_tensors_from_hf(read, model, padded_vocab):
-    """Yield ``(Megatron local-spec name, tensor)`` at TP=1, reading HF tensors one at a time.
-
-    ``read(name)``: the HF tensor ``name`` (without the ``model.`` prefix, except
-    ``lm_head.weight``); ``model``: the model config section; ``padded_vocab``: the
-    embedding rows of the Megatron model.
-    """
-    heads, groups = model.num_attention_heads, model.num_query_groups
-    d = model.kv_channels or model.hidden_size // heads
-    yield "embedding.word_embeddings.weight", _pad_rows(read("embed_tokens.weight"), padded_vocab)
-    yield "decoder.final_layernorm.weight", read("norm.weight")
-    if model.untie_embeddings_and_output_weights:
-        yield "output_layer.weight", _pad_rows(read("lm_head.weight"), padded_vocab)
-    for i in range(model.num_layers):
-        src, dst = f"layers.{i}.", f"decoder.layers.{i}."
-        for ours, theirs in _LAYER_MAP.items():
-            yield dst + ours, read(src + theirs)
-        attn = src + "self_attn."
-        for name in ("weight", "bias") if model.add_qkv_bias else ("weight",):
-            yield f"{dst}self_attention.linear_qkv.{name}", _fuse_qkv(
-                *(read(f"{attn}{p}_proj.{name}") for p in "qkv"), heads, groups, d)
-        yield dst + "mlp.linear_fc1.weight", torch.cat(
-            [read(src + "mlp.gate_proj.weight"), read(src + "mlp.up_proj.weight")])
-
-
-def hf_state_from_megatron(state, model):
-    """HF state dict from a Megatron local-spec state dict (TP=1); the inverse mapping."""
-    heads, groups = model.num_attention_heads, model.num_query_groups
-    d = model.kv_channels or model.hidden_size // heads
-    vocab = model.vocab_size
-    hf = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab],
-          "model.norm.weight": state["decoder.final_layernorm.weight"]}
-    if model.untie_embeddings_and_output_weights:
-        hf["lm_head.weight"] = state["output_layer.weight"][:vocab]
-    for i in range(model.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for ours, theirs in _LAYER_MAP.items():
-            hf[dst + theirs] = state[src + ours]
-        for name in ("weight", "bias") if model.add_qkv_bias else ("weight",):
-            q, k, v = _split_qkv(state[f"{src}self_attention.linear_qkv.{name}"], heads, groups, d)
-            hf.update({f"{dst}self_attn.{p}_proj.{name}": t for p, t in zip("qkv", (q, k, v))})
-        gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2)
-        hf[dst + "mlp.gate_proj.weight"], hf[dst + "mlp.up_proj.weight"] = gate, up
-    return {k: _own_storage(v) for k, v in hf.items()}
-
-
-def cached_conversion(hf_dir, cache_root=None):
-    """The Megatron checkpoint of ``hf_dir`` in the conversion cache, converted once.
-
-    Called by every rank of a job: global rank 0 converts (in a subprocess, so the job's
-    process group stays untouched) when the cache misses; the others wait for the result on the
-    file system (:mod:`megatron_gift.once`), however long it takes. The cache key covers the
-    directory and its files' sizes and times, so an edited model converts again.
-    ``cache_root`` must be visible to every node (default ``$MEGATRON_GIFT_CACHE`` or
-    ``~/.cache/megatron_gift``).
-    """
-    out = os.path.join(cache_root or once.cache_root(), _cache_key(hf_dir))
-    once.build_once(lambda: checkpoint.latest_checkpoint(out) is not None,
-               lambda: _convert_in_subprocess(hf_dir, out),
-               is_worker=not dist.is_initialized() or dist.get_rank() == 0,
-               marker=out + ".failed", what=f"converting {hf_dir}")
-    return out
-
-
-def _convert_in_subprocess(hf_dir, out):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TORCHELASTIC", "MASTER_", "GROUP_", "ROLE_", "LOCAL_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-    result = subprocess.run([sys.executable, "-m", "megatron_gift.convert", "hf-to-megatron",
-                             "--hf", hf_dir, "--out", out], env=env, stderr=subprocess.PIPE,
-                            text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"converting {hf_dir} into {out} failed:\n{result.stderr[-2000:]}")
-
-
-def _fuse_qkv(q, k, v, heads, groups, d):
-    per_group = heads // groups
-    tail = q.shape[1:]
-    q, k, v = (x.reshape(groups, -1, d, *tail) for x in (q, k, v))
-    assert q.size(1) == per_group, "query heads are not a multiple of the KV groups"
-    return torch.cat([q, k, v], 1).reshape(-1, *tail)
-
-
-def _split_qkv(qkv, heads, groups, d):
-    per_group = heads // groups
-    tail = qkv.shape[1:]
-    grouped = qkv.reshape(groups, per_group + 2, d, *tail)
-    q, k, v = grouped.split([per_group, 1, 1], 1)
-    return (x.reshape(-1, *tail) for x in (q, k, v))
-
-
-def _own_storage(tensor):
-    """``tensor``, copied when it is a slice of a larger one (safetensors stores storages)."""
-    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes:
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def _pad_rows(weight, rows):
-    if weight.size(0) > rows:
-        raise ValueError(f"vocab {weight.size(0)} is larger than the model's {rows}")
-    return torch.cat([weight, weight.new_zeros(rows - weight.size(0), *weight.shape[1:])])
-
-
-def weight_files(hf_dir):
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [n for n in names if not os.path.isfile(os.path.join(hf_dir, n))]
-        if missing:
-            raise FileNotFoundError(f"{hf_dir}: weight shards listed in {os.path.basename(index)} "
-                                    f"are missing: {missing}")
-        return [os.path.join(hf_dir, n) for n in names]
-    single = os.path.join(hf_dir, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    raise FileNotFoundError(f"{hf_dir}: no safetensors weights (model.safetensors or "
-                            "model.safetensors.index.json)")
-
-
-def _load_hf_weights(model, weight_files, section):
-    """Copy the HF weights into ``model`` tensor by tensor (peak memory: the model + one
-    layer's tensors); every Megatron tensor must be written and every HF tensor used."""
-    from safetensors import safe_open
-
-    files = {path: safe_open(path, "pt") for path in weight_files}
-    where = {name.removeprefix("model."): (handle, name)
-             for handle in files.values() for name in handle.keys()}
-    used = set()
-
-    def read(name):
-        if name not in where:
-            raise ValueError(f"HF weights lack {name!r} (needed by the {section.family} mapping)")
-        used.add(name)
-        handle, full_name = where[name]
-        return handle.get_tensor(full_name)
-
-    params = model.state_dict()
-    written = set()
-    with torch.no_grad():
-        for name, tensor in megatron_tensors_from_hf(read, section, model.vocab_size):
-            params[name].copy_(tensor)
-            written.add(name)
-    unwritten = sorted(k for k in params if k not in written and not k.endswith("_extra_state"))
-    ignorable = ("rotary_emb.inv_freq",) + (
-        () if section.untie_embeddings_and_output_weights else ("lm_head.weight",))
-    unused = sorted(k for k in set(where) - used if not k.endswith(ignorable))
-    if unwritten or unused:
-        raise ValueError(f"the {section.family} mapping left Megatron tensors {unwritten[:8]} "
-                         f"unset and HF tensors {unused[:8]} unused")
-
-
-def checkpoint_dtype(weight_files):
-    from safetensors import safe_open
-
-    with safe_open(weight_files[0], "pt") as f:
-        name = next(iter(f.keys()))
-        dtype = f.get_slice(name).get_dtype()
-    return {"BF16": torch.bfloat16, "F32": torch.float32}.get(dtype) or _refuse_dtype(dtype)
-
-
-def _refuse_dtype(dtype):
-    raise ValueError(f"HF weights in {dtype} are not supported (bf16 or fp32)")
-
-
-def _build(config, dtype):
-    from megatron_gift import model as models
-
-    tf_config = models.transformer_config(config, dtype)
-    # Built in host memory, never on a GPU, and not randomly initialised: every tensor is loaded.
-    tf_config.use_cpu_initialization, tf_config.perform_initialization = True, False
-    vocab = models.padded_vocab_size(config.model.vocab_size, config)
-    # The name mapping is written for the local layers (TE checkpoints use the same keys).
-    return models.build_chunks(config, tf_config, vocab, torch.device("cpu"), local_spec=True)[0]
-
-
-def _run_facts(config, model, source, converter):
-    return {"config": OmegaConf.to_container(config), "layout": checkpoint.layout(),
-            "architecture": checkpoint.architecture(config.model, model.vocab_size),
-            "reference_source": None, "converted_from": source, "converter": converter}
-
-
-def copy_assets(hf_dir, checkpoint_root):
-    """Copy the HF directory's config and tokenizer files (no weights) to ``root/hf``."""
-    target = os.path.join(checkpoint_root, ASSETS)
-    if os.path.abspath(hf_dir) == os.path.abspath(target):
-        return
-    os.makedirs(target, exist_ok=True)
-    for name in os.listdir(hf_dir):
-        path = os.path.join(hf_dir, name)
-        if os.path.isfile(path) and not name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy(path, target)
-
-
-def _bundled_tokenizer():
-    from megatron_gift.synthetic import TOKENIZER_DIR
-
-    return TOKENIZER_DIR
-
-
-def _cache_key(hf_dir):
-    hf_dir = os.path.abspath(hf_dir)
-    facts = [hf_dir]
-    for name in sorted(os.listdir(hf_dir)):
-        stat = os.stat(os.path.join(hf_dir, name))
-        facts.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
-    return f"{os.path.basename(hf_dir.rstrip(os.sep))}-{digest}"
-
-
-def _pick_converter(choice):
-    try:
-        import megatron.bridge  # noqa: F401
-        have_bridge = True
-    except ImportError:
-        have_bridge = False
-    if choice == "auto":
-        return "bridge" if have_bridge else "builtin"
-    if choice == "bridge" and not have_bridge:
-        raise ValueError("--converter bridge: Megatron-Bridge (megatron.bridge) is not installed")
-    if choice not in ("builtin", "bridge"):
-        raise ValueError(f"converter must be auto, builtin or bridge, got {choice!r}")
-    return choice
-
-
-def _bridge_load(hf_dir, model):
-    from megatron.bridge import AutoBridge
-
-    AutoBridge.from_hf_pretrained(hf_dir).load_hf_weights([model])
-
-
-@contextlib.contextmanager
-def _world_of_one():
-    """A one-process gloo world with TP = PP = 1 (the caller must not be in a larger job)."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    if dist.is_initialized():
-        raise RuntimeError("conversion runs in its own process; use cached_conversion in a job")
-    if not torch.cuda.is_available():
-        from megatron_gift.cpu import enable_cpu_megatron
-
-        enable_cpu_megatron()
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        parallel_state.initialize_model_parallel(1, 1)
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
-        yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m megatron_gift.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     to_megatron = commands.add_parser("hf-to-megatron", help="HF directory -> Megatron checkpoint")
     to_megatron.add_argument("--hf", required=True, help="local HF model directory")
     to_megatron.add_argument("--out", required=True, help="checkpoint root to write")
-    to_megatron.add_argument("--converter", default="auto", choices=("auto", "builtin", "bridge"))
+    to_megatron.add_argument("--converter", default="auto", choices=("auto", "builtin", "bridge"),
+                             help="bridge: Megatron-Bridge's AutoBridge; auto: bridge when installed")
     to_hf = commands.add_parser("megatron-to-hf", help="Megatron checkpoint -> HF directory")
     to_hf.add_argument("--load", required=True, help="checkpoint root (or iter_* directory)")
     to_hf.add_argument("--out", required=True, help="HF directory to write")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "hf-to-megatron":
-            directory, converter = hf_to_megatron(args.hf, args.out, args.converter)
-            print(f"converted {args.hf} -> {directory} ({converter} converter)")
-        else:
-            print(f"exported {megatron_to_hf(args.load, args.out)}")
-    except (ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"error: {error}\n")
+    return parser
+
+
+@entry_point
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    quiet_third_party()
+    from megatron_gift.hf.convert import hf_to_megatron, megatron_to_hf
+
+    if args.command == "hf-to-megatron":
+        directory, converter = hf_to_megatron(args.hf, args.out, args.converter)
+        print(f"converted {args.hf} -> {directory} ({converter} converter)")
+    else:
+        print(f"exported {megatron_to_hf(args.load, args.out)}")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ written to.
 """
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import FunctionCtx
 
 
 class GiftTokenStats(NamedTuple):
@@ -50,7 +51,7 @@ def vocab_parallel_gift_loss(
     tp_group: Optional[dist.ProcessGroup] = None,
     vocab_size: Optional[int] = None,
     return_stats: bool = False,
-):
+) -> Union[torch.Tensor, tuple[torch.Tensor, GiftTokenStats]]:
     """Per-token GIFT loss of vocab-parallel student logits against a frozen reference.
 
     Args:
@@ -156,8 +157,13 @@ def _all_reduce(tensor, op, group):
 
 class _VocabParallelGiftLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ref_logits, labels, beta, smooth_lambda, ignore_index, group,
-                vocab, with_stats):
+    def forward(ctx: FunctionCtx, logits: torch.Tensor, ref_logits: Optional[torch.Tensor],
+                labels: torch.Tensor, beta: float, smooth_lambda: float, ignore_index: int,
+                group: Optional[dist.ProcessGroup], vocab: int,
+                with_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, entropy, target_mass, label_prob)``, each shaped like ``labels`` in fp32 (fp64
+        for fp64 logits), the stats zeros unless ``with_stats``; ``logits`` and ``ref_logits``:
+        ``[..., V/tp]``; ``vocab``: the real (unpadded) vocab size."""
         dtype = torch.promote_types(logits.dtype, torch.float32)
         tp_rank = dist.get_rank(group) if group is not None else 0
         shard = logits.size(-1)
@@ -246,7 +252,10 @@ class _VocabParallelGiftLoss(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused_stat_grads):
+    def backward(ctx: FunctionCtx, grad_loss: torch.Tensor,
+                 *unused_stat_grads: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+        """The gradient ``[..., V/tp]`` of the logits for ``grad_loss`` (shaped like the labels);
+        None for every other input."""
         probs_minus_soft_target, column, onehot_weight, valid = ctx.saved_tensors
         scale = torch.where(valid, grad_loss.reshape(-1), 0.0).unsqueeze(-1)
         label_term = -(onehot_weight.unsqueeze(-1) * scale)
@@ -283,10 +292,10 @@ class _Workspace:
         self.count = count
         self.buffers = torch.empty(count, step, x.size(-1), dtype=dtype, device=x.device)
 
-    def get(self, index, rows):
+    def get(self, index: int, rows: slice) -> torch.Tensor:
         return self.buffers[index, : rows.stop - rows.start]
 
-    def shifted(self, index, x, maximum):
+    def shifted(self, index: int, x: torch.Tensor, maximum: torch.Tensor) -> torch.Tensor:
         """``x - maximum`` in the workspace's dtype, never writing into ``x``."""
         return self.get(index, slice(0, x.size(0))).copy_(x).sub_(maximum)
 

@@ -1,184 +1,25 @@
-"""Hand a GIFT run to the RL stage: a NeMo RL GRPO config that starts from the GIFT checkpoint.
+"""``python -m megatron_gift.rl_handoff``: start the RL stage from a GIFT run.
 
 ::
 
-    python -m megatron_gift.rl_handoff nemo-rl --checkpoint SAVE --hf HF_DIR \\
+    python -m megatron_gift.rl_handoff nemo-rl --checkpoint SAVE [--hf HF_DIR] \\
         --nemo-rl-dir /path/to/RL --out grpo_gift.yaml [--base-config grpo_math_8B_megatron.yaml]
         [--tp 4 --pp 4 --num-nodes 8 --gpus-per-node 8 --checkpoint-dir DIR]
 
-The YAML inherits one of NeMo RL's Megatron GRPO recipes (``defaults:``) and overrides only
-what ties it to this run::
-
-    defaults                                        <nemo-rl-dir>/examples/configs/<base-config>
-    policy.model_name, policy.tokenizer.name        HF_DIR (architecture + tokenizer)
-    checkpointing.pretrained_checkpoint             {format: megatron_lm, path: SAVE}
-    policy.megatron_cfg.enabled / dtensor_cfg       Megatron backend on, DTensor off
-    policy.megatron_cfg.{tensor,pipeline}_model_parallel_size   only when given
-    checkpointing.{enabled, checkpoint_dir}         where the RL run saves
-    cluster.{num_nodes, gpus_per_node}
-
-``HF_DIR`` needs ``config.json`` and the tokenizer, no weights: NeMo RL builds the Megatron
-model from the HF config and loads the weights from ``SAVE``'s newest ``iter_*`` (torch_dist).
-
-Every key was checked against NVIDIA-NeMo/RL at commit 7ea279a (2026-08-22), whose
-Megatron-Bridge submodule is 8c46dc4:
-
-* ``examples/configs/grpo_math_{1B,8B,70B}_megatron.yaml``: the keys above and their nesting;
-* ``nemo_rl/utils/config.py`` (``load_config_with_inheritance``): a relative ``defaults`` path
-  is resolved against the YAML's own directory, so it is written absolute;
-* ``nemo_rl/algorithms/grpo.py`` (``setup``): copies ``checkpointing.pretrained_checkpoint``
-  into the policy config;
-* ``nemo_rl/models/megatron/setup.py`` (``validate_model_paths``, ``setup_model_config``): a
-  ``megatron_lm`` root resolves through ``latest_checkpointed_iteration.txt`` to an iteration
-  directory that must hold ``metadata.json``; the model config comes from ``policy.model_name``;
-* Megatron-Bridge ``training/checkpointing.py`` (``_extract_megatron_lm_args_from_state_dict``):
-  without ``run_config.yaml`` the checkpoint's common state must carry Megatron-LM's ``args``;
-* ``examples/run_grpo.py`` (``--config``, ``key=value`` overrides) and ``ray.sub`` (``COMMAND``,
-  ``CONTAINER``, ``MOUNTS``, run from the submit directory) for the launch lines.
+writes a NeMo RL GRPO config that inherits one of NeMo RL's Megatron recipes and starts from
+the run's checkpoint, and prints the launch lines (one node, SLURM). What the config holds and
+which NeMo RL sources it was checked against: :mod:`megatron_gift.rl.handoff`.
 """
 
 import argparse
 import os
-import sys
+from typing import Optional, Sequence
 
-from omegaconf import OmegaConf
-
-from megatron_gift.checkpoint import TRACKER
-from megatron_gift.hf_architecture import ASSETS, check_tokenizer_files
-
-BASE_CONFIGS = ("grpo_math_1B_megatron.yaml", "grpo_math_8B_megatron.yaml",
-                "grpo_math_70B_megatron.yaml")
-CONTAINER = "nvcr.io/nvidia/nemo-rl:latest"
+from megatron_gift.platform.console import entry_point
+from megatron_gift.rl.handoff import BASE_CONFIGS, CONTAINER, write_nemo_rl_config
 
 
-def megatron_lm_iteration(root):
-    """The iteration directory NeMo RL will load from a Megatron-LM checkpoint ``root``.
-
-    Raises FileNotFoundError / ValueError naming the path when ``root`` lacks the tracker file,
-    the tracked ``iter_*`` directory, its ``metadata.json`` (torch_dist) or the ``args`` entry
-    Megatron-Bridge reads from the common state.
-    """
-    tracker = os.path.join(root, TRACKER)
-    if not os.path.isfile(tracker):
-        raise FileNotFoundError(f"{root}: not a Megatron-LM checkpoint root (no {TRACKER})")
-    with open(tracker) as f:
-        value = f.read().strip()
-    if not value.isdigit():
-        raise ValueError(f"{tracker}: expected an iteration number, found {value!r}")
-    directory = os.path.join(root, f"iter_{int(value):07d}")
-    if not os.path.isfile(os.path.join(directory, "metadata.json")):
-        raise FileNotFoundError(f"{directory}: no metadata.json (not a torch_dist checkpoint)")
-    if "args" not in _common_state(directory):
-        raise ValueError(
-            f"{directory}: the common state has no 'args' entry; Megatron-Bridge's megatron_lm "
-            "loader reads the TP/PP and save flags of Megatron-LM's arguments from it and stops "
-            "without them")
-    return directory
-
-
-def check_hf_dir(path):
-    """Raise FileNotFoundError naming ``path`` unless it holds config.json and a tokenizer."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    check_tokenizer_files(path)
-
-
-def check_layout(tp, pp, num_nodes, gpus_per_node):
-    """Raise ValueError unless the Megatron model-parallel group tiles the cluster's GPUs."""
-    for name, value in (("num_nodes", num_nodes), ("gpus_per_node", gpus_per_node),
-                        ("tp", tp), ("pp", pp)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    gpus, group = num_nodes * gpus_per_node, (tp or 1) * (pp or 1)
-    if gpus % group:
-        raise ValueError(f"tp * pp = {group} does not divide the {gpus} GPUs "
-                         f"({num_nodes} nodes x {gpus_per_node})")
-
-
-def nemo_rl_config(checkpoint, hf_dir, base_config, checkpoint_dir, num_nodes, gpus_per_node,
-                   tp=None, pp=None):
-    """The GRPO config overrides as a plain dict (all paths as given; ``base_config`` absolute)."""
-    megatron = {"enabled": True}
-    if tp is not None:
-        megatron["tensor_model_parallel_size"] = tp
-    if pp is not None:
-        megatron["pipeline_model_parallel_size"] = pp
-    return {
-        "defaults": base_config,
-        "policy": {"model_name": hf_dir, "tokenizer": {"name": hf_dir},
-                   "dtensor_cfg": {"enabled": False}, "megatron_cfg": megatron},
-        "checkpointing": {"enabled": True, "checkpoint_dir": checkpoint_dir,
-                          "pretrained_checkpoint": {"format": "megatron_lm", "path": checkpoint}},
-        "cluster": {"num_nodes": num_nodes, "gpus_per_node": gpus_per_node},
-    }
-
-
-def launch_lines(config_path, nemo_rl_dir, num_nodes, gpus_per_node, mounts, container):
-    """Shell lines that start GRPO with ``config_path``: one node, then SLURM via ray.sub."""
-    command = f"uv run ./examples/run_grpo.py --config {config_path}"
-    mount_arg = ",".join(f"{m}:{m}" for m in mounts)
-    return [
-        f"cd {nemo_rl_dir} && {command}",
-        f"cd {nemo_rl_dir} && COMMAND=\"{command}\" CONTAINER={container} "
-        f"MOUNTS=\"{mount_arg}\" GPUS_PER_NODE={gpus_per_node} "
-        f"sbatch --nodes={num_nodes} --gres=gpu:{gpus_per_node} "
-        "--account=ACCOUNT --partition=PARTITION --time=4:00:00 ray.sub",
-    ]
-
-
-def write_nemo_rl_config(checkpoint, hf_dir, nemo_rl_dir, out, base_config=BASE_CONFIGS[1],
-                         checkpoint_dir=None, num_nodes=1, gpus_per_node=8, tp=None, pp=None,
-                         container=CONTAINER):
-    """Validate the inputs, write the NeMo RL GRPO YAML to ``out``; returns the launch lines.
-
-    ``checkpoint``: the GIFT save root; ``hf_dir``: its HF export (config + tokenizer), by
-    default ``checkpoint/hf`` (the base model's config and tokenizer that a run from a Hugging
-    Face model keeps beside its checkpoints);
-    ``nemo_rl_dir``: a NeMo RL checkout at the same path on the launch host and in the
-    container; ``checkpoint_dir``: where RL checkpoints go (default ``<out dir>/grpo_checkpoints``).
-    """
-    if hf_dir is None:
-        hf_dir = os.path.join(checkpoint, ASSETS)
-        if not os.path.isdir(hf_dir):
-            raise FileNotFoundError(
-                f"{hf_dir}: no HF config beside the checkpoint (the run did not start from a "
-                f"Hugging Face model); export one with `python -m megatron_gift.convert "
-                f"megatron-to-hf --load {checkpoint} --out HF_DIR` and pass --hf HF_DIR")
-    checkpoint, hf_dir, nemo_rl_dir, out = (os.path.abspath(p) for p in
-                                            (checkpoint, hf_dir, nemo_rl_dir, out))
-    check_layout(tp, pp, num_nodes, gpus_per_node)
-    check_hf_dir(hf_dir)
-    base = os.path.join(nemo_rl_dir, "examples", "configs", base_config)
-    if not os.path.isfile(base):
-        raise FileNotFoundError(f"{base}: no such NeMo RL config (--nemo-rl-dir {nemo_rl_dir}, "
-                                f"--base-config {base_config})")
-    megatron_lm_iteration(checkpoint)
-    out_dir = os.path.dirname(out)
-    os.makedirs(out_dir, exist_ok=True)
-    checkpoint_dir = os.path.abspath(checkpoint_dir or os.path.join(out_dir, "grpo_checkpoints"))
-    config = nemo_rl_config(checkpoint, hf_dir, base, checkpoint_dir, num_nodes, gpus_per_node,
-                            tp, pp)
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(config), out)
-    mounts = top_level([nemo_rl_dir, checkpoint, hf_dir, out_dir, checkpoint_dir])
-    return launch_lines(out, nemo_rl_dir, num_nodes, gpus_per_node, mounts, container)
-
-
-def top_level(paths):
-    """``paths`` (absolute) without those equal to or inside another one, in order."""
-    return [p for i, p in enumerate(paths)
-            if not any(p == q and j < i or p.startswith(q + os.sep) for j, q in enumerate(paths))]
-
-
-def _common_state(directory):
-    """The non-sharded state saved with a torch_dist checkpoint (megatron_gift.checkpoint
-    allows the ``argparse.Namespace`` of Megatron-LM's ``args`` in weights-only loads)."""
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_common_state_dict(directory)
-
-
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m megatron_gift.rl_handoff", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="target", required=True)
@@ -197,13 +38,15 @@ def main(argv=None):
     nemo.add_argument("--tp", type=int, help="Megatron tensor parallel size (default: the recipe's)")
     nemo.add_argument("--pp", type=int, help="Megatron pipeline parallel size (default: the recipe's)")
     nemo.add_argument("--container", default=CONTAINER, help="container image for ray.sub")
-    args = parser.parse_args(argv)
-    try:
-        lines = write_nemo_rl_config(args.checkpoint, args.hf, args.nemo_rl_dir, args.out,
-                                     args.base_config, args.checkpoint_dir, args.num_nodes,
-                                     args.gpus_per_node, args.tp, args.pp, args.container)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    return parser
+
+
+@entry_point
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    lines = write_nemo_rl_config(args.checkpoint, args.hf, args.nemo_rl_dir, args.out,
+                                 args.base_config, args.checkpoint_dir, args.num_nodes,
+                                 args.gpus_per_node, args.tp, args.pp, args.container)
     print(f"wrote {os.path.abspath(args.out)}\n\none node:\n  {lines[0]}\n\nSLURM:\n  {lines[1]}")
 
 

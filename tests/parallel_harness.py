@@ -41,7 +41,7 @@ def _rank_main(rank, world_size, port, fn, args, initialize):
         fn(*args)
         return
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    from megatron_gift.cpu import enable_cpu_megatron
+    from megatron_gift.platform.cpu import enable_cpu_megatron
 
     enable_cpu_megatron()
     try:

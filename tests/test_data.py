@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from megatron_gift import synthetic
+from megatron_gift.data import synthetic
 from megatron_gift.config import parse_config
-from megatron_gift.data import SFTDataset, micro_batch_indices
+from megatron_gift.data.dataset import SFTDataset, micro_batch_indices
 from parallel_harness import model_parallel, run_distributed, set_full_weights, tiny_gpt, tiny_gpt_config
 
 # Role markers are words of the bundled vocabulary: system "where", user "Q:", assistant "A:".
@@ -233,7 +233,7 @@ def _packing_records():
 
 
 def test_packing_tokens_labels_positions_segments_and_mask(tmp_path, tokenizer):
-    from megatron_gift.pipeline import causal_attention_mask
+    from megatron_gift.engine.pipeline import causal_attention_mask
 
     path = _jsonl(tmp_path / "d.jsonl", _packing_records())
     data = SFTDataset(path, tokenizer, 8, pack=True)
@@ -261,8 +261,8 @@ def test_packing_tokens_labels_positions_segments_and_mask(tmp_path, tokenizer):
 def _packed_equals_unpacked(path, tokenizer_dir, vocab, seq, out):
     import torch.nn.functional as F
 
-    from megatron_gift.model import GiftModel
-    from megatron_gift.pipeline import causal_attention_mask, forward_step_func
+    from megatron_gift.core.model import GiftModel
+    from megatron_gift.engine.pipeline import causal_attention_mask, forward_step_func
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     packed, single = (SFTDataset(path, tokenizer, seq, pack=p) for p in (True, False))
@@ -304,6 +304,7 @@ def _packed_equals_unpacked(path, tokenizer_dir, vocab, seq, out):
     torch.save(result, out)
 
 
+@pytest.mark.distributed
 def test_packed_losses_equal_unpacked_losses_in_a_megatron_gpt(tmp_path):
     records = [{"prompt": f"Q: {a} + {b} = ?", "response": f"{a} + {b} = {a + b} . A: {a + b}"}
                for a, b in ((1, 2), (3, 4), (5, 6), (7, 8), (9, 9), (2, 7))]
@@ -379,6 +380,7 @@ def _load_on_a_rank(path, tokenizer_dir, cache_dir, out_dir):
         json.dump({"calls": calls[0], "built": data.built, "samples": samples}, f)
 
 
+@pytest.mark.distributed
 def test_ranks_of_a_node_tokenise_once(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", _mixed_records()[:1] * 50)
     run_distributed(2, _load_on_a_rank, path, synthetic.TOKENIZER_DIR, str(tmp_path / "c"),
@@ -390,7 +392,7 @@ def test_ranks_of_a_node_tokenise_once(tmp_path):
 
 
 def test_packing_is_refused_with_transformer_engine(tmp_path, tokenizer, monkeypatch):
-    from megatron_gift import training
+    from megatron_gift.engine import trainer as training
 
     monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
     config = parse_config(["--train-path", _jsonl(tmp_path / "d.jsonl", [{"text": "1"}]),
@@ -400,7 +402,7 @@ def test_packing_is_refused_with_transformer_engine(tmp_path, tokenizer, monkeyp
 
 
 def test_training_log_reports_cuts_and_skips(tmp_path, tokenizer):
-    from megatron_gift.training import _data_report
+    from megatron_gift.engine.trainer import _data_report
 
     path = tmp_path / "d.jsonl"
     path.write_text(GOOD + "oops\n" + '{"prompt": "Q: 1 + 2 = ?", "response": "3 . A: 3"}\n')
@@ -422,9 +424,28 @@ def test_batch_order_is_a_resumable_function_of_consumed_samples():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--malformed", "drop"], "data.malformed must be one of"),
-    (["--split", "train", "--pack", "--cache-dir", "/tmp/c", "data.pak=true"], "unknown config keys"),
+    (["--malformed", "drop"], r"data.malformed \(--malformed\) must be one of reject, skip"),
+    (["--split", "train", "--pack", "--cache-dir", "/tmp/c", "data.pak=true"],
+     "unknown key 'data.pak'; did you mean data.pack"),
 ])
 def test_bad_data_options_are_named(argv, message):
     with pytest.raises(ValueError, match=message):
         parse_config(argv)
+
+
+def test_bundled_tokenizer_is_reproducible(tokenizer):
+    fresh = synthetic.build_tokenizer()
+    assert fresh.get_vocab() == tokenizer.get_vocab()
+    text = "Q: ( 12 - 3 ) * 4 = ? 12 - 3 = 9 , 9 * 4 = 36 . A: 36"
+    assert fresh(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
+
+
+def test_styles_agree_on_the_answer():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        _, responses = synthetic.problem(rng)
+        assert len({synthetic.answer_of(r) for r in responses.values()}) == 1
+        assert len(set(responses.values())) == len(synthetic.STYLES)

@@ -15,7 +15,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig,
                           MistralConfig, Qwen2Config)
 
-from megatron_gift import synthetic
+from megatron_gift.data import synthetic
 from parallel_harness import model_parallel, run_distributed
 
 VOCAB = 300  # > the bundled tokenizer, not a multiple of 128: the model pads it to 384
@@ -73,7 +73,8 @@ def _megatron_logits(hf_dir, checkpoint_dir, tokens, tp, pp):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_gift import checkpoint, model as models, sources
+    from megatron_gift.core import checkpoint, model as models
+    from megatron_gift.engine import sources
     from megatron_gift.config import parse_config
 
     config = parse_config([], defaults={
@@ -112,6 +113,7 @@ def _check_logits(hf_dir, checkpoint_dir, tp, pp, vocab=VOCAB):
     torch.testing.assert_close(logits[..., :vocab], reference.detach(), rtol=0, atol=2e-5)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
 def test_imported_model_gives_the_logits_of_transformers(imported, tp, pp):
     family, root = imported
@@ -134,6 +136,7 @@ def test_export_reloads_in_transformers_with_identical_weights(imported, tmp_pat
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(root / "hf").get_vocab()
 
 
+@pytest.mark.slow
 def test_bf16_round_trip_is_bit_identical(tmp_path):
     original = make_hf_model(tmp_path / "hf", "qwen2", dtype=torch.bfloat16)
     assert convert_cli("hf-to-megatron", "--hf", tmp_path / "hf", "--out",
@@ -175,7 +178,7 @@ def checkpoint_args(directory):
     reads them."""
     from megatron.core import dist_checkpointing
 
-    import megatron_gift.checkpoint  # noqa: F401  (allows argparse.Namespace in weights-only loads)
+    import megatron_gift.core.checkpoint  # noqa: F401  (allows argparse.Namespace in weights-only loads)
 
     args = dist_checkpointing.load_common_state_dict(str(directory))["args"]
     return args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -183,7 +186,7 @@ def checkpoint_args(directory):
 
 def _train_rank(overrides):
     from megatron_gift.config import parse_config
-    from megatron_gift.training import train
+    from megatron_gift.engine.trainer import train
 
     train(parse_config([], defaults=overrides))
 
@@ -201,6 +204,8 @@ def _gift_overrides(tmp_path, pretrained, **checkpoint):
             "logging": {"metrics_file": str(tmp_path / "metrics.jsonl"), "progress": False}}
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_gift_trains_from_a_hugging_face_directory_and_exports(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGATRON_GIFT_CACHE", str(tmp_path / "cache"))
     make_hf_model(tmp_path / "hf", "qwen2")
@@ -250,6 +255,7 @@ def test_reference_that_differs_from_the_student_is_refused_before_training(tmp_
     assert not (tmp_path / "gift").exists()
 
 
+@pytest.mark.slow
 def test_a_model_trained_here_exports_as_llama_with_the_same_logits(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     synthetic.write_pretraining_corpus(str(corpus), 64, seed=0)
@@ -268,6 +274,7 @@ def test_a_model_trained_here_exports_as_llama_with_the_same_logits(tmp_path):
     run_distributed(1, _check_logits, tmp_path / "hf", tmp_path / "base", 1, 1, vocab)
 
 
+@pytest.mark.slow
 def test_launcher_trains_from_a_hugging_face_directory_and_data_file(tmp_path):
     make_hf_model(tmp_path / "hf", "mistral")
     demos = tmp_path / "demos.jsonl"

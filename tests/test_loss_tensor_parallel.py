@@ -3,12 +3,15 @@ against the full-vocab oracle and Megatron's own vocab-parallel cross-entropy.""
 
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from megatron_gift.loss import vocab_parallel_gift_loss
 from oracle import gift_loss_full_vocab, gift_stats_full_vocab
 from parallel_harness import model_parallel, run_distributed
+
+pytestmark = [pytest.mark.distributed]
 
 TP, VOCAB = 2, 48
 

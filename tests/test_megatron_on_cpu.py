@@ -1,4 +1,4 @@
-"""Megatron-Core on CPU through megatron_gift.cpu: TP, PP, TP x PP and interleaved PP schedules
+"""Megatron-Core on CPU through megatron_gift.platform.cpu: TP, PP, TP x PP and interleaved PP schedules
 of a tiny GPT, with the GIFT loss on the last stage, give the single-process losses and grads."""
 
 import subprocess
@@ -81,6 +81,7 @@ def single_process(tmp_path_factory):
     return _schedule_result(tmp_path_factory.mktemp("tp1"), 1, 1)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("tp,pp,vpp", [(2, 1, None), (1, 2, None), (2, 2, None), (1, 2, 2)])
 def test_parallel_layout_matches_single_process(single_process, tmp_path, tp, pp, vpp):
     result = _schedule_result(tmp_path, tp, pp, vpp)
@@ -102,7 +103,7 @@ def _python(code):
 
 def test_import_does_not_patch_torch():
     result = _python(
-        "import torch, megatron_gift, megatron_gift.loss, megatron_gift.cpu\n"
+        "import torch, megatron_gift, megatron_gift.loss, megatron_gift.platform.cpu\n"
         "try:\n    torch.cuda.current_device()\nexcept Exception:\n    print('untouched')\n"
     )
     assert "untouched" in result.stdout, result.stderr
@@ -111,7 +112,7 @@ def test_import_does_not_patch_torch():
 def test_no_patch_where_cuda_is_available():
     result = _python(
         "import torch; torch.cuda.is_available = lambda: True\n"
-        "import megatron_gift.cpu as cpu; original = torch.cuda.synchronize\n"
+        "import megatron_gift.platform.cpu as cpu; original = torch.cuda.synchronize\n"
         "print(cpu.enable_cpu_megatron(), torch.cuda.synchronize is original)\n"
     )
     assert result.stdout.split() == ["[]", "True"], result.stderr
@@ -120,7 +121,7 @@ def test_no_patch_where_cuda_is_available():
 def test_refuses_unsupported_megatron_core():
     result = _python(
         "from megatron.core import package_info; package_info.__version__ = '0.20.1'\n"
-        "import megatron_gift.cpu as cpu; cpu.enable_cpu_megatron()\n"
+        "import megatron_gift.platform.cpu as cpu; cpu.enable_cpu_megatron()\n"
     )
     assert result.returncode != 0
     assert "0.20.1" in result.stderr and "0.19" in result.stderr
@@ -128,7 +129,7 @@ def test_refuses_unsupported_megatron_core():
 
 def test_patches_are_applied_once():
     result = _python(
-        "import torch, megatron_gift.cpu as cpu\n"
+        "import torch, megatron_gift.platform.cpu as cpu\n"
         "a = cpu.enable_cpu_megatron(); f = torch.cuda.current_device; b = cpu.enable_cpu_megatron()\n"
         "print(a == b, f is torch.cuda.current_device, torch.cuda.current_device())\n"
     )

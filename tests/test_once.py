@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from megatron_gift.once import build_once
+from megatron_gift.platform.once import build_once
 
 
 def test_waiting_rank_sees_the_result_and_the_worker_builds_once(tmp_path):

@@ -10,7 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from megatron_gift import rl_handoff, synthetic
+from megatron_gift.data import synthetic
+from megatron_gift import rl_handoff as rl_handoff_command
+from megatron_gift.rl import handoff as rl_handoff
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +22,7 @@ def _save_torch_dist(directory, common):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_gift.cpu import enable_cpu_megatron
+    from megatron_gift.platform.cpu import enable_cpu_megatron
 
     enable_cpu_megatron()
     os.makedirs(directory)
@@ -113,7 +115,7 @@ def test_parallel_sizes_default_to_the_recipe(megatron_lm_root, hf_dir, nemo_rl_
 def test_cli_writes_the_config_and_prints_the_launch_lines(megatron_lm_root, hf_dir, nemo_rl_dir,
                                                            tmp_path, capsys):
     out = tmp_path / "cli.yaml"
-    rl_handoff.main(["nemo-rl", "--checkpoint", str(megatron_lm_root), "--hf", str(hf_dir),
+    rl_handoff_command.main(["nemo-rl", "--checkpoint", str(megatron_lm_root), "--hf", str(hf_dir),
                      "--nemo-rl-dir", str(nemo_rl_dir), "--out", str(out), "--num-nodes", "2"])
     printed = capsys.readouterr().out
     assert OmegaConf.load(out).cluster.num_nodes == 2
@@ -232,6 +234,8 @@ def test_math_reward_checks_equivalence_and_file_fields_are_named(tmp_path):
     assert grpo.file_dataset(str(path), "problem", "solution")[0] == {"prompt": "1+1?", "answer": "2"}
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_the_default_jobs_gift_checkpoint_goes_to_nemo_rl_and_trains_with_trl(tmp_path, nemo_rl_dir):
     """The embedded default (stage 1, then 4 GIFT iterations), exported, handed to NeMo RL's
     config writer and trained for two GRPO steps with TRL, each as a user would run it."""

@@ -35,7 +35,7 @@ def model_flags(args):
 def worker(argv):
     """Train with ``argv`` in this process; print peak memory as the last line (JSON)."""
     from megatron_gift.config import parse_config
-    from megatron_gift.training import train
+    from megatron_gift.engine.trainer import train
 
     train(parse_config(argv))
     if torch.accelerator.is_available():
@@ -72,7 +72,7 @@ def main():
     args = parser.parse_args()
     env = dict(os.environ) if args.os_malloc else {**KEEP_FREED_MEMORY, **os.environ}
 
-    from megatron_gift import synthetic
+    from megatron_gift.data import synthetic
 
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "demos.jsonl")

@@ -7,14 +7,27 @@ the gradients by the tokens of the whole global batch (all micro-batches, all DP
 Report values are ``[sum, count]`` pairs, summed over micro-batches by the training loop.
 """
 
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_gift.loss import vocab_parallel_gift_loss
 
+if TYPE_CHECKING:
+    from megatron_gift.core.model import GiftModel
 
-def forward_step_func(beta, smooth_lambda, attention_mask_fn, vocab_size, evaluate=False):
+Batch = dict[str, torch.Tensor]  # a micro-batch: name -> [b, s] tensor (megatron_gift.data)
+# The last stage's loss: logits -> (loss_sum, num_tokens, {name: [sum, count]}).
+LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+ForwardStep = Callable[[Iterator[Batch], "GiftModel"], tuple[torch.Tensor, Optional[LossFunc]]]
+Shapes = list[tuple[int, ...]]
+
+
+def forward_step_func(beta: float, smooth_lambda: float,
+                      attention_mask_fn: Callable[[Batch], torch.Tensor], vocab_size: int,
+                      evaluate: bool = False) -> ForwardStep:
     """A ``forward_step_func(data_iterator, model)`` for Megatron's schedules.
 
     Training steps compute the GIFT loss; ``evaluate`` computes plain next-token
@@ -25,7 +38,8 @@ def forward_step_func(beta, smooth_lambda, attention_mask_fn, vocab_size, evalua
     :func:`causal_attention_mask`).
     """
 
-    def forward_step(data_iterator, model):
+    def forward_step(data_iterator: Iterator[Batch],
+                     model: "GiftModel") -> tuple[torch.Tensor, Optional[LossFunc]]:
         batch = {k: v.to(model.device, non_blocking=True) for k, v in next(data_iterator).items()}
         mask = attention_mask_fn(batch)
         output = model(batch["tokens"], batch["position_ids"], mask)
@@ -84,17 +98,17 @@ def _vocab_parallel_argmax(logits, vocab_size):
     return candidate
 
 
-def shapes_with_reference(hidden_size):
+def shapes_with_reference(hidden_size: int) -> Callable[[Shapes, Shapes], tuple[Shapes, Shapes]]:
     """``adjust_tensor_shapes_fn`` for the 1F1B schedule: activations carry both models."""
 
-    def adjust(recv_shapes, send_shapes):
+    def adjust(recv_shapes: Shapes, send_shapes: Shapes) -> tuple[Shapes, Shapes]:
         widen = lambda shapes: [(*s[:-1], s[-1] + hidden_size) for s in shapes]  # noqa: E731
         return widen(recv_shapes), widen(send_shapes)
 
     return adjust
 
 
-def causal_attention_mask(batch):
+def causal_attention_mask(batch: Batch) -> torch.Tensor:
     """Boolean ``[b, 1, s, s]`` mask of a micro-batch, True where attention is blocked, on the
     device of its ``tokens``: causal, and block-diagonal by ``segment_ids`` when it has them
     (packed sequences: a query sees only earlier keys of its own sample)."""

@@ -3,29 +3,32 @@
 Stage 1 pretrains a tiny base model with plain next-token loss on the synthetic corpus (all
 solution styles). Stage 2 is GIFT post-training from that base on one-style demonstrations.
 Stage 1 always runs as one process (TP = PP = DP = 1) with a fixed seed, so every stage-2
-layout starts from the same base. ``python -m megatron_gift.default_run --run-dir DIR`` builds
+layout starts from the same base. ``python -m megatron_gift.engine.default_run --run-dir DIR`` builds
 stage 1 alone.
 """
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
-import time
 
-from megatron_gift import synthetic
-from megatron_gift.checkpoint import latest_checkpoint
+from megatron_gift.core.paths import latest_checkpoint
+from megatron_gift.data import synthetic
+from megatron_gift.platform.console import entry_point, quiet_third_party
+from megatron_gift.platform.once import build_once
 
+log = logging.getLogger(__name__)
 RUN_DIR = os.path.join("runs", "default")
 SEED = 1234
 _SIZES = {"corpus.jsonl": 6000, "demonstrations.jsonl": 2000, "valid.jsonl": 256}
 
 
-def data_paths(run_dir):
+def data_paths(run_dir: str) -> dict[str, str]:
     return {name: os.path.join(run_dir, "data", name) for name in _SIZES}
 
 
-def base_overrides(run_dir):
+def base_overrides(run_dir: str) -> dict:
     """Stage 1: next-token pretraining on the mixed-style corpus."""
     paths = data_paths(run_dir)
     return {
@@ -39,7 +42,7 @@ def base_overrides(run_dir):
     }
 
 
-def gift_overrides(run_dir):
+def gift_overrides(run_dir: str) -> dict:
     """Stage 2: GIFT from the base on one-style demonstrations (flags override any of it)."""
     paths = data_paths(run_dir)
     return {
@@ -54,7 +57,7 @@ def gift_overrides(run_dir):
     }
 
 
-def prepare(run_dir):
+def prepare(run_dir: str) -> None:
     """Write the synthetic data (idempotent) and build the base checkpoint if it is missing."""
     paths = data_paths(run_dir)
     os.makedirs(os.path.dirname(paths["corpus.jsonl"]), exist_ok=True)
@@ -72,37 +75,36 @@ def prepare(run_dir):
         _build_base(run_dir, base)
 
 
-def _build_base(run_dir, base):
-    failed = os.path.join(run_dir, "base.failed")
-    if int(os.environ.get("RANK", "0")) == 0:
-        if os.path.exists(failed):
-            os.remove(failed)
-        print(f"building the base model (stage 1, one process) in {base}", flush=True)
+def _build_base(run_dir: str, base: str) -> None:
+    """Global rank 0 trains stage 1 in a process of its own; the other ranks wait for it."""
+    def build() -> None:
+        log.info(f"building the base model (stage 1, one process) in {base}")
         # A world of its own: none of torchrun's rendezvous variables.
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT",
                             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
                and not k.startswith("TORCHELASTIC_")}
-        result = subprocess.run([sys.executable, "-m", "megatron_gift.default_run",
+        result = subprocess.run([sys.executable, "-m", "megatron_gift.engine.default_run",
                                  "--run-dir", run_dir], env=env)
         if result.returncode != 0:
-            open(failed, "w").close()
             raise RuntimeError(f"building the base model failed (exit code {result.returncode})")
-        return
-    while latest_checkpoint(base) is None:  # the other ranks wait for rank 0
-        if os.path.exists(failed):
-            raise RuntimeError("building the base model failed on rank 0")
-        time.sleep(1)
+
+    build_once(lambda: latest_checkpoint(base) is not None, build,
+               is_worker=int(os.environ.get("RANK", "0")) == 0,
+               marker=os.path.join(run_dir, "base.failed"), what="building the base model")
 
 
-def main():
+@entry_point
+def main() -> None:
+    quiet_third_party()
     from megatron_gift.config import parse_config
-    from megatron_gift.training import train
+    from megatron_gift.engine.trainer import train
 
     parser = argparse.ArgumentParser(description="Build the default job's base model (stage 1).")
     parser.add_argument("--run-dir", default=RUN_DIR)
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     args = parser.parse_args()
-    train(parse_config([], defaults=base_overrides(args.run_dir)))
+    train(parse_config(["--log-level", args.log_level], defaults=base_overrides(args.run_dir)))
 
 
 if __name__ == "__main__":

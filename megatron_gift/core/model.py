@@ -8,6 +8,7 @@ logits ``[b, s, V/tp]`` (never gathered). With ``beta = inf`` there is no refere
 """
 
 import math
+from typing import Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +17,12 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
+from omegaconf import DictConfig
+
+_Module = TypeVar("_Module", bound=torch.nn.Module)
 
 
-def transformer_config(config, params_dtype):
+def transformer_config(config: DictConfig, params_dtype: torch.dtype) -> TransformerConfig:
     """Megatron's ``TransformerConfig`` for the run (``config``: the run's OmegaConf)."""
     model, parallel = config.model, config.parallel
     vpp = parallel.virtual_pipeline_model_parallel_size
@@ -39,13 +43,13 @@ def transformer_config(config, params_dtype):
         calculate_per_token_loss=True, use_cpu_initialization=on_cpu,
         # The interleaved schedule cannot be told the doubled activation width: shapes travel.
         variable_seq_lengths=vpp is not None, moe_token_dispatcher_type="alltoall",
-        batch_p2p_comm=not (on_cpu and vpp is not None),  # see megatron_gift.cpu
+        batch_p2p_comm=not (on_cpu and vpp is not None),  # see megatron_gift.platform.cpu
         gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, cross_entropy_loss_fusion=False,
     )
 
 
-def padded_vocab_size(vocab_size, config):
+def padded_vocab_size(vocab_size: int, config: DictConfig) -> int:
     """The vocab padded to a multiple of ``make_vocab_size_divisible_by`` that TP divides.
 
     Unlike Megatron-LM's ``128 * tp``, this does not change with TP (for TP dividing 128), so
@@ -56,7 +60,8 @@ def padded_vocab_size(vocab_size, config):
     return -(-vocab_size // multiple) * multiple
 
 
-def build_chunks(config, tf_config, vocab_size, device, local_spec=False):
+def build_chunks(config: DictConfig, tf_config: TransformerConfig, vocab_size: int,
+                 device: torch.device, local_spec: bool = False) -> list[GPTModel]:
     """This rank's ``GPTModel`` chunks (one per virtual pipeline stage), on ``device``.
 
     Every parameter takes ``params_dtype`` (norms included, as Megatron-LM's Float16Module
@@ -81,7 +86,7 @@ def build_chunks(config, tf_config, vocab_size, device, local_spec=False):
     return chunks
 
 
-def freeze(model):
+def freeze(model: _Module) -> _Module:
     """Eval mode, no grads: the reference never changes."""
     model.eval()
     for param in model.parameters():
@@ -107,7 +112,9 @@ class GiftModel(torch.nn.Module):
         self.hidden_size = inner.config.hidden_size
         self.device = next(inner.parameters()).device
 
-    def set_input_tensor(self, input_tensor):
+    def set_input_tensor(
+        self, input_tensor: Union[Optional[torch.Tensor], Sequence[Optional[torch.Tensor]]],
+    ) -> None:
         tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
         inner = unwrap(self.student)
         if self.reference is None or tensor is None:
@@ -119,7 +126,11 @@ class GiftModel(torch.nn.Module):
         inner.set_input_tensor(student_part)
         self.reference.set_input_tensor(reference_part)
 
-    def forward(self, tokens, position_ids, attention_mask):
+    def forward(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """``tokens`` and ``position_ids``: int64 ``[b, s]``; ``attention_mask``: bool
+        ``[b, 1, s, s]``, True where blocked. Returns what the class doc says."""
         reference_out = None
         if self.reference is not None:
             with torch.no_grad():
@@ -132,7 +143,7 @@ class GiftModel(torch.nn.Module):
         return torch.cat([student_out, reference_out], dim=-1)
 
 
-def unwrap(module):
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP-style wrappers."""
     while hasattr(module, "module"):
         module = module.module

@@ -12,15 +12,21 @@ import hashlib
 import json
 import os
 import socket
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
 
-from megatron_gift.once import build_once
+from megatron_gift.errors import MissingFileError
+from megatron_gift.platform.once import build_once
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _FORMAT = 1  # bump when the stored layout changes
 
 
-def cached_table(cache_dir, name, key, build):
+def cached_table(cache_dir: str, name: str, key: dict[str, Any],
+                 build: Callable[[], pa.Table]) -> tuple[pa.Table, str, bool]:
     """The ``pyarrow.Table`` stored under ``key`` in ``cache_dir`` (``name`` prefixes the file),
     made by ``build()`` on local rank 0 if absent while the node's other ranks wait for the
     file (:mod:`megatron_gift.once`); ``(table, path, built_here)``.
@@ -33,7 +39,8 @@ def cached_table(cache_dir, name, key, build):
     return pa.ipc.open_file(pa.memory_map(path)).read_all(), path, built
 
 
-def cache_key(path, tokenizer, options):
+def cache_key(path: str, tokenizer: "PreTrainedTokenizerBase",
+              options: dict[str, Any]) -> dict[str, Any]:
     """The JSON-able key of tokenising ``path`` with ``tokenizer`` under ``options`` (a dict)."""
     return {"format": _FORMAT, "source": _source_identity(path),
             "tokenizer": _tokenizer_identity(tokenizer), "options": options}
@@ -41,7 +48,7 @@ def cache_key(path, tokenizer, options):
 
 def _source_identity(path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingFileError(f"data file not found: {path}")
     path = os.path.abspath(path)
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(root, f) for root, _, names in os.walk(path) for f in names)

@@ -6,9 +6,10 @@ decreasing, which leaves little padding and is deterministic.
 """
 
 import bisect
+from typing import Sequence
 
 
-def pack(lengths, capacity):
+def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bins of sample indices whose ``lengths`` (input positions each, ``<= capacity``) sum to
     at most ``capacity``; indices ascend inside a bin and bins are ordered by first index."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))

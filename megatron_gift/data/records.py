@@ -16,8 +16,11 @@ for Parquet and ``datasets`` (0-based, as ``dataset[N]``).
 import json
 import os
 from dataclasses import dataclass
+from typing import Iterator, Union
 
 import pyarrow.parquet as pq
+
+from megatron_gift.errors import MissingFileError, UserError
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ class Malformed(Exception):
     """A record that cannot be trained on; the message says why."""
 
 
-def read_examples(path, fields, split="train"):
+def read_examples(path: str, fields: Fields,
+                  split: str = "train") -> Iterator[tuple[str, Union[Example, Malformed]]]:
     """Yield ``(place, Example or Malformed)`` for every record of ``path``, in file order.
 
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for a file without any
@@ -61,14 +65,14 @@ def read_examples(path, fields, split="train"):
         except Malformed as error:
             yield place, error
     if count == 0:
-        raise ValueError(f"data file has no records: {path}")
+        raise UserError(f"data file has no records: {path}")
 
 
 def _read(path, split):
     if os.path.isdir(path):
         return _dataset_rows(path, split)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingFileError(f"data file not found: {path}")
     return _parquet_rows(path) if path.endswith(".parquet") else _jsonl_lines(path)
 
 
@@ -97,10 +101,10 @@ def _dataset_rows(path, split):
     try:
         data = datasets.load_from_disk(path)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{path} is not a datasets directory (save_to_disk): {error}")
+        raise MissingFileError(f"{path} is not a datasets directory (save_to_disk): {error}")
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise ValueError(f"{path}: no split {split!r} (it has {sorted(data)}); set data.split")
+            raise UserError(f"{path}: no split {split!r} (it has {sorted(data)}); set data.split")
         data = data[split]
     for row, record in enumerate(data):
         yield f"{path} row {row}", record

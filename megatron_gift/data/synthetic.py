@@ -15,14 +15,18 @@ Numbers are spelled digit by digit, so the vocabulary is small and closed.
 import json
 import os
 import random
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 STYLES = ("stepwise", "backward", "compact")
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 WORDS = tuple("0123456789") + ("+", "-", "*", "(", ")", "=", "?", ",", ".", "Q:", "A:", "where")
-TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "assets", "tokenizer")
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
 
 
-def problem(rng):
+def problem(rng: random.Random) -> tuple[str, dict[str, str]]:
     """One problem: ``(prompt, {style: response})``, responses ending in the answer."""
     a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
     first_op, second_op = rng.choice("+-*"), rng.choice("+-*")
@@ -37,13 +41,13 @@ def problem(rng):
     return f"Q: ( {a} {first_op} {b} ) {second_op} {c} = ?", responses
 
 
-def answer_of(response):
+def answer_of(response: str) -> Optional[str]:
     """The final answer a response states, or None."""
     tail = response.rsplit("A:", 1)
     return tail[1].strip().replace(" ", "") if len(tail) == 2 else None
 
 
-def write_pretraining_corpus(path, num_samples, seed):
+def write_pretraining_corpus(path: str, num_samples: int, seed: int) -> None:
     """JSONL of ``{"text": ...}``: prompt and a solution, styles uniformly mixed."""
     rng = random.Random(seed)
     with open(path, "w") as f:
@@ -52,7 +56,8 @@ def write_pretraining_corpus(path, num_samples, seed):
             f.write(json.dumps({"text": f"{prompt} {responses[rng.choice(STYLES)]}"}) + "\n")
 
 
-def write_demonstrations(path, num_samples, seed, style="stepwise"):
+def write_demonstrations(path: str, num_samples: int, seed: int,
+                         style: str = "stepwise") -> None:
     """JSONL of ``{"prompt", "response", "answer"}`` in one style (the SFT/GIFT data)."""
     rng = random.Random(seed)
     with open(path, "w") as f:
@@ -63,7 +68,7 @@ def write_demonstrations(path, num_samples, seed, style="stepwise"):
             f.write(json.dumps(record) + "\n")
 
 
-def build_tokenizer():
+def build_tokenizer() -> "PreTrainedTokenizerFast":
     """The world's word-level tokenizer as a ``transformers.PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

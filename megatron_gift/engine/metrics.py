@@ -2,15 +2,20 @@
 JSON-lines file with one object per logged iteration (and one per evaluation)."""
 
 import json
+import logging
 import os
 
+from omegaconf import DictConfig
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
     """Writes on global rank 0 only; other ranks get a logger that does nothing."""
 
-    def __init__(self, logging_config, total_iters, start_iter, enabled):
+    def __init__(self, logging_config: DictConfig, total_iters: int, start_iter: int,
+                 enabled: bool):
         self.enabled = enabled
         if not enabled:
             return
@@ -26,7 +31,7 @@ class MetricsLogger:
             os.makedirs(os.path.dirname(os.path.abspath(logging_config.metrics_file)), exist_ok=True)
             self.file = open(logging_config.metrics_file, "a")
 
-    def log(self, record, headline=("loss", "lr", "grad_norm", "tokens_per_s")):
+    def log(self, record: dict, headline: tuple = ("loss", "lr", "grad_norm", "tokens_per_s")) -> None:
         """``record``: dict with ``iteration`` and scalar metrics."""
         if not self.enabled:
             return
@@ -35,8 +40,8 @@ class MetricsLogger:
             self.bar.set_postfix({k: f"{record[k]:.4g}" for k in headline if k in record},
                                  refresh=True)
         else:
-            self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in record.items()))
+            log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in record.items()))
         if self.writer is not None:
             for key, value in record.items():
                 if key != "iteration" and isinstance(value, (int, float)):
@@ -46,11 +51,7 @@ class MetricsLogger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
-    def message(self, text):
-        if self.enabled:
-            self.bar.write(text)
-
-    def close(self):
+    def close(self) -> None:
         if not self.enabled:
             return
         self.bar.close()

@@ -13,16 +13,23 @@ Without a template, turns are concatenated as they are (``prompt + response + eo
 assistant turns each end with eos). Raw text is ``bos + text + eos`` with the loss on all.
 """
 
+from typing import TYPE_CHECKING
+
 from jinja2 import TemplateError
 
-from megatron_gift.records import Malformed
+from megatron_gift.data.records import Example, Malformed
+from megatron_gift.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
-def encode(example, tokenizer):
+def encode(example: Example,
+           tokenizer: "PreTrainedTokenizerBase") -> tuple[list[int], list[bool]]:
     """``(ids, mask)`` of one example: equal-length lists of token ids and booleans, True where
     the token is a training target (the model learns to predict it from the tokens before)."""
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; responses and texts must end with one")
+        raise UserError("the tokenizer has no eos_token; responses and texts must end with one")
     if example.text is not None:
         ids = [tokenizer.bos_token_id] * (tokenizer.bos_token_id is not None)
         ids += _ids(tokenizer, example.text) + [tokenizer.eos_token_id]
@@ -53,7 +60,7 @@ def _templated_chat(tokenizer, messages):
         through = _render(tokenizer, messages[: k + 1], generation_prompt=False)
         if not (len(before) < len(through) and through[: len(before)] == before
                 and ids[: len(through)] == through):
-            raise ValueError(
+            raise UserError(
                 f"the chat template is not prefix-stable at assistant turn {k}: the render of "
                 f"the turns before it (with the generation prompt) and the render up to it are "
                 f"not growing token prefixes of the whole conversation, so its tokens cannot be "

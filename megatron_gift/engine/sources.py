@@ -8,16 +8,20 @@ architecture and, unless given, the tokenizer; its assets travel into the run's 
 so that exports and the RL hand-off find them.
 """
 
-import torch
-from omegaconf import OmegaConf
+from typing import Optional
 
-from megatron_gift import checkpoint, convert
-from megatron_gift.config import validate
-from megatron_gift.hf_architecture import (MODEL_KEYS, hf_assets, is_hf_directory,
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_gift.config import from_container, validate
+from megatron_gift.core import checkpoint
+from megatron_gift.errors import MissingFileError, UserError
+from megatron_gift.hf import convert
+from megatron_gift.hf.architecture import (MODEL_KEYS, hf_assets, is_hf_directory,
                                            model_section_from_hf)
 
 
-def resolve_model(config, tokenizer_size):
+def resolve_model(config: DictConfig, tokenizer_size: int) -> DictConfig:
     """Fill the ``model`` section from the HF config of the pretrained checkpoint (else of the
     run being resumed) and make ``vocab_size`` and ``kv_channels`` concrete (in place);
     returns ``config``."""
@@ -30,32 +34,32 @@ def resolve_model(config, tokenizer_size):
     if model.vocab_size is None:
         model.vocab_size = tokenizer_size
     if tokenizer_size > model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer_size} tokens but model.vocab_size is "
+        raise UserError(f"the tokenizer has {tokenizer_size} tokens but model.vocab_size is "
                          f"{model.vocab_size}")
     if model.kv_channels is None:
         model.kv_channels = model.hidden_size // model.num_attention_heads
     return validate(config)
 
 
-def model_source(config):
+def model_source(config: DictConfig) -> Optional[str]:
     """Where the weights come from: the pretrained checkpoint, else the run to resume."""
     return config.checkpoint.pretrained_checkpoint or config.checkpoint.load
 
 
-def megatron_checkpoint(source, cache_root=None):
+def megatron_checkpoint(source: Optional[str], cache_root: Optional[str] = None) -> Optional[str]:
     """A Megatron checkpoint path for ``source`` (HF directories go through the cache)."""
     if source is None:
         return None
     if is_hf_directory(source):
         return convert.cached_conversion(source, cache_root)
     if checkpoint.latest_checkpoint(source) is None:
-        raise FileNotFoundError(f"no checkpoint at {source}: neither a Megatron checkpoint "
+        raise MissingFileError(f"no checkpoint at {source}: neither a Megatron checkpoint "
                                 f"({checkpoint.TRACKER} or metadata.json) nor a Hugging Face "
                                 "directory (config.json)")
     return source
 
 
-def check_reference_matches(student_source, reference_source):
+def check_reference_matches(student_source: Optional[str], reference_source: Optional[str]) -> None:
     """Refuse a reference whose weights' dtype or model differs from the student's source."""
     if student_source is None or reference_source is None or student_source == reference_source:
         return
@@ -64,26 +68,26 @@ def check_reference_matches(student_source, reference_source):
     for key in ("dtype", "vocab_size", "architecture"):
         student, reference = facts["student"][key], facts["reference"][key]
         if student != reference:
-            raise ValueError(f"the reference checkpoint {reference_source} differs from the "
+            raise UserError(f"the reference checkpoint {reference_source} differs from the "
                              f"student's {student_source} in {key}: {reference} vs {student}")
 
 
-def copy_assets(source, save_dir):
+def copy_assets(source: Optional[str], save_dir: str) -> None:
     """Copy the source's HF assets (config, tokenizer) to ``save_dir/hf``; rank 0 calls it."""
     assets = hf_assets(source)
     if assets is not None:
         convert.copy_assets(assets, save_dir)
 
 
-def _facts(source):
+def _facts(source: str) -> dict:
     if is_hf_directory(source):
         section = model_section_from_hf(source)
         dtype = str(convert.checkpoint_dtype(convert.weight_files(source))).removeprefix("torch.")
     else:
         directory = checkpoint.latest_checkpoint(source)
         if directory is None:
-            raise FileNotFoundError(f"no checkpoint at {source}")
-        config = OmegaConf.create(checkpoint.run_facts(directory)["config"])
+            raise MissingFileError(f"no checkpoint at {source}")
+        config = from_container(checkpoint.run_facts(directory)["config"])
         section = OmegaConf.to_container(config.model)
         dtype = str(torch.bfloat16 if config.training.bf16 else torch.float32).removeprefix("torch.")
     arch = {k: section.get(k) for k in MODEL_KEYS if k not in ("vocab_size", "family", "sliding_window")}

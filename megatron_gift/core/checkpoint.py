@@ -14,16 +14,23 @@ previous checkpoint. Only the student is saved; the reference's source path is r
 import argparse
 import os
 import random
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from omegaconf import DictConfig
 
-from megatron_gift.model import unwrap
+from megatron_gift.core.model import unwrap
+from megatron_gift.core.paths import TRACKER, iteration_dir, latest_checkpoint  # noqa: F401
+from megatron_gift.errors import MissingFileError, UserError
 
-TRACKER = "latest_checkpointed_iteration.txt"
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
 # Megatron-LM keeps its arguments in the common state; Megatron-Bridge (and so NeMo RL's
 # ``format: megatron_lm``) reads the layout from them. Loading them needs the class allowed.
 torch.serialization.add_safe_globals([argparse.Namespace])
@@ -33,25 +40,15 @@ ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_qu
                      "vocab_size")
 
 
-def latest_checkpoint(path):
-    """The newest complete ``iter_*`` directory under ``path`` (or ``path`` itself), or None."""
-    if path is None or not os.path.isdir(path):
-        return None
-    tracker = os.path.join(path, TRACKER)
-    if os.path.isfile(tracker):
-        with open(tracker) as f:
-            return os.path.join(path, f"iter_{int(f.read().strip()):07d}")
-    if os.path.isfile(os.path.join(path, "metadata.json")):
-        return path
-    return None
-
-
-def save_checkpoint(save_dir, iteration, chunks, optimizer, scheduler, consumed_samples, common):
+def save_checkpoint(save_dir: str, iteration: int, chunks: Sequence[torch.nn.Module],
+                    optimizer: Optional["MegatronOptimizer"],
+                    scheduler: Optional["OptimizerParamScheduler"], consumed_samples: int,
+                    common: dict[str, Any]) -> str:
     """Save the student chunks and the training state; ``common``: plain dict of run facts.
 
     Without an optimizer (``None``, as for a converted model) only the weights are saved.
     """
-    directory = os.path.join(save_dir, f"iter_{iteration:07d}")
+    directory = iteration_dir(save_dir, iteration)
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
     dist.barrier()
@@ -76,15 +73,18 @@ def save_checkpoint(save_dir, iteration, chunks, optimizer, scheduler, consumed_
     return directory
 
 
-def run_facts(directory):
+def run_facts(directory: str) -> dict[str, Any]:
     """The run facts (config, architecture, layout, ...) saved with ``directory``."""
     return dist_checkpointing.load_common_state_dict(directory)["run"]
 
 
-def load_checkpoint(directory, chunks, optimizer, scheduler):
+def load_checkpoint(directory: str, chunks: Sequence[torch.nn.Module],
+                    optimizer: "MegatronOptimizer",
+                    scheduler: "OptimizerParamScheduler") -> tuple[int, int, dict[str, Any]]:
     """Resume everything from ``directory``; returns ``(iteration, consumed_samples, run)``."""
     common = dist_checkpointing.load_common_state_dict(directory)
     state = _model_state(chunks)
+    _give_sgd_a_state_initializer(optimizer)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                       **_optimizer_kwargs(optimizer))
     same_layout = common["run"]["layout"] == layout()
@@ -101,7 +101,8 @@ def load_checkpoint(directory, chunks, optimizer, scheduler):
     return common["iteration"], common["consumed_samples"], common["run"]
 
 
-def load_model_weights(path, chunks, expected_architecture):
+def load_model_weights(path: str, chunks: Sequence[torch.nn.Module],
+                       expected_architecture: dict[str, Any]) -> str:
     """Load only model weights (a base checkpoint or a run's newest) into ``chunks``.
 
     Raises ValueError when the checkpoint's architecture or vocab differs from
@@ -109,20 +110,20 @@ def load_model_weights(path, chunks, expected_architecture):
     """
     directory = latest_checkpoint(path)
     if directory is None:
-        raise FileNotFoundError(f"no Megatron checkpoint at {path} (no {TRACKER} or metadata.json)")
+        raise MissingFileError(f"no Megatron checkpoint at {path} (no {TRACKER} or metadata.json)")
     stored = run_facts(directory)["architecture"]
     differing = {k: (stored.get(k), v) for k, v in expected_architecture.items()
                  if stored.get(k) != v}
     if differing:
         details = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in differing.items())
-        raise ValueError(f"checkpoint {directory} does not match the model: {details}")
+        raise UserError(f"checkpoint {directory} does not match the model: {details}")
     loaded = dist_checkpointing.load(_model_state(chunks), directory)
     for k, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_model_key(k, len(chunks))])
     return directory
 
 
-def architecture(model_config, padded_vocab_size):
+def architecture(model_config: DictConfig, padded_vocab_size: int) -> dict[str, Any]:
     """The facts a checkpoint must share with the model it is loaded into."""
     facts = {key: model_config.get(key) for key in ARCHITECTURE_KEYS}
     facts["padded_vocab_size"] = padded_vocab_size
@@ -138,6 +139,24 @@ def _model_state(chunks):
             for k, chunk in enumerate(chunks)}
 
 
+def _give_sgd_a_state_initializer(optimizer: "MegatronOptimizer") -> None:
+    """Megatron-Core 0.19 builds SGD with ``init_state_fn = None``
+    (optimizer/__init__.py :: _get_megatron_optimizer_based_on_param_groups), and
+    ``FP32Optimizer.sharded_state_dict(is_loading=True)`` calls it, so an SGD run could not be
+    resumed. The initializer given here creates the momentum buffers the checkpoint then fills."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if inner.config.optimizer == "sgd" and getattr(inner, "init_state_fn", None) is None:
+            inner.init_state_fn = _sgd_momentum_buffers
+
+
+def _sgd_momentum_buffers(opt: torch.optim.Optimizer, config: object = None) -> None:
+    for group in opt.param_groups:
+        if group.get("momentum", 0):
+            for param in group["params"]:
+                if len(opt.state[param]) == 0:
+                    opt.state[param]["momentum_buffer"] = torch.zeros_like(param.data)
+
+
 def _optimizer_kwargs(optimizer):
     if any(type(o).__name__ == "DistributedOptimizer"
            for o in getattr(optimizer, "chained_optimizers", [optimizer])):
@@ -145,7 +164,7 @@ def _optimizer_kwargs(optimizer):
     return {}
 
 
-def layout():
+def layout() -> list[int]:
     """``[tp, pp, dp]`` of this run, as recorded in checkpoints."""
     return [parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_pipeline_model_parallel_world_size(),

@@ -63,7 +63,7 @@ _CUDA_LITERAL_MODULES = (
 _applied = []
 
 
-def enable_cpu_megatron():
+def enable_cpu_megatron() -> list[str]:
     """Make Megatron-Core 0.19 run on CPU (gloo) when CUDA is absent; idempotent.
 
     Returns the names of the patches in effect (empty where CUDA is available).
@@ -86,6 +86,12 @@ def enable_cpu_megatron():
     return list(_applied)
 
 
+def applied_patches() -> list[str]:
+    """The names of the patches in effect in this process (empty until
+    :func:`enable_cpu_megatron` ran, and where CUDA is available)."""
+    return list(_applied)
+
+
 def _patch_current_device():
     torch.cuda.current_device = lambda: torch.device("cpu")
 
@@ -104,13 +110,13 @@ def _patch_rng():
 
 
 class _NoOpStream:
-    def wait_event(self, event):
+    def wait_event(self, event: torch.cuda.Event) -> None:
         pass
 
-    def wait_stream(self, stream):
+    def wait_stream(self, stream: torch.cuda.Stream) -> None:
         pass
 
-    def synchronize(self):
+    def synchronize(self) -> None:
         pass
 
 

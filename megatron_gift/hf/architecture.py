@@ -8,10 +8,15 @@ Llama 3.2 models tie the embeddings to the output layer.
 """
 
 import os
+from typing import TYPE_CHECKING, Any, Optional
 
-from transformers import AutoConfig, LlamaConfig, MistralConfig, Qwen2Config
+from megatron_gift.errors import MissingFileError, UserError
 
-FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from transformers import PretrainedConfig
+
+FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig"}  # transformers
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "mistral": "MistralForCausalLM"}
 # Megatron-Core's llama3 RoPE scaling fixes these (rotary_pos_embedding._apply_scaling).
@@ -26,12 +31,12 @@ MODEL_KEYS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num
               "sliding_window")
 
 
-def is_hf_directory(path):
+def is_hf_directory(path: Optional[str]) -> bool:
     """True for a directory holding a Hugging Face ``config.json``."""
     return path is not None and os.path.isfile(os.path.join(path, "config.json"))
 
 
-def hf_assets(source):
+def hf_assets(source: Optional[str]) -> Optional[str]:
     """The directory with the HF ``config.json`` and tokenizer of ``source`` (an HF directory,
     or a checkpoint root keeping them in ``hf/``), or None."""
     if source is None:
@@ -42,25 +47,27 @@ def hf_assets(source):
     return own if is_hf_directory(own) else None
 
 
-def check_tokenizer_files(hf_dir):
+def check_tokenizer_files(hf_dir: str) -> None:
     """Raise FileNotFoundError naming ``hf_dir`` unless it holds a tokenizer's vocabulary."""
     if not any(os.path.isfile(os.path.join(hf_dir, name)) for name in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{hf_dir}: no tokenizer files (one of {list(TOKENIZER_FILES)})")
+        raise MissingFileError(f"{hf_dir}: no tokenizer files (one of {list(TOKENIZER_FILES)})")
 
 
-def model_section_from_hf(hf_dir):
+def model_section_from_hf(hf_dir: str) -> dict[str, Any]:
     """The ``model`` config keys (:data:`MODEL_KEYS`) of the HF causal LM in ``hf_dir``.
 
     Raises ValueError naming the architecture when it is not a supported family or uses a
     feature the Megatron model here does not reproduce exactly.
     """
     if not is_hf_directory(hf_dir):
-        raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+        raise MissingFileError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    from transformers import AutoConfig
+
     hf = AutoConfig.from_pretrained(hf_dir)
     family = hf.model_type
     architectures = getattr(hf, "architectures", None) or [ARCHITECTURES.get(family, family)]
     if family not in FAMILIES or architectures[0] != ARCHITECTURES[family]:
-        raise ValueError(
+        raise UserError(
             f"{hf_dir}: architecture {architectures[0]} (model_type {family!r}) is not supported; "
             f"supported: {', '.join(ARCHITECTURES.values())}")
     _check_features(hf, hf_dir)
@@ -84,7 +91,8 @@ def model_section_from_hf(hf_dir):
     }
 
 
-def hf_config_from_model_section(model, base=None):
+def hf_config_from_model_section(model: "DictConfig",
+                                 base: Optional[dict[str, Any]] = None) -> "PretrainedConfig":
     """A ``transformers`` config for the model section ``model``.
 
     ``base``: the original HF config dict when the model came from Hugging Face (keeps its
@@ -111,26 +119,28 @@ def hf_config_from_model_section(model, base=None):
     values.setdefault("max_position_embeddings", max(model.seq_length, 8192 if model.rope_scaling_factor else 0))
     if family == "qwen2":
         values.pop("head_dim")  # Qwen2 derives it
-    return FAMILIES[family](**values)
+    import transformers
+
+    return getattr(transformers, FAMILIES[family])(**values)
 
 
 def _check_features(hf, hf_dir):
     name = type(hf).__name__
     if getattr(hf, "hidden_act", "silu") != "silu":
-        raise ValueError(f"{hf_dir}: hidden_act={hf.hidden_act!r} is not supported (only silu)")
+        raise UserError(f"{hf_dir}: hidden_act={hf.hidden_act!r} is not supported (only silu)")
     if getattr(hf, "mlp_bias", False):
-        raise ValueError(f"{hf_dir}: mlp_bias=True is not supported")
+        raise UserError(f"{hf_dir}: mlp_bias=True is not supported")
     if hf.model_type != "qwen2" and getattr(hf, "attention_bias", False):
-        raise ValueError(f"{hf_dir}: attention_bias=True is not supported for {name}")
+        raise UserError(f"{hf_dir}: attention_bias=True is not supported for {name}")
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     kind = rope.get("rope_type", "default")
     if kind == "llama3":
         different = {k: rope.get(k) for k, v in _LLAMA3_ROPE.items() if float(rope.get(k, v)) != v}
         if different:
-            raise ValueError(f"{hf_dir}: llama3 RoPE scaling with {different} is not supported "
+            raise UserError(f"{hf_dir}: llama3 RoPE scaling with {different} is not supported "
                              f"(Megatron-Core implements {_LLAMA3_ROPE})")
     elif kind != "default":
-        raise ValueError(f"{hf_dir}: RoPE type {kind!r} is not supported (default, llama3)")
+        raise UserError(f"{hf_dir}: RoPE type {kind!r} is not supported (default, llama3)")
 
 
 def _sliding_window(hf):

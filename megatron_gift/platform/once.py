@@ -10,18 +10,20 @@ ignored.
 
 import os
 import time
+from typing import Callable
 
 WAIT_LIMIT_S = float(os.environ.get("MEGATRON_GIFT_WAIT_LIMIT_S", 6 * 3600))
 
 
-def cache_root():
+def cache_root() -> str:
     """``$MEGATRON_GIFT_CACHE``, else ``~/.cache/megatron_gift``: converted models at the top,
     tokenised data under ``data/``. Every node of a job must see the same directory."""
     return (os.environ.get("MEGATRON_GIFT_CACHE")
             or os.path.join(os.path.expanduser("~"), ".cache", "megatron_gift"))
 
 
-def build_once(ready, build, is_worker, marker, what, poll_s=0.5):
+def build_once(ready: Callable[[], bool], build: Callable[[], object], is_worker: bool,
+               marker: str, what: str, poll_s: float = 0.5) -> bool:
     """Run ``build()`` on the worker unless ``ready()``; elsewhere wait until ``ready()``.
 
     ``marker``: a path beside the result where the worker's failure is recorded; ``what``:

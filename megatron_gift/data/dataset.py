@@ -19,16 +19,18 @@ tokens but the first, so no label crosses a sample boundary.
 import json
 import os
 from dataclasses import asdict
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from megatron_gift import data_cache
-from megatron_gift.formatting import encode
-from megatron_gift.once import cache_root
-from megatron_gift.packing import pack as pack_samples
-from megatron_gift.records import Fields, Malformed, read_examples
+from megatron_gift.data import cache as data_cache
+from megatron_gift.data.formatting import encode
+from megatron_gift.errors import UserError
+from megatron_gift.platform.once import cache_root
+from megatron_gift.data.packing import pack as pack_samples
+from megatron_gift.data.records import Fields, Malformed, read_examples
 
 IGNORE_INDEX = -100
 OVERLONG = ("truncate", "reject")
@@ -52,7 +54,7 @@ class SFTDataset:
         for name, value, choices in (("overlong", overlong, OVERLONG),
                                      ("malformed", malformed, MALFORMED)):
             if value not in choices:
-                raise ValueError(f"data.{name} must be one of {choices}, got {value!r}")
+                raise UserError(f"data.{name} must be one of {choices}, got {value!r}")
         self.seq_length, self.pack = seq_length, bool(pack)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         fields = Fields(prompt_field, response_field, messages_field, text_field)
@@ -76,12 +78,12 @@ class SFTDataset:
     def __len__(self):
         return len(self._starts) - 1
 
-    def sample(self, index):
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, mask)`` of stored sample ``index`` (pack order): int32 and bool ``[n]``."""
         lo, hi = self._offsets[index], self._offsets[index + 1]
         return self._ids[lo:hi], self._mask[lo:hi].astype(np.bool_)
 
-    def batch(self, indices):
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The micro-batch of sequences ``indices``: dict of ``[b, s]`` tensors (module doc)."""
         b, s = len(indices), self.seq_length
         tokens = np.full((b, s), self.pad_id, np.int64)
@@ -105,8 +107,9 @@ class SFTDataset:
         return batch
 
 
-def micro_batch_indices(num_samples, consumed_samples, global_batch_size, micro_batch_size,
-                        dp_rank, dp_size, seed):
+def micro_batch_indices(num_samples: int, consumed_samples: int, global_batch_size: int,
+                        micro_batch_size: int, dp_rank: int, dp_size: int,
+                        seed: Optional[int]) -> list[list[int]]:
     """Sample indices of this data-parallel rank's micro-batches for the next global batch.
 
     The order is a seeded permutation per epoch over the whole data set (file order when
@@ -138,23 +141,23 @@ def _tokenize(path, tokenizer, fields, *, split, seq_length, overlong, malformed
             except Malformed as error:
                 example = error
             except ValueError as error:
-                raise ValueError(f"{place}: {error}") from None
+                raise UserError(f"{place}: {error}") from None
         if isinstance(example, Malformed):
             if malformed == "reject":
-                raise ValueError(f"{place}: {example} (data.malformed=reject; set it to skip "
+                raise UserError(f"{place}: {example} (data.malformed=reject; set it to skip "
                                  "to leave such records out)")
             skipped.append(f"{place}: {example}")
             continue
         ids, mask = example
         if len(ids) > seq_length + 1:
             if overlong == "reject":
-                raise ValueError(f"{place}: {len(ids)} tokens exceed seq_length + 1 = "
+                raise UserError(f"{place}: {len(ids)} tokens exceed seq_length + 1 = "
                                  f"{seq_length + 1} (data.overlong=reject; use truncate to cut)")
             ids, mask = ids[: seq_length + 1], mask[: seq_length + 1]
             truncated += 1
         samples.append((ids, mask))
     if not samples:
-        raise ValueError(f"{path}: none of its {records} records is usable "
+        raise UserError(f"{path}: none of its {records} records is usable "
                          f"({len(skipped)} malformed, skipped)")
     bins = (pack_samples([len(ids) - 1 for ids, _ in samples], seq_length) if pack
             else [[i] for i in range(len(samples))])

@@ -1,0 +1,82 @@
+"""Value checks that need no process group: ranges, positivity, mutually exclusive settings.
+
+Types and key names are already enforced by the schema (:mod:`megatron_gift.config.schema`);
+these are the facts a type cannot say. Every error names the key and its flag.
+"""
+
+import math
+
+from omegaconf import DictConfig
+
+from megatron_gift.config.schema import SECTIONS, flag_name, section_fields
+from megatron_gift.errors import ConfigError
+
+_POSITIVE = {"model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                       "ffn_hidden_size", "seq_length", "make_vocab_size_divisible_by"),
+             "parallel": ("tensor_model_parallel_size", "pipeline_model_parallel_size"),
+             "training": ("micro_batch_size", "global_batch_size", "train_iters",
+                          "eval_interval", "eval_iters"),
+             "logging": ("log_interval",)}
+_POSITIVE_OR_NONE = {"parallel": ("virtual_pipeline_model_parallel_size",),
+                     "checkpoint": ("save_interval",)}
+_NON_NEGATIVE = {"optimizer": ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad")}
+
+
+def validate(config: DictConfig) -> DictConfig:
+    """Check ``config`` (a structured JobConfig); raise ConfigError naming the bad value.
+    Returns ``config``."""
+    _check_choices(config)
+    _check_signs(config)
+    _check_gift(config.gift)
+    model = config.model
+    if model.num_attention_heads % model.num_query_groups:
+        raise ConfigError(f"model.num_attention_heads={model.num_attention_heads} is not a "
+                          f"multiple of model.num_query_groups={model.num_query_groups}")
+    if model.sliding_window is not None and model.seq_length > model.sliding_window:
+        raise ConfigError(f"model.seq_length={model.seq_length} exceeds the model's sliding "
+                          f"attention window {model.sliding_window}; full attention is only exact "
+                          "up to it (--seq-length)")
+    if config.optimizer.min_lr > config.optimizer.lr:
+        raise ConfigError(f"optimizer.min_lr={config.optimizer.min_lr} exceeds optimizer.lr="
+                          f"{config.optimizer.lr} (--min-lr, --lr)")
+    return config
+
+
+def is_sft(config: DictConfig) -> bool:
+    """beta = inf: plain cross-entropy SFT, no reference model at all."""
+    return math.isinf(config.gift.beta)
+
+
+def _name(section: str, key: str) -> str:
+    return f"{section}.{key} ({flag_name(section, key)})"
+
+
+def _check_choices(config: DictConfig) -> None:
+    for section in SECTIONS:
+        for f in section_fields(section):
+            choices = f.metadata.get("choices")
+            value = config[section][f.name]
+            if choices and value not in choices:
+                raise ConfigError(f"{_name(section, f.name)} must be one of {', '.join(choices)}; "
+                                  f"got {value!r}")
+
+
+def _check_signs(config: DictConfig) -> None:
+    for rule, keys_by_section in (("positive", _POSITIVE), ("positive or unset", _POSITIVE_OR_NONE),
+                                  (">= 0", _NON_NEGATIVE)):
+        for section, keys in keys_by_section.items():
+            for key in keys:
+                value = config[section][key]
+                bad = (value is not None and value <= 0) if rule == "positive or unset" else (
+                    value <= 0 if rule == "positive" else value < 0)
+                if bad:
+                    raise ConfigError(f"{_name(section, key)} must be {rule}, got {value}")
+
+
+def _check_gift(gift: DictConfig) -> None:
+    if math.isnan(gift.beta) or gift.beta < 0:
+        raise ConfigError(f"gift.beta (--gift-beta) must be >= 0 (inf for plain SFT), "
+                          f"got {gift.beta}")
+    if not 0.0 <= gift.smooth_lambda <= 1.0:
+        raise ConfigError(f"gift.smooth_lambda (--gift-smooth-lambda) must be in [0, 1], "
+                          f"got {gift.smooth_lambda}")

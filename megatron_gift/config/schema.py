@@ -1,0 +1,189 @@
+"""The run configuration: one typed dataclass per section, every field documented.
+
+A run is described by eight sections (``model``, ``parallel``, ``gift``, ``data``, ``training``,
+``optimizer``, ``checkpoint``, ``logging``), each a dataclass below; :class:`JobConfig` holds
+them. ``OmegaConf.structured(JobConfig)`` is the schema every recipe, flag and override is merged
+into, so a value of the wrong type or an unknown key is refused where it enters, naming it.
+
+Each field's ``help`` is what ``--help`` prints; ``choices`` lists the values a string field
+takes; ``flag`` names its command-line flag where it differs from ``--key-with-dashes``
+(Megatron-LM's spelling is kept throughout).
+"""
+
+from dataclasses import Field, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+SECTIONS = ("model", "parallel", "gift", "data", "training", "optimizer", "checkpoint", "logging")
+
+
+def option(default: Any, help: str, choices: Optional[tuple[str, ...]] = None,
+           flag: Optional[str] = None) -> Any:
+    """A documented config field: ``default``, its ``help`` text, allowed ``choices``, and the
+    flag name when it is not ``--key-with-dashes``."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class Model:
+    """The transformer (Llama-style: RoPE, RMSNorm, SwiGLU, GQA). From a Hugging Face base model
+    the architecture keys are read from its ``config.json``."""
+
+    num_layers: int = option(4, "transformer layers")
+    hidden_size: int = option(64, "hidden size h")
+    num_attention_heads: int = option(4, "query heads")
+    num_query_groups: int = option(2, "key/value heads (GQA groups)")
+    ffn_hidden_size: int = option(176, "SwiGLU inner size")
+    seq_length: int = option(48, "tokens per sequence")
+    rotary_base: float = option(10000.0, "RoPE base (theta)")
+    norm_epsilon: float = option(1e-5, "RMSNorm epsilon")
+    init_method_std: float = option(0.02, "std of the random initialisation")
+    untie_embeddings_and_output_weights: bool = option(True, "separate input and output embeddings")
+    make_vocab_size_divisible_by: int = option(
+        128, "pad the vocab to a multiple of this that TP divides (padding takes no part in the loss)")
+    tokenizer: Optional[str] = option(
+        None, "Hugging Face tokenizer directory; default: the base model's, else the bundled one")
+    family: str = option("llama", "HF architecture of exports (set from an HF base model)",
+                         choices=("llama", "qwen2", "mistral"))
+    kv_channels: Optional[int] = option(None, "head dim; default hidden_size / num_attention_heads")
+    rope_scaling_factor: Optional[float] = option(None, "Llama 3.x RoPE scaling factor")
+    add_qkv_bias: bool = option(False, "bias on the QKV projection (Qwen2)")
+    vocab_size: Optional[int] = option(None, "the real vocab (padded by the model); default: the tokenizer's")
+    sliding_window: Optional[int] = option(
+        None, "Mistral's attention window; seq_length may not exceed it")
+
+
+@dataclass
+class Parallel:
+    """Model parallelism; data parallel is the rest of the world."""
+
+    tensor_model_parallel_size: int = option(1, "TP: shards of every layer and of the vocab")
+    pipeline_model_parallel_size: int = option(1, "PP: pipeline stages")
+    virtual_pipeline_model_parallel_size: Optional[int] = option(
+        None, "VPP: model chunks per pipeline stage (interleaved schedule)")
+    use_distributed_optimizer: bool = option(
+        False, "shard optimizer state over data parallel ranks (needs CUDA)")
+
+
+@dataclass
+class Gift:
+    """The GIFT target q = softmax(log p_ref + beta * onehot(y)), p_ref smoothed by lambda."""
+
+    beta: float = option(20.0, "finite temperature; inf is plain cross-entropy SFT (no reference)")
+    smooth_lambda: float = option(
+        0.0, "mix the reference with uniform: (1 - lambda) p_ref + lambda / V; in [0, 1] "
+        "(0.01 for Llama)")
+    reference_load: Optional[str] = option(
+        None, "frozen reference (Megatron checkpoint or HF directory); default: the pretrained "
+        "checkpoint, else --load", flag="--reference-load")
+
+
+@dataclass
+class Data:
+    """SFT data: JSONL, Parquet or a ``datasets.save_to_disk`` directory."""
+
+    train_path: Optional[str] = option(None, "training data file or directory")
+    valid_path: Optional[str] = option(None, "validation data (enables evaluation)")
+    split: str = option("train", "split of a DatasetDict directory")
+    prompt_field: str = option("prompt", "prompt column of prompt/response records")
+    response_field: str = option("response", "response column (the loss covers it)")
+    messages_field: str = option(
+        "messages", "chat column: a list of {role, content}; loss on assistant turns")
+    text_field: Optional[str] = option(None, "raw-text column: plain next-token training")
+    overlong: str = option("truncate", "a sample longer than seq_length + 1",
+                           choices=("truncate", "reject"))
+    malformed: str = option("reject", "a malformed record", choices=("reject", "skip"))
+    pack: bool = option(False, "several samples per sequence, attention kept inside each")
+    cache_dir: Optional[str] = option(
+        None, "tokenised-data cache; default $MEGATRON_GIFT_CACHE/data or ~/.cache/megatron_gift/data")
+
+
+@dataclass
+class Training:
+    """Batches, length, precision, evaluation."""
+
+    micro_batch_size: int = option(4, "sequences per micro-batch")
+    global_batch_size: int = option(16, "sequences per step: micro-batch x micro-batches x DP")
+    train_iters: int = option(100, "optimizer steps in total")
+    seed: int = option(1234, "seed of initialisation and data order")
+    bf16: bool = option(False, "bf16 parameters and activations (fp32 main weights)")
+    eval_interval: int = option(50, "evaluate every N iterations (and at the end)")
+    eval_iters: int = option(4, "global batches per evaluation")
+
+
+@dataclass
+class Optimizer:
+    """Megatron-Core's optimizer and ``OptimizerParamScheduler``."""
+
+    optimizer: str = option("adam", "the update rule", choices=("adam", "sgd"))
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr: float = option(0.0, "learning rate at the end of the decay (<= lr)")
+    lr_warmup_iters: int = option(0, "linear warm-up iterations")
+    lr_decay_style: str = option("cosine", "decay after warm-up",
+                                 choices=("constant", "linear", "cosine"))
+    weight_decay: float = option(0.01, "decoupled weight decay")
+    adam_beta1: float = option(0.9, "Adam beta1")
+    adam_beta2: float = option(0.95, "Adam beta2")
+    sgd_momentum: float = option(0.9, "SGD momentum")
+    clip_grad: float = option(1.0, "clip the global gradient norm to this (0: off)")
+
+
+@dataclass
+class Checkpoint:
+    """Megatron-LM's checkpoint layout (torch_dist), loadable at any TP/PP."""
+
+    save: Optional[str] = option(None, "directory to save checkpoints in")
+    load: Optional[str] = option(None, "resume the run saved in this directory")
+    pretrained_checkpoint: Optional[str] = option(
+        None, "initial weights only: a Megatron checkpoint or a Hugging Face model directory")
+    save_interval: Optional[int] = option(None, "save every N iterations (and at the end)")
+
+
+@dataclass
+class Logging:
+    """Console, TensorBoard and the metrics file (global rank 0 writes them)."""
+
+    tensorboard_dir: Optional[str] = option(None, "TensorBoard log directory")
+    metrics_file: Optional[str] = option(None, "JSON lines, one object per logged iteration")
+    log_interval: int = option(1, "log every N iterations")
+    progress: bool = option(True, "show the progress bar")
+    log_level: str = option(
+        "info", "console verbosity; debug logs every rank", choices=("debug", "info", "warning"))
+
+
+@dataclass
+class JobConfig:
+    """A whole run: one field per section."""
+
+    model: Model = field(default_factory=Model)
+    parallel: Parallel = field(default_factory=Parallel)
+    gift: Gift = field(default_factory=Gift)
+    data: Data = field(default_factory=Data)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    logging: Logging = field(default_factory=Logging)
+
+
+def section_fields(section: str) -> tuple[Field[Any], ...]:
+    """The dataclass fields of ``section`` (``dataclasses.Field``, with ``metadata``)."""
+    return fields(JobConfig.__dataclass_fields__[section].default_factory)
+
+
+def flag_name(section: str, key: str) -> str:
+    """The command-line flag of ``section.key``: Megatron-LM's spelling."""
+    meta = JobConfig.__dataclass_fields__[section].default_factory.__dataclass_fields__[key].metadata
+    if meta.get("flag"):
+        return meta["flag"]
+    prefix = "--gift-" if section == "gift" else "--"
+    return prefix + key.replace("_", "-")
+
+
+def from_container(values: dict) -> "DictConfig":
+    """A structured run config from a plain dict (e.g. the config a checkpoint stored);
+    keys it lacks take their defaults."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.structured(JobConfig), values)

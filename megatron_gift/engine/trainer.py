@@ -1,0 +1,442 @@
+"""The GIFT training loop on Megatron-Core: set-up in named stages, steps, evaluation,
+checkpoints, signals.
+
+``train(config)`` runs one job under ``torchrun`` (or as a single process): tensor/pipeline/
+data parallel as configured, Megatron's DDP, optimizer and LR schedule, the co-located frozen
+reference (none when ``beta = inf``), checkpoints that resume exactly and reshard, and a clean
+save-and-exit on SIGTERM. :func:`setup` builds a :class:`Job` stage by stage:
+
+1. ``_init_parallel_state``   Megatron's TP/PP/DP groups, seeds
+2. ``_reference_source``      where the reference comes from, checked against the student's
+                              source before anything is converted, built or written
+3. ``_load_data``             tokenizer, the model section completed from the sources, data sets
+4. ``_build_models``          student chunks (+ reference chunks) on this rank's device
+5. ``_build_optimizer``       DDP wrappers, Megatron's optimizer and LR scheduler
+6. ``_restore_student``       resume a run, or load pretrained weights
+7. (reference weights)        the frozen reference, from its checked source
+8. ``_connect_schedule``      no-sync, grad finalisation and loss scaling for the schedules
+"""
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import (
+    DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_gift.config import is_sft
+from megatron_gift.core import checkpoint, model as models
+from megatron_gift.data.dataset import SFTDataset, micro_batch_indices
+from megatron_gift.engine import pipeline, sources
+from megatron_gift.engine.metrics import MetricsLogger
+from megatron_gift.engine.signals import StopOnSignal
+from megatron_gift.errors import UserError
+from megatron_gift.hf.architecture import hf_assets
+from megatron_gift.platform import console
+from megatron_gift.platform.distributed import (init_distributed, local_device,
+                                                world_size_from_env)
+
+log = logging.getLogger(__name__)
+REPORTED = ("loss", "student_entropy", "target_mass", "student_label_prob")
+
+
+@dataclass
+class Job:
+    """Everything a step needs, built once by :func:`setup`."""
+
+    config: DictConfig
+    tf_config: object  # megatron.core TransformerConfig
+    chunks: list  # GiftModel per virtual stage
+    ddp_chunks: list  # the DDP-wrapped students
+    optimizer: object  # megatron.core MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    train_data: SFTDataset
+    valid_data: Optional[SFTDataset]
+    iteration: int
+    consumed_samples: int
+    reference_source: Optional[str]
+    micro_batches: int
+    vocab_size: int  # the real vocab; the model's is padded
+
+
+def train(config: DictConfig) -> int:
+    """Run the job described by ``config`` (validated, from :mod:`megatron_gift.config`);
+    returns the last iteration. Raises UserError for a bad layout before any work."""
+    console.setup_logging(config.logging.log_level)
+    console.quiet_third_party()
+    _check_before_start(config)
+    init_distributed()
+    if not torch.cuda.is_available():
+        console.quiet_gpu_advice()
+    try:
+        log.info(console.describe_implementation())
+        job = setup(config)
+        return run(job)
+    finally:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def setup(config: DictConfig) -> Job:
+    """Parallel state, data, student (+ reference), optimizer; resumes or loads weights."""
+    _init_parallel_state(config)
+    micro_batches = _micro_batches(config)
+    reference_source = None if is_sft(config) else _reference_source(config)
+    config, train_data, valid_data = _load_data(config)
+    tf_config, vocab, students, references = _build_models(config)
+    ddp_chunks, optimizer, scheduler = _build_optimizer(config, tf_config, students)
+    arch = checkpoint.architecture(config.model, vocab)
+    iteration, consumed = _restore_student(config, ddp_chunks, optimizer, scheduler, arch)
+    if references is not None:
+        checkpoint.load_model_weights(sources.megatron_checkpoint(reference_source), references,
+                                      arch)
+    _connect_schedule(tf_config, ddp_chunks, optimizer)
+    chunks = [models.GiftModel(s, r)
+              for s, r in zip(ddp_chunks, references or [None] * len(ddp_chunks))]
+    return Job(config, tf_config, chunks, ddp_chunks, optimizer, scheduler, train_data, valid_data,
+               iteration, consumed, reference_source, micro_batches, config.model.vocab_size)
+
+
+def _init_parallel_state(config: DictConfig) -> None:
+    parallel = config.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size)
+    seed = config.training.seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _micro_batches(config: DictConfig) -> int:
+    """Micro-batches per step on each data-parallel rank."""
+    training = config.training
+    dp = parallel_state.get_data_parallel_world_size()
+    if training.global_batch_size % (training.micro_batch_size * dp):
+        raise UserError(
+            f"training.global_batch_size={training.global_batch_size} is not a multiple of "
+            f"micro_batch_size x data-parallel size = {training.micro_batch_size} x {dp} "
+            "(--global-batch-size, --micro-batch-size)")
+    return training.global_batch_size // (training.micro_batch_size * dp)
+
+
+def _load_data(config: DictConfig) -> tuple[DictConfig, SFTDataset, Optional[SFTDataset]]:
+    """The tokenizer, the model section completed from the run's sources, and the data sets."""
+    tokenizer = _load_tokenizer(config.model.tokenizer or hf_assets(sources.model_source(config)))
+    config = sources.resolve_model(config, len(tokenizer))
+    train_data = _dataset(config, config.data.train_path, tokenizer)
+    valid_data = (_dataset(config, config.data.valid_path, tokenizer)
+                  if config.data.valid_path else None)
+    for name, data in (("train", train_data), ("valid", valid_data)):
+        for line in _data_report(name, data, config.model.seq_length) if data else ():
+            log.info(line)
+    return config, train_data, valid_data
+
+
+def _build_models(config: DictConfig) -> tuple[object, int, list, Optional[list]]:
+    """``(TransformerConfig, padded vocab, student chunks, reference chunks or None)``."""
+    params_dtype = torch.bfloat16 if config.training.bf16 else torch.float32
+    tf_config = models.transformer_config(config, params_dtype)
+    vocab = models.padded_vocab_size(config.model.vocab_size, config)
+    device = local_device()
+    students = models.build_chunks(config, tf_config, vocab, device)
+    references = None if is_sft(config) else models.build_chunks(config, tf_config, vocab, device)
+    return tf_config, vocab, students, references
+
+
+def _build_optimizer(config: DictConfig, tf_config, students: list) -> tuple[list, object, object]:
+    """DDP-wrapped students, Megatron's optimizer over them, and its LR scheduler."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.use_distributed_optimizer)
+    ddp_chunks = [DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=m,
+                                          disable_bucketing=k > 0)
+                  for k, m in enumerate(students)]
+    optimizer = get_megatron_optimizer(_optimizer_config(config, tf_config.params_dtype),
+                                       ddp_chunks)
+    return ddp_chunks, optimizer, _scheduler(config, optimizer)
+
+
+def _reference_source(config: DictConfig) -> str:
+    """The frozen reference's source: ``--reference-load``, else the resumed run's, else the
+    pretrained checkpoint, else ``--load``. Refused when it differs from the student's source
+    in dtype, vocab or architecture (read from configs, before any conversion)."""
+    resumed = checkpoint.latest_checkpoint(config.checkpoint.load)
+    recorded = checkpoint.run_facts(resumed).get("reference_source") if resumed else None
+    pretrained = config.checkpoint.pretrained_checkpoint
+    source = config.gift.reference_load or recorded or pretrained or config.checkpoint.load
+    if source is None:
+        raise UserError("GIFT with finite beta needs a reference: set --reference-load or "
+                        "--pretrained-checkpoint (or --gift-beta inf for plain SFT)")
+    sources.check_reference_matches(pretrained, source)
+    return source
+
+
+def _restore_student(config: DictConfig, ddp_chunks: list, optimizer, scheduler,
+                     arch: dict) -> tuple[int, int]:
+    """Resume from ``--load`` (everything) or load ``--pretrained-checkpoint`` (weights);
+    returns ``(iteration, consumed_samples)``."""
+    resume_from = checkpoint.latest_checkpoint(config.checkpoint.load)
+    if resume_from is not None:
+        log.info(f"resuming from {resume_from}")
+        iteration, consumed, _ = checkpoint.load_checkpoint(resume_from, ddp_chunks, optimizer,
+                                                            scheduler)
+        return iteration, consumed
+    pretrained = config.checkpoint.pretrained_checkpoint or config.checkpoint.load
+    if pretrained:
+        source = sources.megatron_checkpoint(pretrained)
+        checkpoint.load_model_weights(source, [models.unwrap(c) for c in ddp_chunks], arch)
+        for chunk in ddp_chunks:
+            chunk.broadcast_params()
+        optimizer.reload_model_params()
+        log.info(f"student initialised from {pretrained}")
+    return 0, 0
+
+
+def _connect_schedule(tf_config, ddp_chunks: list, optimizer) -> None:
+    """Give Megatron's schedules the hooks of this model: no-sync for gradient accumulation,
+    gradient finalisation across DP/PP, and the optimizer's loss scale."""
+    no_sync = [c.no_sync for c in ddp_chunks]
+    tf_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    tf_config.finalize_model_grads_func = (
+        lambda _, num_tokens, **kw: finalize_model_grads(ddp_chunks, num_tokens, **kw))
+    tf_config.grad_scale_func = optimizer.scale_loss
+
+
+def run(job: Job) -> int:
+    """Train from ``job.iteration`` to ``train_iters``; returns the last iteration."""
+    config = job.config
+    training = config.training
+    logger = MetricsLogger(config.logging, training.train_iters, job.iteration,
+                           dist.get_rank() == 0)
+    stop = StopOnSignal(job.chunks[0].device)
+    log.info(_describe(job))
+    save, last_saved = config.checkpoint.save, job.iteration
+    try:
+        while job.iteration < training.train_iters:
+            record = _train_step(job)
+            job.iteration += 1
+            record["iteration"] = job.iteration
+            last = job.iteration == training.train_iters
+            if job.iteration % config.logging.log_interval == 0 or last:
+                logger.log(record)
+            if job.valid_data is not None and (job.iteration % training.eval_interval == 0
+                                               or last):
+                logger.log({"iteration": job.iteration, **_evaluate(job)})
+            interval = config.checkpoint.save_interval
+            if save and interval and job.iteration % interval == 0:
+                _save(job)
+                last_saved = job.iteration
+            if stop.requested():
+                log.info(f"signal received: saving iteration {job.iteration} and exiting")
+                break
+        if save and last_saved != job.iteration:
+            _save(job)
+    finally:
+        logger.close()
+    logging_config = config.logging
+    for what, path in (("checkpoints", save), ("metrics", logging_config.metrics_file),
+                       ("tensorboard", logging_config.tensorboard_dir)):
+        if path:
+            log.info(f"{what}: {os.path.abspath(path)}")
+    return job.iteration
+
+
+def _train_step(job: Job) -> dict:
+    config = job.config
+    start = time.perf_counter()
+    for chunk in job.ddp_chunks:
+        chunk.zero_grad_buffer()
+    job.optimizer.zero_grad()
+    batches = _batches(job, job.train_data, job.consumed_samples, shuffle_seed=config.training.seed)
+    step = pipeline.forward_step_func(config.gift.beta, config.gift.smooth_lambda,
+                                      pipeline.causal_attention_mask, job.vocab_size)
+    reports = _run_schedule(job, batches, forward_only=False, step=step)
+    _, grad_norm, _ = job.optimizer.step()
+    job.scheduler.step(increment=1)
+    job.consumed_samples += config.training.global_batch_size
+    totals = _reduce_reports(reports, REPORTED, job.chunks[0].device)
+    elapsed = time.perf_counter() - start
+    tokens = totals.pop("_tokens")
+    return {**totals, "lr": job.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens": int(tokens), "step_time": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def _evaluate(job: Job) -> dict:
+    """Plain next-token cross-entropy and accuracy of the student on the response tokens."""
+    config = job.config
+    for chunk in job.chunks:
+        chunk.student.eval()
+    sums = {"valid_ce": [0.0, 0.0], "valid_accuracy": [0.0, 0.0]}
+    step = pipeline.forward_step_func(math.inf, 0.0, pipeline.causal_attention_mask,
+                                      job.vocab_size, evaluate=True)
+    with torch.no_grad():
+        for k in range(config.training.eval_iters):
+            batches = _batches(job, job.valid_data, k * config.training.global_batch_size,
+                               shuffle_seed=None)
+            reports = _run_schedule(job, batches, forward_only=True, step=step)
+            reduced = _reduce_reports(reports, tuple(sums), job.chunks[0].device, as_sums=True)
+            for key, (total, count) in reduced.items():
+                sums[key][0] += total
+                sums[key][1] += count
+    for chunk in job.chunks:
+        chunk.student.train()
+    return {k: sums[k][0] / max(sums[k][1], 1) for k in ("valid_ce", "valid_accuracy")}
+
+
+def _batches(job: Job, data: SFTDataset, consumed: int, shuffle_seed: Optional[int]) -> list:
+    training = job.config.training
+    indices = micro_batch_indices(
+        len(data), consumed, training.global_batch_size, training.micro_batch_size,
+        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+        seed=shuffle_seed)
+    return [data.batch(i) for i in indices]
+
+
+def _run_schedule(job: Job, batches: list, forward_only: bool, step) -> list:
+    config = job.config
+    vpp = config.parallel.virtual_pipeline_model_parallel_size
+    with_reference = job.chunks[0].reference is not None
+    adjust = None
+    if with_reference and vpp is None and config.parallel.pipeline_model_parallel_size > 1:
+        adjust = pipeline.shapes_with_reference(config.model.hidden_size)
+    data_iterator = [iter(batches) for _ in job.chunks] if vpp else iter(batches)
+    return get_forward_backward_func()(
+        forward_step_func=step, data_iterator=data_iterator, model=job.chunks,
+        num_microbatches=len(batches), seq_length=config.model.seq_length,
+        micro_batch_size=config.training.micro_batch_size, forward_only=forward_only,
+        adjust_tensor_shapes_fn=adjust)
+
+
+def _reduce_reports(reports: list, keys: tuple, device: torch.device,
+                    as_sums: bool = False) -> dict:
+    """Sum ``[sum, count]`` reports over micro-batches and ranks; means unless ``as_sums``.
+
+    Only the last pipeline stage has reports, and every TP rank there the same ones: TP rank 0
+    of the last stage contributes, every rank receives the totals.
+    """
+    totals = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)
+    if reports and parallel_state.get_tensor_model_parallel_rank() == 0:
+        for report in reports:
+            totals += torch.stack([report[k].detach().double() for k in keys])
+    dist.all_reduce(totals)
+    totals = totals.cpu()
+    if as_sums:
+        return {k: (float(totals[i, 0]), float(totals[i, 1])) for i, k in enumerate(keys)}
+    result = {k: float(totals[i, 0] / max(float(totals[i, 1]), 1.0)) for i, k in enumerate(keys)}
+    result["_tokens"] = float(totals[0, 1])
+    return result
+
+
+def _save(job: Job) -> None:
+    config = job.config
+    run_facts = {"config": OmegaConf.to_container(config), "layout": checkpoint.layout(),
+                 "architecture": checkpoint.architecture(
+                     config.model, models.unwrap(job.ddp_chunks[0]).vocab_size),
+                 "reference_source": job.reference_source}
+    checkpoint.save_checkpoint(config.checkpoint.save, job.iteration, job.ddp_chunks,
+                               job.optimizer, job.scheduler, job.consumed_samples, run_facts)
+    if dist.get_rank() == 0:
+        sources.copy_assets(sources.model_source(config), config.checkpoint.save)
+
+
+def _check_before_start(config: DictConfig) -> None:
+    """Facts that need no process group: the layout fits the world, the device can run it."""
+    if config.parallel.use_distributed_optimizer and not torch.cuda.is_available():
+        raise UserError("parallel.use_distributed_optimizer needs CUDA: Megatron-Core's "
+                        "DistributedOptimizer accepts only CUDA parameters "
+                        "(drop --use-distributed-optimizer)")
+    world = world_size_from_env()
+    tp, pp = config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
+    if world % (tp * pp):
+        raise UserError(f"world size {world} is not divisible by tensor x pipeline parallel "
+                        f"size = {tp} x {pp} (--tensor-model-parallel-size, "
+                        "--pipeline-model-parallel-size, torchrun --nproc-per-node)")
+
+
+def _load_tokenizer(path: Optional[str]):
+    from transformers import AutoTokenizer
+
+    from megatron_gift.data.synthetic import TOKENIZER_DIR
+
+    return AutoTokenizer.from_pretrained(path or TOKENIZER_DIR)
+
+
+def _dataset(config: DictConfig, path: Optional[str], tokenizer) -> SFTDataset:
+    if path is None:
+        raise UserError("data.train_path (--train-path) is required")
+    data = config.data
+    if data.pack:
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            raise UserError("data.pack needs the local attention layers: the Transformer Engine "
+                            "layers that are used when it is installed ignore the packed "
+                            "(block-diagonal) attention mask; run without --pack")
+    return SFTDataset(path, tokenizer, config.model.seq_length, prompt_field=data.prompt_field,
+                      response_field=data.response_field, messages_field=data.messages_field,
+                      text_field=data.text_field, split=data.split, overlong=data.overlong,
+                      malformed=data.malformed, pack=data.pack, cache_dir=data.cache_dir)
+
+
+def _data_report(name: str, data: SFTDataset, seq_length: int) -> list[str]:
+    """Log lines on what was read into ``data`` for the ``name`` split."""
+    kept = (f"{data.num_samples} samples packed into {len(data)} sequences" if data.pack
+            else f"{data.num_samples} samples")
+    lines = [f"data ({name}): {data.num_records} records -> {kept}; "
+             f"{'tokenised into' if data.built else 'read from'} cache {data.cache_path}"]
+    if data.truncated:
+        lines.append(f"data ({name}): cut {data.truncated} of {data.num_samples} samples to "
+                     f"seq_length + 1 = {seq_length + 1} tokens (data.overlong=truncate)")
+    if data.skipped:
+        lines.append(f"data ({name}): skipped {data.skipped} malformed records "
+                     f"(data.malformed=skip), first: " + "; ".join(data.skipped_examples))
+    return lines
+
+
+def _optimizer_config(config: DictConfig, params_dtype: torch.dtype) -> OptimizerConfig:
+    opt = config.optimizer
+    return OptimizerConfig(
+        optimizer=opt.optimizer, lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, sgd_momentum=opt.sgd_momentum,
+        clip_grad=opt.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer)
+
+
+def _scheduler(config: DictConfig, optimizer) -> OptimizerParamScheduler:
+    opt, iters = config.optimizer, config.training.train_iters
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if opt.lr_warmup_iters else opt.lr, max_lr=opt.lr,
+        min_lr=opt.min_lr, lr_warmup_steps=opt.lr_warmup_iters,
+        lr_decay_steps=max(iters, opt.lr_warmup_iters + 1), lr_decay_style=opt.lr_decay_style,
+        start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=iters,
+        wd_incr_style="constant")
+
+
+def _describe(job: Job) -> str:
+    config, p = job.config, job.config.parallel
+    mode = "SFT (beta=inf, no reference)" if is_sft(config) else (
+        f"GIFT beta={config.gift.beta} lambda={config.gift.smooth_lambda}, reference "
+        f"{job.reference_source}")
+    vpp = p.virtual_pipeline_model_parallel_size
+    return (f"{mode}; TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size}"
+            f"{f' VPP={vpp}' if vpp else ''} DP={parallel_state.get_data_parallel_world_size()}; "
+            f"{len(job.train_data)} sequences, {job.micro_batches} micro-batches of "
+            f"{config.training.micro_batch_size} per step; starting at iteration {job.iteration}")

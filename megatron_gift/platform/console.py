@@ -1,0 +1,188 @@
+"""What a person sees: project logging, filtered third-party noise, one-line user errors.
+
+* :func:`setup_logging`: the ``megatron_gift`` logger writes ``[gift] message`` on global rank 0
+  at ``info``; ``debug`` makes every rank write, each line prefixed with its rank. Megatron-Core's
+  and torch's own loggers keep only warnings and errors (and lose the ones listed below).
+* :func:`quiet_third_party`: the warnings every CPU or TE-less run would repeat (Transformer
+  Engine and Apex fallbacks, GPTModel's deprecation notice, dist-checkpointing deprecations) are
+  filtered, in this process and, through ``PYTHONWARNINGS``, in the processes it starts
+  (checkpoint writers, converters). :func:`describe_implementation` says in one line which
+  layers and fallbacks are in use instead.
+* :func:`entry_point`: wraps a command's ``main``. A :class:`megatron_gift.errors.UserError` is
+  one line ``error: ...`` on stderr, from global rank 0 only, and exit status
+  :data:`~megatron_gift.errors.USER_ERROR_EXIT`; any other exception keeps its traceback. Both
+  are recorded for torchrun (``torch.distributed.elastic``'s error file), so the launcher's
+  summary names the real error as the root cause.
+"""
+
+import functools
+import logging
+import os
+import re
+import sys
+import warnings
+from typing import Callable
+
+from megatron_gift.errors import USER_ERROR_EXIT, UserError
+
+LOGGER_NAME = "megatron_gift"
+# (message prefix, category) of third-party warnings that carry no news for a user of this
+# project: the fallbacks are reported once by describe_implementation instead, the rest are
+# upstream deprecation notices about APIs Megatron-Core itself calls. Prefixes hold no comma or
+# colon, so they pass to child processes through PYTHONWARNINGS.
+KNOWN_WARNINGS = (
+    ("Transformer Engine and Apex are not installed", UserWarning),
+    ("Apex is not installed", UserWarning),
+    ("full scope is deprecated", UserWarning),
+    ("MimoModelConfig is experimental", UserWarning),
+    ("torch.distributed is disabled", UserWarning),
+    ("The argument order of load has been changed", UserWarning),
+    ("Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+)
+# Loggers whose warnings repeat on every rank and say nothing actionable: the messages below
+# are dropped, anything else they say still reaches stderr.
+QUIET_LOGGERS = ("megatron", "torch.distributed.checkpoint")
+QUIET_MESSAGES = ("GPTModel IS DEPRECATED", "MCore's async save is deprecated")
+_quieted = []
+
+
+def global_rank() -> int:
+    """This process's rank in its job (``RANK``, 0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging(level: str = "info") -> logging.Logger:
+    """Configure the project logger for ``level`` (debug | info | warning); returns it."""
+    logger = logging.getLogger(LOGGER_NAME)
+    rank = global_rank()
+    everyone = level == "debug"
+    handler = _ProgressBarSafeHandler()
+    prefix = f"[gift rank {rank}]" if everyone else "[gift]"
+    handler.setFormatter(logging.Formatter(f"{prefix} %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(getattr(logging, level.upper()) if everyone or rank == 0 else logging.WARNING)
+    return logger
+
+
+def quiet_third_party() -> None:
+    """Filter the known third-party warnings here and in child processes; call before
+    importing torch or Megatron-Core (idempotent)."""
+    if _quieted:
+        return
+    _quieted.append(True)
+    for prefix, category in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(prefix), category=category)
+    inherited = [f"ignore:{prefix}:{category.__name__}" for prefix, category in KNOWN_WARNINGS]
+    existing = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(([existing] if existing else []) + inherited)
+    # torch reports at import that the CUDA toolkit has no runtime: true and moot on a CPU.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    for name in QUIET_LOGGERS:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(_DropMessages(QUIET_MESSAGES))
+        third_party = logging.getLogger(name)
+        third_party.setLevel(logging.WARNING)
+        third_party.addHandler(handler)
+        third_party.propagate = False
+
+
+def quiet_gpu_advice() -> None:
+    """Without CUDA, drop Megatron-Core's advice on CUDA_DEVICE_MAX_CONNECTIONS (on GPUs it
+    stays: set CUDA_DEVICE_MAX_CONNECTIONS=1 as Megatron-LM's launch scripts do)."""
+    warnings.filterwarnings("ignore", message="When using async grad allreduce",
+                            category=UserWarning)
+
+
+def describe_implementation() -> str:
+    """One line: the layer implementation, optimizer kernels and CPU fallbacks in use."""
+    import torch
+
+    try:
+        import transformer_engine  # noqa: F401
+        layers = "Transformer Engine layers"
+    except ImportError:
+        layers = "Megatron-Core local layers (Transformer Engine not installed)"
+    try:
+        import apex  # noqa: F401
+        fused = "Apex fused optimizer kernels"
+    except ImportError:
+        fused = "torch optimizer kernels (no TE/Apex)"
+    if torch.cuda.is_available():
+        device = f"CUDA ({torch.cuda.get_device_name()})"
+    else:
+        from megatron_gift.platform.cpu import applied_patches
+
+        device = f"CPU/gloo with the CPU compatibility layer ({len(applied_patches())} patches)"
+    return f"{layers}; {fused}; {device}"
+
+
+def entry_point(main: Callable[..., object]) -> Callable[..., None]:
+    """Wrap a command's ``main``: user errors become one line and USER_ERROR_EXIT, other
+    failures keep their traceback; both are recorded for torchrun's failure summary."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            main(*args, **kwargs)
+        except UserError as error:
+            _record_for_torchrun(error, user_error=True)
+            if global_rank() == 0:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(USER_ERROR_EXIT)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except SystemExit:
+            raise
+        except BaseException as error:
+            _record_for_torchrun(error)
+            raise
+
+    return wrapper
+
+
+def _record_for_torchrun(error: BaseException, user_error: bool = False) -> None:
+    """Write ``error`` to torchrun's per-rank error file (``TORCHELASTIC_ERROR_FILE``), which
+    the launcher reads to name the root cause; nothing outside torchrun. A user error is
+    recorded as its one line, anything else with its traceback."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    if not user_error:
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(error)
+        return
+    import json
+    import time
+
+    record = {"message": {"message": f"{type(error).__name__}: {error}",
+                          "extraInfo": {"py_callstack": f"error: {error}\n",
+                                        "timestamp": str(int(time.time()))}}}
+    with open(path, "w") as f:
+        json.dump(record, f)
+
+
+class _ProgressBarSafeHandler(logging.StreamHandler):
+    """Writes above a running tqdm progress bar instead of through it."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
