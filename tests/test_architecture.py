@@ -1,0 +1,120 @@
+"""The package's shape: every import points down the layers, commands start fast.
+
+Layers (a package may import its own modules and those of lower layers only)::
+
+    0  errors, loss                      plain Python / torch
+    1  config, platform                  the schema; CPU layer, console, one-rank work
+    2  core, data                        model + checkpoint layout; SFT data
+    3  hf                                Hugging Face <-> Megatron
+    4  engine, rl                        the trainer; the RL hand-off
+    5  convert, rl_handoff               the ``python -m`` commands
+
+Nothing in the package imports ``examples/`` or ``tests/``.
+"""
+
+import ast
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(REPO, "megatron_gift")
+LAYERS = {"errors": 0, "loss": 0, "config": 1, "platform": 1, "core": 2, "data": 2, "hf": 3,
+          "engine": 4, "rl": 4, "convert": 5, "rl_handoff": 5}
+
+
+def _modules():
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                yield os.path.relpath(path, REPO), path
+
+
+def _part(relpath):
+    """The top-level unit (sub-package or module) a file of the package belongs to."""
+    inside = relpath.split(os.sep)[1:]
+    return inside[0].removesuffix(".py")
+
+
+def _imports(path):
+    """Every module name imported anywhere in the file (function-level imports included)."""
+    tree = ast.parse(open(path).read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.level:
+                raise AssertionError(f"{path}: relative import of {node.module}; use absolute")
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+
+
+def upward_imports():
+    bad = []
+    for relpath, path in _modules():
+        part = _part(relpath)
+        if part == "__init__":
+            continue
+        level = LAYERS[part]
+        for name in _imports(path):
+            pieces = name.split(".")
+            if pieces[0] in ("examples", "tests"):
+                bad.append(f"{relpath} imports {name}")
+            if pieces[0] != "megatron_gift" or len(pieces) < 2 or pieces[1] not in LAYERS:
+                continue
+            if pieces[1] != part and LAYERS[pieces[1]] >= level:
+                bad.append(f"{relpath} (layer {level}) imports {name} (layer {LAYERS[pieces[1]]})")
+    return bad
+
+
+def test_every_part_of_the_package_has_a_layer():
+    parts = {_part(relpath) for relpath, _ in _modules()} - {"__init__"}
+    assert parts <= set(LAYERS), f"give {sorted(parts - set(LAYERS))} a layer in LAYERS"
+
+
+def test_imports_only_point_down():
+    assert upward_imports() == []
+
+
+def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
+    """A data module importing the engine is reported (the check can fail)."""
+    planted = os.path.join(PACKAGE, "data", "_planted_upward_import.py")
+    with open(planted, "w") as f:
+        f.write("def f():\n    from megatron_gift.engine import trainer\n")
+    try:
+        assert upward_imports() == [
+            "megatron_gift/data/_planted_upward_import.py (layer 2) imports "
+            "megatron_gift.engine (layer 4)",
+            "megatron_gift/data/_planted_upward_import.py (layer 2) imports "
+            "megatron_gift.engine.trainer (layer 4)"]
+    finally:
+        os.remove(planted)
+
+
+@pytest.mark.parametrize("command", [
+    [os.path.join("examples", "pretrain_gift.py"), "--help"],
+    ["-m", "megatron_gift.convert", "--help"],
+    ["-m", "megatron_gift.rl_handoff", "--help"],
+])
+def test_help_starts_without_torch_or_megatron(command):
+    """``--help`` imports neither torch nor Megatron-Core (what made it take 12-15 s)."""
+    probe = ("import runpy, sys; sys.argv = sys.argv[1:]\n"
+             "target = sys.argv[0]\n"
+             "try:\n"
+             "    runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True) "
+             "if target == '-m' else runpy.run_path(target, run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    assert e.code in (0, None), e.code\n"
+             "heavy = sorted(m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules)\n"
+             "print('HEAVY', heavy)\n")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", probe, *command], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY []", elapsed

@@ -1,0 +1,114 @@
+"""The console: rank-0 logging, filtered third-party noise, one-line user errors that torchrun
+names as the root cause, unexpected errors with their traceback."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from megatron_gift.errors import USER_ERROR_EXIT, ConfigError
+from megatron_gift.platform import console
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _log_everything(level, rank, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", str(rank))
+    console.setup_logging(level)
+    log = logging.getLogger("megatron_gift.engine.trainer")
+    log.debug("a debug line")
+    log.info("an info line")
+    log.warning("a warning line")
+    return capsys.readouterr().out.splitlines()
+
+
+def test_rank0_logs_info_other_ranks_only_warnings(monkeypatch, capsys):
+    assert _log_everything("info", 0, monkeypatch, capsys) == [
+        "[gift] an info line", "[gift] a warning line"]
+    assert _log_everything("info", 1, monkeypatch, capsys) == ["[gift] a warning line"]
+
+
+def test_debug_logs_every_rank_with_its_rank(monkeypatch, capsys):
+    assert _log_everything("debug", 3, monkeypatch, capsys) == [
+        "[gift rank 3] a debug line", "[gift rank 3] an info line", "[gift rank 3] a warning line"]
+
+
+def test_known_third_party_noise_is_filtered_and_the_rest_is_not(monkeypatch, capsys):
+    monkeypatch.setattr(console, "_quieted", [])
+    monkeypatch.setenv("PYTHONWARNINGS", "")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        console.quiet_third_party()
+        warnings.warn("Transformer Engine and Apex are not installed. Falling back", UserWarning)
+        warnings.warn("Please use DTensor instead and we are deprecating ShardedTensor.",
+                      FutureWarning)
+        warnings.warn("something new went wrong", UserWarning)
+    assert [str(w.message) for w in caught] == ["something new went wrong"]
+    assert "ignore:Apex is not installed:UserWarning" in os.environ["PYTHONWARNINGS"]
+    megatron = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    megatron.warning("GPTModel IS DEPRECATED. GPTModel is only accepting critical bug fixes")
+    megatron.warning("a real Megatron warning")
+    logging.getLogger("megatron.core.dist_checkpointing").warning(
+        "MCore's async save is deprecated and will be removed")
+    assert capsys.readouterr().err == "a real Megatron warning\n"
+    for name in console.QUIET_LOGGERS:  # leave the loggers as other tests expect them
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+
+
+def test_a_user_error_is_one_line_on_rank0_and_exit_status_2(monkeypatch, capsys, tmp_path):
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    @console.entry_point
+    def main():
+        raise ConfigError("gift.beta (--gift-beta) must be >= 0, got -1")
+
+    for rank, printed in ((0, "error: gift.beta (--gift-beta) must be >= 0, got -1\n"), (1, "")):
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == USER_ERROR_EXIT == 2
+        assert capsys.readouterr().err == printed
+    recorded = json.loads(error_file.read_text())["message"]
+    assert recorded["extraInfo"]["py_callstack"] == (
+        "error: gift.beta (--gift-beta) must be >= 0, got -1\n")
+
+
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch, tmp_path):
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    @console.entry_point
+    def main():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        main()
+    callstack = json.loads(error_file.read_text())["message"]["extraInfo"]["py_callstack"]
+    assert "Traceback" in callstack and 'raise RuntimeError("a bug")' in callstack
+
+
+@pytest.mark.distributed
+def test_torchrun_reports_a_user_error_once_and_as_the_root_cause(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Q: 1 + 1 = ?", "response": "2"}\n')
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node", "2",
+         "examples/pretrain_gift.py", "--train-path", str(data),
+         "--tensor-model-parallel-size", "4"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    message = ("error: world size 2 is not divisible by tensor x pipeline parallel size = 4 x 1 "
+               "(--tensor-model-parallel-size, --pipeline-model-parallel-size, torchrun "
+               "--nproc-per-node)")
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert lines.count(message) == 1  # one rank says it
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert "exitcode  : 2" in root_cause and f"traceback : {message}" in root_cause
+    assert "megatron_gift" not in "".join(line for line in lines if line.strip().startswith("File"))
