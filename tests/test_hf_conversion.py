@@ -151,11 +151,18 @@ def test_bf16_round_trip_is_bit_identical(tmp_path):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
+    from megatron_gift.errors import UserError
+    from megatron_gift.hf.convert import cached_conversion
+
     GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
     result = convert_cli("hf-to-megatron", "--hf", tmp_path, "--out", tmp_path / "out")
-    assert result.returncode == 2
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "GPT2LMHeadModel" in result.stderr and "LlamaForCausalLM, Qwen2ForCausalLM" in result.stderr
     assert not (tmp_path / "out").exists()
+    # In a job (--pretrained-checkpoint HF_DIR) it is the same one-line user error.
+    with pytest.raises(UserError, match=f"converting {tmp_path}: .*GPT2LMHeadModel"):
+        cached_conversion(str(tmp_path), str(tmp_path / "cache"))
 
 
 def test_missing_shard_and_missing_tokenizer_are_reported(tmp_path):
@@ -256,22 +263,15 @@ def test_reference_that_differs_from_the_student_is_refused_before_training(tmp_
 
 
 @pytest.mark.slow
-def test_a_model_trained_here_exports_as_llama_with_the_same_logits(tmp_path):
-    corpus = tmp_path / "corpus.jsonl"
-    synthetic.write_pretraining_corpus(str(corpus), 64, seed=0)
-    run_distributed(1, _train_rank, {
-        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-                  "num_query_groups": 2, "ffn_hidden_size": 64, "seq_length": 32},
-        "gift": {"beta": float("inf")}, "data": {"train_path": str(corpus), "text_field": "text"},
-        "training": {"train_iters": 2, "micro_batch_size": 4, "global_batch_size": 4},
-        "checkpoint": {"save": str(tmp_path / "base")}, "logging": {"progress": False}},
-        initialize=False)
-    result = convert_cli("megatron-to-hf", "--load", tmp_path / "base", "--out", tmp_path / "hf")
+def test_a_model_trained_here_exports_as_llama_with_the_same_logits(tmp_path, tiny_world):
+    """The session's tiny base, trained here from scratch, exports as a Llama."""
+    base = tiny_world["base"]
+    result = convert_cli("megatron-to-hf", "--load", base, "--out", tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "hf" / "config.json") as f:
         assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
     vocab = len(AutoTokenizer.from_pretrained(tmp_path / "hf"))
-    run_distributed(1, _check_logits, tmp_path / "hf", tmp_path / "base", 1, 1, vocab)
+    run_distributed(1, _check_logits, tmp_path / "hf", base, 1, 1, vocab)
 
 
 @pytest.mark.slow

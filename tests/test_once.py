@@ -28,7 +28,7 @@ def test_waiting_rank_sees_the_result_and_the_worker_builds_once(tmp_path):
 def test_a_failure_reaches_the_waiting_ranks_and_an_old_jobs_marker_does_not(tmp_path, monkeypatch):
     marker = tmp_path / "m"
     monkeypatch.setenv("MASTER_PORT", "1111")
-    marker.write_text("@:2222\nValueError: from an earlier job")  # another job's marker
+    marker.write_text("@:2222\nother\nValueError: from an earlier job")  # another job's marker
     errors = []
 
     def wait():
@@ -50,3 +50,20 @@ def test_a_failure_reaches_the_waiting_ranks_and_an_old_jobs_marker_does_not(tmp
     waiter.join(5)
     assert errors == ["tokenising failed on the rank doing it: ValueError: data.jsonl:7: record "
                       "has no non-empty string field 'response'"]
+
+
+def test_a_user_error_reaches_the_waiting_ranks_as_the_same_user_error(tmp_path, monkeypatch):
+    """A bad input found by the working rank is the same one-line error on every rank."""
+    from megatron_gift.errors import UserError
+
+    monkeypatch.setenv("MASTER_PORT", "1111")
+    marker = str(tmp_path / "m")
+
+    def fail():
+        raise UserError("data.jsonl:7: not a JSON record")
+
+    with pytest.raises(UserError):
+        build_once(lambda: False, fail, True, marker, "tokenising")
+    with pytest.raises(UserError) as raised:
+        build_once(lambda: False, None, False, marker, "tokenising", poll_s=0.05)
+    assert str(raised.value) == "data.jsonl:7: not a JSON record"

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_gift.config import JobConfig, from_container
 from megatron_gift.core import checkpoint
-from megatron_gift.errors import MissingFileError, UserError
+from megatron_gift.errors import USER_ERROR_EXIT, MissingFileError, UserError
 from megatron_gift.platform import once
 from megatron_gift.platform.distributed import world_of_one
 from megatron_gift.hf.architecture import (ASSETS, check_tokenizer_files, hf_assets,
@@ -191,6 +191,9 @@ def _convert_in_subprocess(hf_dir, out):
     result = subprocess.run([sys.executable, "-m", "megatron_gift.convert", "hf-to-megatron",
                              "--hf", hf_dir, "--out", out], env=env, stderr=subprocess.PIPE,
                             text=True)
+    if result.returncode == USER_ERROR_EXIT:  # a bad model directory: its one-line error
+        lines = result.stderr.strip().splitlines() or ["error: (no message)"]
+        raise UserError(f"converting {hf_dir}: {lines[-1].removeprefix('error: ')}")
     if result.returncode != 0:
         raise RuntimeError(f"converting {hf_dir} into {out} failed:\n{result.stderr[-2000:]}")
 

@@ -10,8 +10,11 @@ ignored.
 
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
+from megatron_gift.errors import UserError
+
+_USER = "user"
 WAIT_LIMIT_S = float(os.environ.get("MEGATRON_GIFT_WAIT_LIMIT_S", 6 * 3600))
 
 
@@ -35,14 +38,17 @@ def build_once(ready: Callable[[], bool], build: Callable[[], object], is_worker
         try:
             build()
         except BaseException as error:
-            _write_marker(marker, f"{type(error).__name__}: {error}")
+            _write_marker(marker, error)
             raise
         return True
     start = time.monotonic()
     while not ready():
         failure = _read_marker(marker)
         if failure is not None:
-            raise RuntimeError(f"{what} failed on the rank doing it: {failure}")
+            kind, message = failure
+            if kind == _USER:  # the same bad input: the same one-line error, here too
+                raise UserError(message)
+            raise RuntimeError(f"{what} failed on the rank doing it: {message}")
         if time.monotonic() - start > WAIT_LIMIT_S:
             raise TimeoutError(f"waited {WAIT_LIMIT_S:.0f} s for {what}; is {marker!r}'s directory "
                                "on a file system every node sees? (MEGATRON_GIFT_WAIT_LIMIT_S)")
@@ -56,18 +62,24 @@ def _job():
             f"{env.get('MASTER_PORT', '')}")
 
 
-def _write_marker(marker, message):
+def _write_marker(marker: str, error: BaseException) -> None:
+    """``marker`` holds three parts, a line each: the job, the kind of failure (a user error
+    or anything else), the message."""
     os.makedirs(os.path.dirname(os.path.abspath(marker)), exist_ok=True)
+    kind, message = ((_USER, str(error)) if isinstance(error, UserError)
+                     else ("other", f"{type(error).__name__}: {error}"))
     tmp = f"{marker}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        f.write(f"{_job()}\n{message}")
+        f.write(f"{_job()}\n{kind}\n{message}")
     os.replace(tmp, marker)
 
 
-def _read_marker(marker):
+def _read_marker(marker: str) -> Optional[tuple[str, str]]:
+    """``(kind, message)`` of this job's failure marker, or None."""
     try:
         with open(marker) as f:
-            job, _, message = f.read().partition("\n")
+            job, _, rest = f.read().partition("\n")
     except FileNotFoundError:
         return None
-    return message if job == _job() else None
+    kind, _, message = rest.partition("\n")
+    return (kind, message) if job == _job() else None
