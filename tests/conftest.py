@@ -31,6 +31,14 @@ def private_cache(tmp_path_factory):
         os.environ["MEGATRON_GIFT_CACHE"] = previous
 
 
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """Synthetic data and one tiny base checkpoint, built once and shared by the session."""
+    from parallel_harness import make_tiny_world
+
+    return make_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
 @pytest.fixture
 def world_of_one():
     """A one-rank gloo world with Megatron's parallel state (TP = PP = 1)."""

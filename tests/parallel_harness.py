@@ -26,6 +26,42 @@ def run_distributed(world_size, fn, *args, initialize=True):
              join=True)
 
 
+TINY_MODEL = {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
+              "ffn_hidden_size": 64, "seq_length": 32}
+
+
+def train_on_ranks(overrides, world_size=1, argv=()):
+    """Run ``megatron_gift.engine.trainer.train`` on ``world_size`` spawned ranks, as torchrun
+    would (each rank makes its own process group)."""
+    run_distributed(world_size, train_rank, list(argv), overrides, initialize=False)
+
+
+def train_rank(argv, overrides):
+    """One rank of :func:`train_on_ranks`."""
+    from megatron_gift.config import parse_config
+    from megatron_gift.engine.trainer import train
+
+    train(parse_config(argv, defaults=overrides))
+
+
+def make_tiny_world(root):
+    """Synthetic data and a tiny base checkpoint (TINY_MODEL, 8 SFT iterations) under ``root``;
+    returns the paths: ``corpus``, ``demos``, ``valid`` (JSONL) and ``base`` (checkpoint)."""
+    from megatron_gift.data import synthetic
+
+    paths = {"corpus": str(root / "corpus.jsonl"), "demos": str(root / "demos.jsonl"),
+             "valid": str(root / "valid.jsonl"), "base": str(root / "base")}
+    synthetic.write_pretraining_corpus(paths["corpus"], 256, seed=0)
+    synthetic.write_demonstrations(paths["demos"], 128, seed=1)
+    synthetic.write_demonstrations(paths["valid"], 16, seed=2)
+    train_on_ranks({"model": dict(TINY_MODEL), "gift": {"beta": float("inf")},
+                    "data": {"train_path": paths["corpus"], "text_field": "text"},
+                    "training": {"train_iters": 8, "micro_batch_size": 4, "global_batch_size": 8},
+                    "optimizer": {"lr": 1e-2}, "checkpoint": {"save": paths["base"]},
+                    "logging": {"progress": False}})
+    return paths
+
+
 def free_port():
     """A TCP port on localhost that nothing listens on now."""
     with socket.socket() as s:

@@ -12,15 +12,13 @@ import time
 import pytest
 import torch
 
-from megatron_gift.data import synthetic
 from megatron_gift.config import parse_config
-from parallel_harness import free_port, run_distributed
+from parallel_harness import TINY_MODEL, free_port, run_distributed, train_rank
+from parallel_harness import train_on_ranks as _train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-              "ffn_hidden_size": 64, "seq_length": 32}
 
 
 def _overrides(world, **sections):
@@ -48,32 +46,10 @@ def _losses(path):
     return [r["loss"] for r in _metrics(path) if "loss" in r]
 
 
-def _train(overrides, world_size=1, argv=()):
-    """Run megatron_gift.training.train on ``world_size`` spawned ranks."""
-    run_distributed(world_size, _train_rank, list(argv), overrides, initialize=False)
-
-
-def _train_rank(argv, overrides):
-    from megatron_gift.engine.trainer import train
-
-    train(parse_config(argv, defaults=overrides))
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Synthetic data and a tiny base checkpoint, shared by the tests of this module."""
-    root = tmp_path_factory.mktemp("world")
-    paths = {"corpus": str(root / "corpus.jsonl"), "demos": str(root / "demos.jsonl"),
-             "valid": str(root / "valid.jsonl"), "base": str(root / "base")}
-    synthetic.write_pretraining_corpus(paths["corpus"], 256, seed=0)
-    synthetic.write_demonstrations(paths["demos"], 128, seed=1)
-    synthetic.write_demonstrations(paths["valid"], 16, seed=2)
-    _train({"model": dict(TINY_MODEL), "gift": {"beta": math.inf},
-            "data": {"train_path": paths["corpus"], "text_field": "text"},
-            "training": {"train_iters": 8, "micro_batch_size": 4, "global_batch_size": 8},
-            "optimizer": {"lr": 1e-2}, "checkpoint": {"save": paths["base"]},
-            "logging": {"progress": False}})
-    return paths
+def world(tiny_world):
+    """Synthetic data and the session's tiny base checkpoint."""
+    return tiny_world
 
 
 SGD = {"optimizer": "sgd", "sgd_momentum": 0.9, "lr": 0.5, "weight_decay": 0.0,
@@ -215,7 +191,7 @@ def _sft_with_megatron_ce(overrides, use_megatron_ce):
                 return loss
             return loss, GiftTokenStats(*[torch.zeros_like(loss)] * 3)
         pipeline.vocab_parallel_gift_loss = megatron_ce
-    _train_rank([], overrides)
+    train_rank([], overrides)
 
 
 def test_infinite_beta_is_megatron_cross_entropy_sft_without_reference(world, tmp_path):
