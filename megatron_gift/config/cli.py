@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The launcher's argument parser: one group of flags per config section."""
     parser = _Parser(
         prog=os.path.basename(sys.argv[0]) or None,
+        usage="%(prog)s [--config RECIPE.yaml] [--flag VALUE ...] [section.key=value ...]",
         description="GIFT post-training on Megatron-Core.",
         epilog="Positional overrides: section.key=value (e.g. gift.beta=10 "
                "checkpoint.save=runs/x). Precedence: recipe < flags < overrides.",

@@ -1,18 +1,19 @@
 """What a person sees: project logging, filtered third-party noise, one-line user errors.
 
 * :func:`setup_logging`: the ``megatron_gift`` logger writes ``[gift] message`` on global rank 0
-  at ``info``; ``debug`` makes every rank write, each line prefixed with its rank. Megatron-Core's
-  and torch's own loggers keep only warnings and errors (and lose the ones listed below).
-* :func:`quiet_third_party`: the warnings every CPU or TE-less run would repeat (Transformer
-  Engine and Apex fallbacks, GPTModel's deprecation notice, dist-checkpointing deprecations) are
-  filtered, in this process and, through ``PYTHONWARNINGS``, in the processes it starts
-  (checkpoint writers, converters). :func:`describe_implementation` says in one line which
-  layers and fallbacks are in use instead.
+  at ``info`` (other ranks: warnings only); ``debug`` makes every rank write, each line prefixed
+  with its rank. Lines are written above a running progress bar, not through it.
+* :func:`quiet_third_party`: the warnings every CPU or TE-less run would repeat
+  (:data:`KNOWN_WARNINGS`: Transformer Engine and Apex fallbacks, upstream deprecations) are
+  filtered in this process and, through ``PYTHONWARNINGS``, in the processes it starts; the
+  ``megatron`` and ``torch.distributed.checkpoint`` loggers keep warnings and errors but lose
+  :data:`QUIET_MESSAGES` (GPTModel's deprecation notice, MCore's async-save notice).
+  :func:`describe_implementation` says in one line which layers and fallbacks are in use instead.
 * :func:`entry_point`: wraps a command's ``main``. A :class:`megatron_gift.errors.UserError` is
   one line ``error: ...`` on stderr, from global rank 0 only, and exit status
   :data:`~megatron_gift.errors.USER_ERROR_EXIT`; any other exception keeps its traceback. Both
-  are recorded for torchrun (``torch.distributed.elastic``'s error file), so the launcher's
-  summary names the real error as the root cause.
+  are recorded for torchrun (``TORCHELASTIC_ERROR_FILE``), so the launcher's summary names the
+  real error as the root cause.
 """
 
 import functools
