@@ -4,6 +4,7 @@ checkpoints resume exactly (also resharded, after SIGKILL, on SIGTERM), bad inpu
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,10 +224,10 @@ def test_save_at_tp2_resume_at_pp2_continues_exactly(world, single_process_run, 
     torch.testing.assert_close(resumed[0]["loss"], single_process_run[0][2], rtol=1e-5, atol=1e-6)
 
 
-def _launch(world, tmp_path, name, *flags):
+def _launch(world, tmp_path, name, *flags, recipe=True):
     overrides = _overrides(world)
-    args = [sys.executable, os.path.join(REPO, "examples", "pretrain_gift.py"), "--config",
-            str(tmp_path / "recipe.yaml"), *flags]
+    args = [sys.executable, os.path.join(REPO, "examples", "pretrain_gift.py"),
+            *(["--config", str(tmp_path / "recipe.yaml")] if recipe else []), *flags]
     from omegaconf import OmegaConf
 
     OmegaConf.save(OmegaConf.create(overrides), tmp_path / "recipe.yaml")
@@ -265,6 +266,8 @@ def test_sigkill_resumes_from_last_checkpoint_on_the_same_curve(world, tmp_path)
     expected = {r["iteration"]: r["loss"] for r in _metrics(tmp_path / "straight.jsonl")
                 if "loss" in r}
     records = _metrics(metrics)
+    # the iterations the killed run logged after its last checkpoint were dropped on resume
+    assert [r["iteration"] for r in records if "loss" in r] == list(range(1, 31))
     after = [r for r in records if "loss" in r][-(30 - resumed_from):]
     assert [r["iteration"] for r in after] == list(range(resumed_from + 1, 31))
     for record in after:
@@ -311,3 +314,45 @@ def test_reference_with_other_architecture_is_rejected(world, tmp_path):
                                         "run 48, ffn_hidden_size: checkpoint 64 vs run 96"):
         _train(overrides)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_load_alone_continues_the_saved_run(world, tmp_path):
+    """``--load DIR`` with no recipe and no data continues the run saved there, with its data,
+    model and reference, and says which keys the command line changed."""
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    first = _launch(world, tmp_path, "first", "--train-iters", "2", "--save", str(ckpt),
+                    "--metrics-file", str(metrics))
+    assert first.wait(timeout=300) == 0
+    os.remove(tmp_path / "recipe.yaml")  # nothing but the checkpoint describes the run now
+    second = _launch(world, tmp_path, "second", "--load", str(ckpt), "--train-iters", "3",
+                     "--override-opt-param-scheduler", recipe=False)
+    assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    log = (tmp_path / "second.log").read_text()
+    assert f"continuing the run saved in {ckpt}; changed from it: training.train_iters, " \
+           "optimizer.override_opt_param_scheduler" in log
+    assert "resuming from" in log and "runs/default" not in log
+    assert [r["iteration"] for r in _metrics(metrics) if "loss" in r] == [1, 2, 3]
+    assert (ckpt / "iter_0000003").is_dir()
+
+
+def test_a_changed_schedule_is_refused_unless_overridden_and_then_applies(world, tmp_path):
+    ckpt, metrics = str(tmp_path / "ckpt"), tmp_path / "metrics.jsonl"
+    schedule = {"lr": 1e-2, "min_lr": 0.0, "lr_decay_style": "linear"}
+    _train(_overrides(world, training={"train_iters": 4}, optimizer=schedule,
+                      checkpoint={"pretrained_checkpoint": world["base"], "save": ckpt}))
+    longer = _overrides(world, training={"train_iters": 8}, optimizer={**schedule, "lr": 5e-3},
+                        checkpoint={"load": ckpt, "save": ckpt},
+                        logging={"metrics_file": str(metrics), "progress": False})
+    from megatron_gift.errors import UserError
+
+    with pytest.raises(Exception, match=re.escape(
+            "changed schedule (optimizer.lr 0.01 -> 0.005; training.train_iters 4 -> 8): pass "
+            "--override-opt-param-scheduler")) as refused:
+        _train(longer)
+    assert "UserError" in str(refused.value) or isinstance(refused.value, UserError)
+    longer["optimizer"]["override_opt_param_scheduler"] = True
+    _train(longer)
+    lrs = {r["iteration"]: r["lr"] for r in _metrics(metrics) if "loss" in r}
+    assert sorted(lrs) == [5, 6, 7, 8]
+    for iteration, lr in lrs.items():  # the new linear decay over 8 iterations, from 5e-3
+        assert lr == pytest.approx(5e-3 * (1 - iteration / 8), abs=1e-12), iteration

@@ -128,6 +128,9 @@ class Optimizer:
     adam_beta2: float = option(0.95, "Adam beta2")
     sgd_momentum: float = option(0.9, "SGD momentum")
     clip_grad: float = option(1.0, "clip the global gradient norm to this (0: off)")
+    override_opt_param_scheduler: bool = option(
+        False, "on resume, take lr, min_lr, warm-up, decay style and train_iters from this "
+        "command instead of refusing a change to them", flag="--override-opt-param-scheduler")
 
 
 @dataclass

@@ -75,13 +75,30 @@ def save_checkpoint(save_dir: str, iteration: int, chunks: Sequence[torch.nn.Mod
 
 def run_facts(directory: str) -> dict[str, Any]:
     """The run facts (config, architecture, layout, ...) saved with ``directory``."""
-    return dist_checkpointing.load_common_state_dict(directory)["run"]
+    return common_state(directory)["run"]
+
+
+def common_state(directory: str) -> dict[str, Any]:
+    """Everything an iteration directory holds besides tensors: ``iteration``,
+    ``consumed_samples``, ``run`` (the facts above), Megatron-LM's ``args``, and for a training
+    checkpoint ``opt_param_scheduler``. Needs no process group."""
+    return dist_checkpointing.load_common_state_dict(directory)
+
+
+def is_weights_only(common: dict[str, Any]) -> bool:
+    """True for a checkpoint without training state (what the converter writes)."""
+    return "opt_param_scheduler" not in common
 
 
 def load_checkpoint(directory: str, chunks: Sequence[torch.nn.Module],
-                    optimizer: "MegatronOptimizer",
-                    scheduler: "OptimizerParamScheduler") -> tuple[int, int, dict[str, Any]]:
-    """Resume everything from ``directory``; returns ``(iteration, consumed_samples, run)``."""
+                    optimizer: "MegatronOptimizer", scheduler: "OptimizerParamScheduler",
+                    new_schedule: bool = False) -> tuple[int, int, dict[str, Any]]:
+    """Resume everything from ``directory``; returns ``(iteration, consumed_samples, run)``.
+
+    ``new_schedule``: the optimizer's param groups keep the learning rates of this run (the
+    scheduler must have been built with ``override_opt_param_scheduler``); otherwise the saved
+    groups must match the current ones.
+    """
     common = dist_checkpointing.load_common_state_dict(directory)
     state = _model_state(chunks)
     _give_sgd_a_state_initializer(optimizer)
@@ -93,6 +110,8 @@ def load_checkpoint(directory: str, chunks: Sequence[torch.nn.Module],
     loaded = dist_checkpointing.load(state, directory)
     for k, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_model_key(k, len(chunks))])
+    if new_schedule:
+        _take_current_group_settings(loaded["optimizer"], optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["opt_param_scheduler"])
     if same_layout:
@@ -137,6 +156,26 @@ def _model_key(index, count):
 def _model_state(chunks):
     return {_model_key(k, len(chunks)): unwrap(chunk).sharded_state_dict()
             for k, chunk in enumerate(chunks)}
+
+
+def _take_current_group_settings(saved: dict, optimizer: "MegatronOptimizer") -> None:
+    """Give the saved param groups the identifying settings (max_lr, min_lr, wd, ...) of the
+    current ones, group by group in construction order, so that Megatron-Core matches them
+    (optimizer/optimizer.py :: _filter_and_reorder_param_groups) and the new values apply."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    saved_parts = [saved] if "param_groups" in saved else [saved[k] for k in sorted(saved)]
+    for part, inner in zip(saved_parts, inners):
+        groups = part["param_groups"]
+        current = inner.optimizer.param_groups
+        if len(groups) != len(current):
+            raise UserError(f"the checkpoint's optimizer has {len(groups)} parameter groups, "
+                            f"this run {len(current)}: the model or optimizer differs")
+        for old, new in zip(groups, current):
+            for key in param_group_identifier_keys:
+                if key in new:
+                    old[key] = new[key]
 
 
 def _give_sgd_a_state_initializer(optimizer: "MegatronOptimizer") -> None:

@@ -29,6 +29,7 @@ class MetricsLogger:
         self.file = None
         if logging_config.metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(logging_config.metrics_file)), exist_ok=True)
+            drop_records_after(logging_config.metrics_file, start_iter)
             self.file = open(logging_config.metrics_file, "a")
 
     def log(self, record: dict, headline: tuple = ("loss", "lr", "grad_norm", "tokens_per_s")) -> None:
@@ -59,3 +60,18 @@ class MetricsLogger:
             self.writer.close()
         if self.file is not None:
             self.file.close()
+
+
+def drop_records_after(path: str, iteration: int) -> None:
+    """Keep only the records of ``path`` (JSON lines) up to ``iteration``: a run resumed from
+    iteration N logs N+1, ... again, which a killed run may already have written."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["iteration"] <= iteration]
+    if len(kept) != len(lines):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)

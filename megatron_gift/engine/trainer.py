@@ -6,7 +6,9 @@ data parallel as configured, Megatron's DDP, optimizer and LR schedule, the co-l
 reference (none when ``beta = inf``), checkpoints that resume exactly and reshard, and a clean
 save-and-exit on SIGTERM. :func:`setup` builds a :class:`Job` stage by stage:
 
-1. ``_init_parallel_state``   Megatron's TP/PP/DP groups, seeds
+1. ``_init_parallel_state``   Megatron's TP/PP/DP groups, seeds; ``_check_resume``: a run to
+                              continue holds training state, its schedule is unchanged (or
+                              ``--override-opt-param-scheduler``)
 2. ``_reference_source``      where the reference comes from, checked against the student's
                               source before anything is converted, built or written
 3. ``_load_data``             tokenizer, the model section completed from the sources, data sets
@@ -36,10 +38,11 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_gift.config import is_sft
+from megatron_gift.config import from_container, is_sft
 from megatron_gift.core import checkpoint, model as models
 from megatron_gift.data.dataset import SFTDataset, micro_batch_indices
 from megatron_gift.engine import pipeline, sources
+from megatron_gift.engine.job import saved_config
 from megatron_gift.engine.metrics import MetricsLogger
 from megatron_gift.engine.signals import StopOnSignal
 from megatron_gift.errors import UserError
@@ -50,6 +53,9 @@ from megatron_gift.platform.distributed import (init_distributed, local_device,
 
 log = logging.getLogger(__name__)
 REPORTED = ("loss", "student_entropy", "target_mass", "student_label_prob")
+# What a resumed run may change only with --override-opt-param-scheduler.
+SCHEDULE_KEYS = ("optimizer.lr", "optimizer.min_lr", "optimizer.lr_warmup_iters",
+                 "optimizer.lr_decay_style", "training.train_iters")
 
 
 @dataclass
@@ -94,6 +100,7 @@ def setup(config: DictConfig) -> Job:
     """Parallel state, data, student (+ reference), optimizer; resumes or loads weights."""
     _init_parallel_state(config)
     micro_batches = _micro_batches(config)
+    _check_resume(config)
     reference_source = None if is_sft(config) else _reference_source(config)
     config, train_data, valid_data = _load_data(config)
     tf_config, vocab, students, references = _build_models(config)
@@ -171,6 +178,23 @@ def _build_optimizer(config: DictConfig, tf_config, students: list) -> tuple[lis
     return ddp_chunks, optimizer, _scheduler(config, optimizer)
 
 
+def _check_resume(config: DictConfig) -> None:
+    """On resume: ``--load`` must hold a training checkpoint (not weights only), and a changed
+    learning-rate schedule is refused unless the run says to take it (Megatron-Core would keep
+    the checkpoint's schedule, and not find its param groups under a new lr)."""
+    saved = saved_config(config.checkpoint.load)
+    if saved is None or config.optimizer.override_opt_param_scheduler:
+        return
+    saved = from_container(saved)
+    changed = [f"{key} {OmegaConf.select(saved, key)} -> {OmegaConf.select(config, key)}"
+               for key in SCHEDULE_KEYS
+               if OmegaConf.select(saved, key) != OmegaConf.select(config, key)]
+    if changed:
+        raise UserError(f"resuming {config.checkpoint.load} with a changed schedule "
+                        f"({'; '.join(changed)}): pass --override-opt-param-scheduler to take "
+                        "the new values, or drop the changes to continue the saved schedule")
+
+
 def _reference_source(config: DictConfig) -> str:
     """The frozen reference's source: ``--reference-load``, else the resumed run's, else the
     pretrained checkpoint, else ``--load``. Refused when it differs from the student's source
@@ -193,8 +217,9 @@ def _restore_student(config: DictConfig, ddp_chunks: list, optimizer, scheduler,
     resume_from = checkpoint.latest_checkpoint(config.checkpoint.load)
     if resume_from is not None:
         log.info(f"resuming from {resume_from}")
-        iteration, consumed, _ = checkpoint.load_checkpoint(resume_from, ddp_chunks, optimizer,
-                                                            scheduler)
+        iteration, consumed, _ = checkpoint.load_checkpoint(
+            resume_from, ddp_chunks, optimizer, scheduler,
+            new_schedule=config.optimizer.override_opt_param_scheduler)
         return iteration, consumed
     pretrained = config.checkpoint.pretrained_checkpoint or config.checkpoint.load
     if pretrained:
@@ -427,7 +452,8 @@ def _scheduler(config: DictConfig, optimizer) -> OptimizerParamScheduler:
         min_lr=opt.min_lr, lr_warmup_steps=opt.lr_warmup_iters,
         lr_decay_steps=max(iters, opt.lr_warmup_iters + 1), lr_decay_style=opt.lr_decay_style,
         start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=iters,
-        wd_incr_style="constant")
+        wd_incr_style="constant", override_opt_param_scheduler=opt.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not opt.override_opt_param_scheduler)
 
 
 def _describe(job: Job) -> str:
