@@ -235,6 +235,7 @@ def test_gift_trains_from_a_hugging_face_directory_and_exports(tmp_path, monkeyp
     # Resuming needs only --load: the model section and tokenizer come from gift/hf.
     resume = _gift_overrides(tmp_path, None, load=str(tmp_path / "gift"), save=str(tmp_path / "gift"))
     resume["training"]["train_iters"] = 4
+    resume["optimizer"]["override_opt_param_scheduler"] = True  # 3 -> 4 iterations
     resume["gift"] = {"reference_load": str(tmp_path / "hf")}
     run_distributed(2, _train_rank, resume, initialize=False)
     assert (tmp_path / "gift" / "iter_0000004").is_dir()

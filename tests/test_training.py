@@ -154,6 +154,13 @@ def _reference_stays_frozen(overrides):
         before = [{n: p.detach().clone() for n, p in c.reference.named_parameters()}
                   for c in job.chunks]
         training.run(job)
+        calls = []
+        hooks = [c.reference.register_forward_hook(lambda *_: calls.append(1)) for c in job.chunks]
+        evaluation = training._evaluate(job)
+        for hook in hooks:
+            hook.remove()
+        assert calls == [] and math.isfinite(evaluation["valid_ce"])  # evaluation skips it
+        assert all(c.runs_reference for c in job.chunks)  # and training runs it again
         for chunk, saved in zip(job.chunks, before):
             assert not chunk.reference.training
             for name, param in chunk.reference.named_parameters():
@@ -216,7 +223,8 @@ def test_save_at_tp2_resume_at_pp2_continues_exactly(world, single_process_run, 
         "pretrained_checkpoint": world["base"], "save": ckpt}, optimizer=SGD,
         parallel={"tensor_model_parallel_size": 2}), world_size=2)
     metrics = tmp_path / "resumed.jsonl"
-    _train(_overrides(world, checkpoint={"load": ckpt, "save": ckpt}, optimizer=SGD,
+    _train(_overrides(world, checkpoint={"load": ckpt, "save": ckpt},
+                      optimizer={**SGD, "override_opt_param_scheduler": True},  # 2 -> 3 iterations
                       parallel={"pipeline_model_parallel_size": 2},
                       logging={"metrics_file": str(metrics), "progress": False}), world_size=2)
     resumed = [r for r in _metrics(metrics) if "loss" in r]

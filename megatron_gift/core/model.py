@@ -106,6 +106,7 @@ class GiftModel(torch.nn.Module):
         super().__init__()
         self.student = student
         self.reference = freeze(reference) if reference is not None else None
+        self.use_reference = True
         inner = unwrap(student)
         self.config, self.model_type = inner.config, inner.model_type
         self.pre_process, self.post_process = inner.pre_process, inner.post_process
@@ -117,14 +118,23 @@ class GiftModel(torch.nn.Module):
     ) -> None:
         tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
         inner = unwrap(self.student)
-        if self.reference is None or tensor is None:
+        if not self.runs_reference or tensor is None:
             inner.set_input_tensor(tensor)
             if self.reference is not None:
                 self.reference.set_input_tensor(None)
             return
-        student_part, reference_part = tensor.split(self.hidden_size, dim=-1)
+        # Halves of the last dim are strided views: give each model a contiguous tensor
+        # (fused kernels, Transformer Engine's among them, may assume one).
+        student_part, reference_part = (part.contiguous()
+                                        for part in tensor.split(self.hidden_size, dim=-1))
         inner.set_input_tensor(student_part)
         self.reference.set_input_tensor(reference_part)
+
+    @property
+    def runs_reference(self) -> bool:
+        """Whether forward runs the reference: it exists and is not switched off by
+        ``use_reference = False`` (evaluation reads the student alone)."""
+        return self.reference is not None and self.use_reference
 
     def forward(
         self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -132,7 +142,7 @@ class GiftModel(torch.nn.Module):
         """``tokens`` and ``position_ids``: int64 ``[b, s]``; ``attention_mask``: bool
         ``[b, 1, s, s]``, True where blocked. Returns what the class doc says."""
         reference_out = None
-        if self.reference is not None:
+        if self.runs_reference:
             with torch.no_grad():
                 reference_out = self.reference(tokens, position_ids, attention_mask)
         student_out = self.student(tokens, position_ids, attention_mask)

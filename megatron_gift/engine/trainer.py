@@ -296,17 +296,20 @@ def _train_step(job: Job) -> dict:
     job.consumed_samples += config.training.global_batch_size
     totals = _reduce_reports(reports, REPORTED, job.chunks[0].device)
     elapsed = time.perf_counter() - start
-    tokens = totals.pop("_tokens")
+    loss_tokens = totals.pop("_tokens")
+    processed = config.training.global_batch_size * config.model.seq_length
     return {**totals, "lr": job.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "tokens": int(tokens), "step_time": elapsed, "tokens_per_s": tokens / elapsed}
+            "tokens": processed, "loss_tokens": int(loss_tokens), "step_time": elapsed,
+            "tokens_per_s": processed / elapsed, "loss_tokens_per_s": loss_tokens / elapsed}
 
 
 def _evaluate(job: Job) -> dict:
     """Plain next-token cross-entropy and accuracy of the student on the response tokens."""
     config = job.config
-    for chunk in job.chunks:
+    for chunk in job.chunks:  # the metrics read the student alone: the reference stays idle
         chunk.student.eval()
+        chunk.use_reference = False
     sums = {"valid_ce": [0.0, 0.0], "valid_accuracy": [0.0, 0.0]}
     step = pipeline.forward_step_func(math.inf, 0.0, pipeline.causal_attention_mask,
                                       job.vocab_size, evaluate=True)
@@ -321,6 +324,7 @@ def _evaluate(job: Job) -> dict:
                 sums[key][1] += count
     for chunk in job.chunks:
         chunk.student.train()
+        chunk.use_reference = True
     return {k: sums[k][0] / max(sums[k][1], 1) for k in ("valid_ce", "valid_accuracy")}
 
 
@@ -336,7 +340,7 @@ def _batches(job: Job, data: SFTDataset, consumed: int, shuffle_seed: Optional[i
 def _run_schedule(job: Job, batches: list, forward_only: bool, step) -> list:
     config = job.config
     vpp = config.parallel.virtual_pipeline_model_parallel_size
-    with_reference = job.chunks[0].reference is not None
+    with_reference = job.chunks[0].runs_reference
     adjust = None
     if with_reference and vpp is None and config.parallel.pipeline_model_parallel_size > 1:
         adjust = pipeline.shapes_with_reference(config.model.hidden_size)
