@@ -305,3 +305,27 @@ def test_bridge_converter_without_megatron_bridge_is_refused(tmp_path, monkeypat
     assert ("--converter bridge: Megatron-Bridge (megatron.bridge) is not installed"
             in capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_jobs_converting_one_model_together_leave_one_complete_conversion(tmp_path):
+    """A sweep started together: each converts privately, the first rename wins."""
+    import threading
+
+    from megatron_gift.hf.convert import cached_conversion
+
+    make_hf_model(tmp_path / "hf", "llama")
+    cache, results, partial = tmp_path / "cache", [], []
+    jobs = [threading.Thread(target=lambda: results.append(
+        cached_conversion(str(tmp_path / "hf"), str(cache)))) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    while any(job.is_alive() for job in jobs):  # the final directory is complete or absent
+        for name in os.listdir(cache) if cache.exists() else ():
+            if not name.endswith(".tmp") and not (cache / name / "hf" / "config.json").exists():
+                partial.append(name)
+    for job in jobs:
+        job.join()
+    assert partial == [] and len(results) == 2 and results[0] == results[1]
+    assert os.listdir(cache) == [os.path.basename(results[0])]  # no private leftovers
+    assert (cache / os.path.basename(results[0]) / "iter_0000000" / "metadata.json").exists()

@@ -364,3 +364,14 @@ def test_a_changed_schedule_is_refused_unless_overridden_and_then_applies(world,
     assert sorted(lrs) == [5, 6, 7, 8]
     for iteration, lr in lrs.items():  # the new linear decay over 8 iterations, from 5e-3
         assert lr == pytest.approx(5e-3 * (1 - iteration / 8), abs=1e-12), iteration
+
+
+def test_a_second_job_into_a_live_runs_save_directory_is_refused(world, tmp_path):
+    from megatron_gift.platform.run_lock import LOCK_NAME, RunLock
+
+    save = tmp_path / "ckpt"
+    RunLock(str(save)).acquire()  # this test process plays the running job
+    with pytest.raises(Exception, match=f"{save} is the save directory of a running job"):
+        _train(_overrides(world, checkpoint={"pretrained_checkpoint": world["base"],
+                                             "save": str(save)}))
+    assert sorted(os.listdir(save)) == [LOCK_NAME]  # nothing written

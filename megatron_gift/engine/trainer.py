@@ -50,6 +50,7 @@ from megatron_gift.hf.architecture import hf_assets
 from megatron_gift.platform import console
 from megatron_gift.platform.distributed import (init_distributed, local_device,
                                                 world_size_from_env)
+from megatron_gift.platform.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 REPORTED = ("loss", "student_entropy", "target_mass", "student_label_prob")
@@ -86,14 +87,35 @@ def train(config: DictConfig) -> int:
     init_distributed()
     if not torch.cuda.is_available():
         console.quiet_gpu_advice()
+    lock = None
     try:
+        lock = _lock_save_dir(config)
         log.info(console.describe_implementation())
         job = setup(config)
         return run(job)
     finally:
+        if lock is not None:
+            lock.release()
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def _lock_save_dir(config: DictConfig) -> Optional[RunLock]:
+    """Global rank 0 takes the lock on ``--save`` for the life of the run; every rank raises
+    the same UserError when another live job holds it."""
+    if not config.checkpoint.save:
+        return None
+    lock, refusal = RunLock(config.checkpoint.save), [None]
+    if dist.get_rank() == 0:
+        try:
+            lock.acquire()
+        except UserError as error:
+            refusal = [str(error)]
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise UserError(refusal[0])
+    return lock
 
 
 def setup(config: DictConfig) -> Job:

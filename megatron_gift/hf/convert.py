@@ -29,8 +29,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -184,18 +186,32 @@ def cached_conversion(hf_dir: str, cache_root: Optional[str] = None) -> str:
     return out
 
 
-def _convert_in_subprocess(hf_dir, out):
+def _convert_in_subprocess(hf_dir: str, out: str) -> None:
+    """Convert into a private directory beside ``out`` and rename it into place, so that a job
+    never sees a half-written conversion and two jobs converting together do not mix their
+    files: the first rename wins, the other conversion is dropped."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TORCHELASTIC", "MASTER_", "GROUP_", "ROLE_", "LOCAL_"))
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    private = tempfile.mkdtemp(prefix=f"{os.path.basename(out)}.{socket.gethostname()}.",
+                               suffix=".tmp", dir=os.path.dirname(out))
     result = subprocess.run([sys.executable, "-m", "megatron_gift.convert", "hf-to-megatron",
-                             "--hf", hf_dir, "--out", out], env=env, stderr=subprocess.PIPE,
+                             "--hf", hf_dir, "--out", private], env=env, stderr=subprocess.PIPE,
                             text=True)
+    if result.returncode != 0:
+        shutil.rmtree(private, ignore_errors=True)
     if result.returncode == USER_ERROR_EXIT:  # a bad model directory: its one-line error
         lines = result.stderr.strip().splitlines() or ["error: (no message)"]
         raise UserError(f"converting {hf_dir}: {lines[-1].removeprefix('error: ')}")
     if result.returncode != 0:
         raise RuntimeError(f"converting {hf_dir} into {out} failed:\n{result.stderr[-2000:]}")
+    try:
+        os.rename(private, out)
+    except OSError:  # another job's conversion is in place already
+        if checkpoint.latest_checkpoint(out) is None:
+            raise
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _fuse_qkv(q, k, v, heads, groups, d):

@@ -1,0 +1,52 @@
+"""One run per save directory: the lock refuses a second live job, names the holder, and takes
+over a lock whose process is gone."""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from megatron_gift.errors import UserError
+from megatron_gift.platform.run_lock import LOCK_NAME, RunLock
+
+
+def _dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_second_run_is_refused_and_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    first = RunLock(str(tmp_path / "save"))
+    first.acquire()
+    holder = json.loads((tmp_path / "save" / LOCK_NAME).read_text())
+    assert holder["pid"] == os.getpid() and holder["job"] == "4242"
+    with pytest.raises(UserError, match=f"{tmp_path / 'save'} is the save directory of a running "
+                                        f"job \\(host {socket.gethostname()}, pid {os.getpid()}, "
+                                        "job 4242"):
+        RunLock(str(tmp_path / "save")).acquire()
+    first.release()
+    assert not (tmp_path / "save" / LOCK_NAME).exists()
+    RunLock(str(tmp_path / "save")).acquire()  # free again
+
+
+def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, caplog):
+    (tmp_path / LOCK_NAME).write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": _dead_pid(), "job": None, "started": "then"}))
+    lock = RunLock(str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="megatron_gift.platform.run_lock"):
+        lock.acquire()
+    assert "taking over the lock" in caplog.text and lock.held
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_from_another_host_is_respected(tmp_path):
+    (tmp_path / LOCK_NAME).write_text(json.dumps(
+        {"host": "elsewhere", "pid": 1, "job": "77", "started": "now"}))
+    with pytest.raises(UserError, match="host elsewhere, pid 1, job 77"):
+        RunLock(str(tmp_path)).acquire()
