@@ -31,8 +31,12 @@ def test_a_second_run_is_refused_and_named(tmp_path, monkeypatch):
                                         "job 4242"):
         RunLock(str(tmp_path / "save")).acquire()
     first.release()
-    assert not (tmp_path / "save" / LOCK_NAME).exists()
-    RunLock(str(tmp_path / "save")).acquire()  # free again
+    assert not (tmp_path / "save").exists()  # made by the lock and left empty: removed
+    again = RunLock(str(tmp_path / "save"))
+    again.acquire()  # free again
+    (tmp_path / "save" / "iter_0000001").mkdir()
+    again.release()
+    assert os.listdir(tmp_path / "save") == ["iter_0000001"]  # a run's output stays
 
 
 def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, caplog):

@@ -26,11 +26,14 @@ class RunLock:
     def __init__(self, save_dir: str):
         self.path = os.path.join(save_dir, LOCK_NAME)
         self.held = False
+        self.made_directory = False
 
     def acquire(self) -> None:
         """Take the lock, taking over a stale one; raises UserError while another run holds
         it."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        directory = os.path.dirname(self.path)
+        self.made_directory = not os.path.isdir(directory)
+        os.makedirs(directory, exist_ok=True)
         me = _holder()
         for _ in range(2):
             try:
@@ -53,8 +56,13 @@ class RunLock:
         raise UserError(f"could not take the lock {self.path}: another job took it meanwhile")
 
     def release(self) -> None:
+        """Give the lock back; a save directory this lock made and the run left empty (it
+        failed before saving anything) goes too."""
         if self.held and (_read(self.path) or {}).get("pid") == os.getpid():
             _remove(self.path)
+            directory = os.path.dirname(self.path)
+            if self.made_directory and not os.listdir(directory):
+                os.rmdir(directory)
         self.held = False
 
 
