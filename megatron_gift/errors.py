@@ -1,8 +1,11 @@
-"""Errors a user can fix: a bad value, a missing file, a layout that does not fit.
+"""Errors a user can fix (a bad value, a missing file, a layout that does not fit), and a run
+stopped by a signal before it trained anything.
 
-The launchers print these as one line ``error: ...`` (no traceback) and exit with
-:data:`USER_ERROR_EXIT`; anything else is a bug and keeps its traceback.
+The launchers print these as one line (no traceback) and exit with :data:`USER_ERROR_EXIT`, or
+128 + the signal for :class:`Interrupted`; anything else is a bug and keeps its traceback.
 """
+
+import signal
 
 USER_ERROR_EXIT = 2
 
@@ -17,3 +20,15 @@ class ConfigError(UserError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A path the run needs does not exist or is not what it should be."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived while the run was setting up: it stops at once (nothing was
+    trained, nothing is saved). A BaseException, like KeyboardInterrupt, so that no
+    ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int):
+        self.signal_name = signal.Signals(signum).name
+        self.exit_status = 128 + signum
+        super().__init__(f"stopped by {self.signal_name} while setting up: nothing was trained "
+                         "or saved")

@@ -13,6 +13,7 @@ previous checkpoint. Only the student is saved; the reference's source path is r
 
 import argparse
 import os
+import queue
 import random
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -52,6 +53,7 @@ def save_checkpoint(save_dir: str, iteration: int, chunks: Sequence[torch.nn.Mod
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
     dist.barrier()
+    _write_results_in_process()
     state = _model_state(chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, **_optimizer_kwargs(optimizer))
@@ -71,6 +73,20 @@ def save_checkpoint(save_dir: str, iteration: int, chunks: Sequence[torch.nn.Mod
         os.replace(tmp, os.path.join(save_dir, TRACKER))
     dist.barrier()
     return directory
+
+
+def _write_results_in_process() -> None:
+    """Saves here are synchronous: dist_checkpointing writes in this process's threads, and its
+    results queue can be an in-process one. Megatron-Core makes it a ``multiprocessing.Manager``
+    queue (dist_checkpointing/strategies/filesystem_async.py :: get_write_results_queue), for
+    its asynchronous saves: the manager's server process is spawned at the first save (which
+    re-imports the launcher script and Megatron-Core: the first save took ~10 s longer than the
+    next ones), and a SIGTERM sent to all the job's processes (SLURM) kills it, so the save the
+    signal asked for failed. Called before every save; sets the queue once."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def run_facts(directory: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ checkpoints, signals.
 ``train(config)`` runs one job under ``torchrun`` (or as a single process): tensor/pipeline/
 data parallel as configured, Megatron's DDP, optimizer and LR schedule, the co-located frozen
 reference (none when ``beta = inf``), checkpoints that resume exactly and reshard, and a clean
-save-and-exit on SIGTERM. :func:`setup` builds a :class:`Job` stage by stage:
+save-and-exit on SIGTERM or Ctrl-C (:mod:`.signals`). :func:`setup` builds a :class:`Job` stage by stage:
 
 1. ``_init_parallel_state``   Megatron's TP/PP/DP groups, seeds; ``_check_resume``: a run to
                               continue holds training state, its schedule is unchanged (or
@@ -84,16 +84,19 @@ def train(config: DictConfig) -> int:
     console.setup_logging(config.logging.log_level)
     console.quiet_third_party()
     _check_before_start(config)
-    init_distributed()
-    if not torch.cuda.is_available():
-        console.quiet_gpu_advice()
-    lock = None
+    lock = RunLock(config.checkpoint.save) if config.checkpoint.save else None
+    stop = StopOnSignal(on_exit_at_once=lock.release if lock else lambda: None)
     try:
-        lock = _lock_save_dir(config)
+        init_distributed()
+        if not torch.cuda.is_available():
+            console.quiet_gpu_advice()
+        if lock is not None:
+            _lock_save_dir(lock)
         log.info(console.describe_implementation())
         job = setup(config)
-        return run(job)
+        return run(job, stop)
     finally:
+        stop.restore()
         if lock is not None:
             lock.release()
         if parallel_state.model_parallel_is_initialized():
@@ -101,12 +104,10 @@ def train(config: DictConfig) -> int:
         dist.destroy_process_group()
 
 
-def _lock_save_dir(config: DictConfig) -> Optional[RunLock]:
+def _lock_save_dir(lock: RunLock) -> None:
     """Global rank 0 takes the lock on ``--save`` for the life of the run; every rank raises
     the same UserError when another live job holds it."""
-    if not config.checkpoint.save:
-        return None
-    lock, refusal = RunLock(config.checkpoint.save), [None]
+    refusal = [None]
     if dist.get_rank() == 0:
         try:
             lock.acquire()
@@ -115,7 +116,6 @@ def _lock_save_dir(config: DictConfig) -> Optional[RunLock]:
     dist.broadcast_object_list(refusal, src=0)
     if refusal[0] is not None:
         raise UserError(refusal[0])
-    return lock
 
 
 def setup(config: DictConfig) -> Job:
@@ -264,17 +264,18 @@ def _connect_schedule(tf_config, ddp_chunks: list, optimizer) -> None:
     tf_config.grad_scale_func = optimizer.scale_loss
 
 
-def run(job: Job) -> int:
-    """Train from ``job.iteration`` to ``train_iters``; returns the last iteration."""
+def run(job: Job, stop: StopOnSignal) -> int:
+    """Train from ``job.iteration`` to ``train_iters``, or until ``stop`` is requested (then
+    save and return); returns the last iteration."""
     config = job.config
     training = config.training
     logger = MetricsLogger(config.logging, training.train_iters, job.iteration,
                            dist.get_rank() == 0)
-    stop = StopOnSignal(job.chunks[0].device)
+    stop.start_training(job.chunks[0].device)
     log.info(_describe(job))
-    save, last_saved = config.checkpoint.save, job.iteration
+    save, last_saved, stopped_by = config.checkpoint.save, job.iteration, None
     try:
-        while job.iteration < training.train_iters:
+        while job.iteration < training.train_iters and stopped_by is None:
             record = _train_step(job)
             job.iteration += 1
             record["iteration"] = job.iteration
@@ -284,19 +285,21 @@ def run(job: Job) -> int:
             if job.valid_data is not None and (job.iteration % training.eval_interval == 0
                                                or last):
                 logger.log({"iteration": job.iteration, **_evaluate(job)})
+            stopped_by = stop.requested()
             interval = config.checkpoint.save_interval
-            if save and interval and job.iteration % interval == 0:
+            if save and (stopped_by or (interval and job.iteration % interval == 0) or last):
                 _save(job)
                 last_saved = job.iteration
-            if stop.requested():
-                log.info(f"signal received: saving iteration {job.iteration} and exiting")
-                break
-        if save and last_saved != job.iteration:
-            _save(job)
     finally:
         logger.close()
+    if stopped_by:
+        saved = f"saved to {os.path.abspath(save)}; resume with --load {save}" if save else \
+            "not saved (no --save)"
+        log.info(f"stopped by {stopped_by} after iteration {job.iteration} of "
+                 f"{training.train_iters}: {saved}")
     logging_config = config.logging
-    for what, path in (("checkpoints", save), ("metrics", logging_config.metrics_file),
+    for what, path in (("checkpoints", save if last_saved else None),
+                       ("metrics", logging_config.metrics_file),
                        ("tensorboard", logging_config.tensorboard_dir)):
         if path:
             log.info(f"{what}: {os.path.abspath(path)}")

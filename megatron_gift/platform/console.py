@@ -13,7 +13,8 @@
   one line ``error: ...`` on stderr, from global rank 0 only, and exit status
   :data:`~megatron_gift.errors.USER_ERROR_EXIT`; any other exception keeps its traceback. Both
   are recorded for torchrun (``TORCHELASTIC_ERROR_FILE``), so the launcher's summary names the
-  real error as the root cause.
+  real error as the root cause. A run stopped by a signal while setting up
+  (:class:`~megatron_gift.errors.Interrupted`) is one line too, and exits 128 + the signal.
 """
 
 import functools
@@ -24,7 +25,7 @@ import sys
 import warnings
 from typing import Callable
 
-from megatron_gift.errors import USER_ERROR_EXIT, UserError
+from megatron_gift.errors import USER_ERROR_EXIT, Interrupted, UserError
 
 LOGGER_NAME = "megatron_gift"
 # (message prefix, category) of third-party warnings that carry no news for a user of this
@@ -131,6 +132,10 @@ def entry_point(main: Callable[..., object]) -> Callable[..., None]:
             if global_rank() == 0:
                 print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(USER_ERROR_EXIT)
+        except Interrupted as stop:
+            if global_rank() == 0:
+                print(str(stop), file=sys.stderr, flush=True)
+            sys.exit(stop.exit_status)
         except KeyboardInterrupt:
             sys.exit(130)
         except SystemExit:

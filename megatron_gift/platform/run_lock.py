@@ -35,9 +35,20 @@ class RunLock:
         self.made_directory = not os.path.isdir(directory)
         os.makedirs(directory, exist_ok=True)
         me = _holder()
+        draft = f"{self.path}.{os.getpid()}"
+        with open(draft, "w") as f:
+            json.dump(me, f)
+        try:
+            self._take(draft)
+        finally:
+            _remove(draft)
+
+    def _take(self, draft: str) -> None:
+        """Link the complete ``draft`` to the lock's name (atomic: the lock is never seen
+        half-written), taking over a stale lock once."""
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(draft, self.path)
             except FileExistsError:
                 holder = _read(self.path)
                 if holder is not None and _is_alive(holder):
@@ -49,8 +60,6 @@ class RunLock:
                          f"is no longer running ({_describe(holder) if holder else 'unreadable'})")
                 _remove(self.path)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             self.held = True
             return
         raise UserError(f"could not take the lock {self.path}: another job took it meanwhile")

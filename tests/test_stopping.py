@@ -1,0 +1,189 @@
+"""Stopping a run: SIGTERM and Ctrl-C save and exit wherever they are delivered (every process,
+or only the torchrun launcher), a second Ctrl-C exits at once, a signal during set-up stops at
+once with one line, and saving starts no process that a signal could kill."""
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from parallel_harness import TINY_MODEL, free_port, run_distributed
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _recipe(world, tmp_path, **training):
+    from omegaconf import OmegaConf
+
+    recipe = {
+        "model": dict(TINY_MODEL),
+        "data": {"train_path": world["demos"]},
+        "training": {"train_iters": 100000, "micro_batch_size": 2, "global_batch_size": 8,
+                     **training},
+        "optimizer": {"lr": 1e-3, "lr_decay_style": "constant"},
+        "gift": {"beta": 3.0},
+        "checkpoint": {"pretrained_checkpoint": world["base"], "save": str(tmp_path / "ckpt")},
+        "logging": {"progress": False, "metrics_file": str(tmp_path / "metrics.jsonl")},
+    }
+    OmegaConf.save(OmegaConf.create(recipe), tmp_path / "recipe.yaml")
+    return str(tmp_path / "recipe.yaml")
+
+
+def _start(command, tmp_path, name):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            start_new_session=True)
+
+
+def _torchrun(recipe, tmp_path, *flags):
+    return _start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                   "--master-port", str(free_port()), "examples/pretrain_gift.py",
+                   "--config", recipe, "--tensor-model-parallel-size", "2", *flags],
+                  tmp_path, "torchrun")
+
+
+def _iterations_logged(path):
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if '"loss"' in line)
+
+
+def _wait_for(condition, process, timeout=180, poll=0.05):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the condition held"
+        assert time.time() < deadline, "timed out"
+        time.sleep(poll)
+
+
+def _saved_iteration(tmp_path):
+    with open(tmp_path / "ckpt" / TRACKER) as f:
+        saved = int(f.read())
+    assert (tmp_path / "ckpt" / f"iter_{saved:07d}" / "metadata.json").is_file()
+    return saved
+
+
+def _last_logged_iteration(tmp_path):
+    with open(tmp_path / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f][-1]["iteration"]
+
+
+@pytest.mark.parametrize("to_every_process", [False, True], ids=["to-torchrun", "to-every-process"])
+@pytest.mark.parametrize("save_interval,at_least", [(1000, 3), (2, 5)],
+                         ids=["before-a-first-save", "after-a-first-save"])
+def test_sigterm_saves_at_tp2(tiny_world, tmp_path, save_interval, at_least, to_every_process):
+    """``kill``, ``docker stop`` and Kubernetes signal torchrun alone, which forwards SIGTERM
+    to its workers; SLURM signals every process of the job. Either way the workers finish the
+    step, save it and exit 0; torchrun itself then exits 1 (its SignalException), as the README
+    says."""
+    recipe = _recipe(tiny_world, tmp_path)
+    launcher = _torchrun(recipe, tmp_path, "--save-interval", str(save_interval))
+    metrics = tmp_path / "metrics.jsonl"
+    _wait_for(lambda: _iterations_logged(metrics) >= at_least, launcher)
+    if to_every_process:
+        os.killpg(launcher.pid, signal.SIGTERM)
+    else:
+        launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=120) == 1
+    saved = _saved_iteration(tmp_path)
+    assert saved >= at_least and saved == _last_logged_iteration(tmp_path)
+    log = (tmp_path / "torchrun.log").read_text()
+    assert f"stopped by SIGTERM after iteration {saved} of 100000" in log
+    assert "ChildFailedError" not in log and "[rank" not in log  # no worker failed
+    assert not (tmp_path / "ckpt" / ".megatron_gift.lock").exists()
+
+
+def test_ctrl_c_in_a_terminal_saves_and_exits(tiny_world, tmp_path):
+    """A terminal's Ctrl-C signals every process of the job (torchrun forwards it once more):
+    that is one Ctrl-C, and the workers save the step they are in."""
+    recipe = _recipe(tiny_world, tmp_path)
+    launcher = _torchrun(recipe, tmp_path, "--save-interval", "1000")
+    _wait_for(lambda: _iterations_logged(tmp_path / "metrics.jsonl") >= 3, launcher)
+    os.killpg(launcher.pid, signal.SIGINT)
+    launcher.wait(timeout=120)
+    saved = _saved_iteration(tmp_path)
+    assert saved >= 3 and saved == _last_logged_iteration(tmp_path)
+    log = (tmp_path / "torchrun.log").read_text()
+    assert "Ctrl-C again to exit at once" in log
+    assert f"stopped by SIGINT after iteration {saved}" in log and "[rank" not in log
+
+
+def test_a_signal_while_setting_up_stops_at_once_with_one_line(tiny_world, tmp_path):
+    """Nothing is trained yet: the run stops, exits 143, prints one line and leaves no lock."""
+    recipe = _recipe(tiny_world, tmp_path)
+    run = _start([sys.executable, "examples/pretrain_gift.py", "--config", recipe], tmp_path,
+                 "setup")
+    lock = tmp_path / "ckpt" / ".megatron_gift.lock"
+    _wait_for(lock.exists, run, poll=0.005)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    log = (tmp_path / "setup.log").read_text()
+    assert "stopped by SIGTERM while setting up: nothing was trained or saved" in log
+    assert "Traceback" not in log
+    assert not (tmp_path / "ckpt").exists()  # the lock's directory, left empty, is gone too
+
+
+STOP_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    import torch
+    from megatron_gift.engine.signals import StopOnSignal
+    released = []
+    stop = StopOnSignal(on_exit_at_once=lambda: open(sys.argv[1], "w").write("released"))
+    stop.start_training(torch.device("cpu"))
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)  # torchrun's forwarded copy of the same Ctrl-C
+    print("recorded", signal.Signals(stop.signum).name, flush=True)
+    time.sleep(float(sys.argv[2]))
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    print("still running", flush=True)
+""")
+
+
+@pytest.mark.parametrize("pause,status", [(2.5, 130), (0.5, 0)],
+                         ids=["a-second-ctrl-c-exits-at-once", "a-repeat-within-2s-is-the-same"])
+def test_a_second_ctrl_c_exits_at_once(tmp_path, pause, status):
+    released = tmp_path / "released"
+    result = subprocess.run([sys.executable, "-c", STOP_SCRIPT, str(released), str(pause)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == status, result.stderr
+    assert "recorded SIGINT" in result.stdout
+    assert ("still running" in result.stdout) == (status == 0)
+    assert released.exists() == (status == 130)
+
+
+def _save_twice_in_one_process(directory):
+    """One rank: a tiny model saved twice; no helper process may start."""
+    from megatron.core import parallel_state
+
+    from megatron_gift.core import checkpoint
+    from parallel_harness import tiny_gpt, tiny_gpt_config
+
+    parallel_state.initialize_model_parallel()
+    model = tiny_gpt(tiny_gpt_config(), vocab_size=64, seq_length=16)
+    for iteration in (1, 2):
+        checkpoint.save_checkpoint(directory, iteration, [model], None, None, 0,
+                                   {"layout": checkpoint.layout()})
+    assert multiprocessing.active_children() == []
+    parallel_state.destroy_model_parallel()
+
+
+def test_saving_starts_no_process(tmp_path):
+    """Megatron-Core's default results queue spawns a manager process at the first save (a
+    ~10 s stall, and a process that SIGTERM kills before the save it asked for); saves here
+    are synchronous and keep their results in process."""
+    run_distributed(1, _save_twice_in_one_process, str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / TRACKER).read_text() == "2"
