@@ -61,7 +61,9 @@ def as_text(facts: dict[str, Any]) -> str:
     if facts["reference_source"]:
         lines.append(f"reference         {facts['reference_source']}")
     if facts["converted_from"]:
-        lines.append(f"converted from    {facts['converted_from']} ({facts['converter']} converter)")
+        converted = facts["converted_from"]
+        converted = ", ".join(converted) if isinstance(converted, list) else converted
+        lines.append(f"converted from    {converted} ({facts['converter']} converter)")
     architecture = facts["architecture"] or {}
     lines.append("architecture      " + ", ".join(f"{k}={v}" for k, v in architecture.items()))
     if facts["config"]:

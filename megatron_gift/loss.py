@@ -51,6 +51,7 @@ def vocab_parallel_gift_loss(
     tp_group: Optional[dist.ProcessGroup] = None,
     vocab_size: Optional[int] = None,
     return_stats: bool = False,
+    check_labels: bool = True,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, GiftTokenStats]]:
     """Per-token GIFT loss of vocab-parallel student logits against a frozen reference.
 
@@ -71,6 +72,11 @@ def vocab_parallel_gift_loss(
             it to a multiple of TP): columns ``>= vocab_size`` are left out of both softmaxes,
             the smoothing term and the labels' range, and get zero gradient. Default ``V``.
         return_stats: also return a :class:`GiftTokenStats`.
+        check_labels: raise ValueError for a label outside ``[0, vocab_size)`` that is not
+            ``ignore_index``. The check reads the labels on the host: on a GPU it makes the
+            host wait for the device. The training engine turns it off, since its data path
+            guarantees the range (token ids come from a tokenizer no larger than the vocab, and
+            each data set is checked once when it is loaded).
 
     Returns:
         The loss ``[...]`` in fp32 (nats per token), identical on every TP rank, and the
@@ -97,7 +103,8 @@ def vocab_parallel_gift_loss(
     if not 0 < vocab_size <= padded_vocab:
         raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded_vocab}] "
                          f"(the logits' vocab, {logits.size(-1)} x tp {tp_size})")
-    _check_labels(labels, vocab_size, ignore_index)
+    if check_labels:
+        _check_labels(labels, vocab_size, ignore_index)
     if math.isinf(beta):
         ref_logits = None  # q is one-hot: the reference cannot change the loss
     loss, entropy, target_mass, label_prob = _VocabParallelGiftLoss.apply(

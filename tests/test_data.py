@@ -449,3 +449,29 @@ def test_styles_agree_on_the_answer():
         _, responses = synthetic.problem(rng)
         assert len({synthetic.answer_of(r) for r in responses.values()}) == 1
         assert len(set(responses.values())) == len(synthetic.STYLES)
+
+
+def test_token_ids_outside_the_models_vocab_are_refused_once_at_load(tmp_path, tokenizer):
+    """Checked on the host when the data set is loaded, naming the id, the vocab and the fix."""
+    from megatron_gift.engine import trainer
+
+    data = SFTDataset(_jsonl(tmp_path / "d.jsonl", [{"text": "12 + 7"}]), tokenizer, 32,
+                      text_field="text")
+    trainer._check_token_ids(data, data.max_token_id + 1)  # the ids fit
+    with pytest.raises(ValueError, match=rf"token id {data.max_token_id}, outside the model's "
+                                         rf"vocab of {data.max_token_id}: .*--tokenizer"):
+        trainer._check_token_ids(data, data.max_token_id)
+
+
+def _load_bad_data(path, tokenizer_dir, cache_dir):
+    SFTDataset(path, AutoTokenizer.from_pretrained(tokenizer_dir), 32, cache_dir=cache_dir)
+
+
+@pytest.mark.distributed
+def test_a_data_error_on_two_ranks_leaves_nothing_in_the_cache(tmp_path):
+    """Both ranks fail with the record's error; the failure marker the waiting rank read is gone
+    afterwards."""
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "1 + 1 ="}])  # no response
+    with pytest.raises(Exception, match="d.jsonl:1"):
+        run_distributed(2, _load_bad_data, path, synthetic.TOKENIZER_DIR, str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists() or os.listdir(tmp_path / "c") == []

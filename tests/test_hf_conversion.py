@@ -225,6 +225,10 @@ def test_gift_trains_from_a_hugging_face_directory_and_exports(tmp_path, monkeyp
         losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
     assert (tmp_path / "gift" / "hf" / "config.json").exists()  # the assets travel along
+    from megatron_gift.core.checkpoint import run_facts
+
+    facts = run_facts(str(tmp_path / "gift" / "iter_0000003"))  # which converter ran, recorded
+    assert facts["converter"] == "builtin" and facts["converted_from"] == [str(tmp_path / "hf")]
     result = convert_cli("megatron-to-hf", "--load", tmp_path / "gift", "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
@@ -305,6 +309,22 @@ def test_bridge_converter_without_megatron_bridge_is_refused(tmp_path, monkeypat
     assert ("--converter bridge: Megatron-Bridge (megatron.bridge) is not installed"
             in capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_trainer_refuses_the_bridge_converter_without_bridge_before_any_work(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATRON_GIFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "megatron.bridge", None)  # as where it is not installed
+    make_hf_model(tmp_path / "hf", "llama")
+    overrides = _gift_overrides(tmp_path, tmp_path / "hf", save=str(tmp_path / "gift"),
+                                converter="bridge")
+    overrides["parallel"] = {"tensor_model_parallel_size": 1}
+    from megatron_gift.config import parse_config
+    from megatron_gift.engine.trainer import train
+
+    with pytest.raises(ValueError, match="--converter bridge: Megatron-Bridge"):
+        train(parse_config([], defaults=overrides))
+    assert not (tmp_path / "gift").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.slow

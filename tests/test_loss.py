@@ -232,3 +232,24 @@ def test_padded_vocab_columns_are_left_out(beta, smooth_lambda):
         vocab_parallel_gift_loss(logits, ref, labels, beta=beta, vocab_size=real)
     with pytest.raises(ValueError, match="vocab_size=41"):
         vocab_parallel_gift_loss(logits, ref, labels, beta=beta, vocab_size=41)
+
+
+def test_the_engine_calls_the_loss_without_its_label_check(monkeypatch):
+    """The label check reads labels on the host (a device sync on a GPU): the engine's loss
+    skips it, since each data set's token ids are checked once when loaded; the loss is the
+    same."""
+    from megatron_gift import loss as gift_loss
+    from megatron_gift.engine import pipeline
+
+    logits, ref, labels = _inputs(shape=(2, 6))
+    checked = vocab_parallel_gift_loss(logits, ref, labels, beta=3.0).sum()
+
+    def no_check(*args):
+        raise AssertionError("the engine's loss checked its labels")
+
+    monkeypatch.setattr(gift_loss, "_check_labels", no_check)
+    batch = {"labels": labels, "loss_mask": torch.ones(labels.shape)}
+    loss_sum, num_tokens, _ = pipeline._gift_loss(logits, ref, batch, 3.0, 0.0, 40)
+    assert torch.equal(loss_sum, checked) and int(num_tokens) == labels.numel()
+    with pytest.raises(AssertionError, match="checked its labels"):
+        vocab_parallel_gift_loss(logits, ref, labels, beta=3.0)  # the default still checks

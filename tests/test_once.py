@@ -62,8 +62,32 @@ def test_a_user_error_reaches_the_waiting_ranks_as_the_same_user_error(tmp_path,
     def fail():
         raise UserError("data.jsonl:7: not a JSON record")
 
+    raised = []
+
+    def wait():
+        try:
+            build_once(lambda: False, None, False, marker, "tokenising", poll_s=0.05)
+        except UserError as error:
+            raised.append(error)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
     with pytest.raises(UserError):
-        build_once(lambda: False, fail, True, marker, "tokenising")
-    with pytest.raises(UserError) as raised:
-        build_once(lambda: False, None, False, marker, "tokenising", poll_s=0.05)
-    assert str(raised.value) == "data.jsonl:7: not a JSON record"
+        build_once(lambda: False, fail, True, marker, "tokenising", poll_s=0.05)
+    waiter.join(5)
+    assert [str(e) for e in raised] == ["data.jsonl:7: not a JSON record"]
+
+
+def test_a_failure_leaves_no_marker(tmp_path):
+    """The marker shows a failure to the waiting ranks for a moment, then goes; with no rank
+    waiting there is none at all."""
+    marker = tmp_path / "m"
+
+    def fail():
+        raise ValueError("bad data")
+
+    for others_wait in (True, False):
+        with pytest.raises(ValueError):
+            build_once(lambda: False, fail, True, str(marker), "tokenising", poll_s=0.01,
+                       others_wait=others_wait)
+        assert list(tmp_path.iterdir()) == []

@@ -375,3 +375,81 @@ def test_a_second_job_into_a_live_runs_save_directory_is_refused(world, tmp_path
         _train(_overrides(world, checkpoint={"pretrained_checkpoint": world["base"],
                                              "save": str(save)}))
     assert sorted(os.listdir(save)) == [LOCK_NAME]  # nothing written
+
+
+def _record_initialization(overrides, path):
+    """One rank: train with a spy on ``build_chunks`` that records, per model built, whether it
+    is randomly initialised."""
+    from megatron_gift.core import model
+
+    seen, original = [], model.build_chunks
+
+    def spy(config, tf_config, *args, **kwargs):
+        seen.append(tf_config.perform_initialization)
+        return original(config, tf_config, *args, **kwargs)
+
+    model.build_chunks = spy
+    train_rank([], overrides)
+    with open(path, "w") as f:
+        json.dump(seen, f)
+
+
+@pytest.mark.parametrize("start", ["pretrained", "resumed", "from-scratch-sft"])
+def test_only_models_that_load_no_weights_are_initialised(world, tmp_path, start):
+    """The reference (always) and a student loaded from a checkpoint are built without random
+    initialisation (minutes at 70B); a student trained from scratch is initialised."""
+    if start == "resumed":
+        _train(_overrides(world, checkpoint={"pretrained_checkpoint": world["base"],
+                                             "save": str(tmp_path / "run")}))
+    sections = {
+        "pretrained": {},
+        "resumed": {"checkpoint": {"pretrained_checkpoint": None, "load": str(tmp_path / "run"),
+                                   "save": str(tmp_path / "run")},
+                    "training": {"train_iters": 4},
+                    "optimizer": {"override_opt_param_scheduler": True}},
+        "from-scratch-sft": {"checkpoint": {"pretrained_checkpoint": None},
+                             "gift": {"beta": float("inf")}},
+    }[start]
+    overrides = _overrides(world, **sections)
+    if start == "resumed":
+        overrides["gift"] = {"beta": 3.0, "reference_load": world["base"]}
+    run_distributed(1, _record_initialization, overrides, str(tmp_path / "seen.json"),
+                    initialize=False)
+    expected = {"pretrained": [False, False], "resumed": [False, False],
+                "from-scratch-sft": [True]}[start]
+    assert json.loads((tmp_path / "seen.json").read_text()) == expected
+
+
+def _first_draws(config, path):
+    import torch.distributed as dist
+
+    from megatron_gift.engine import trainer
+
+    trainer._init_parallel_state(config)
+    draws = [None] * dist.get_world_size()
+    dist.all_gather_object(draws, torch.rand(4).tolist())
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(draws, f)
+
+
+def test_pipeline_stages_draw_from_seeds_100_apart(tmp_path):
+    """Megatron-LM's offset: stage k seeds with seed + 100 k, so two stages' layers do not
+    start from the same weights."""
+    config = parse_config(["--pipeline-model-parallel-size", "2", "--seed", "7"])
+    run_distributed(2, _first_draws, config, str(tmp_path / "draws.json"))
+    draws = json.loads((tmp_path / "draws.json").read_text())
+    for stage, seed in enumerate((7, 107)):
+        torch.manual_seed(seed)
+        assert draws[stage] == torch.rand(4).tolist()
+
+
+def test_a_load_without_a_checkpoint_is_refused_before_any_work(world, tmp_path):
+    """A mistyped --load stops before the data is tokenised or anything is written."""
+    cache = tmp_path / "cache"
+    overrides = _overrides(world, data={"train_path": world["demos"], "cache_dir": str(cache)},
+                           checkpoint={"load": str(tmp_path / "no-such-run"),
+                                       "save": str(tmp_path / "new")})
+    with pytest.raises(Exception, match=r"--load .*no-such-run: no checkpoint there"):
+        _train(overrides)
+    assert not cache.exists() and not (tmp_path / "new").exists()

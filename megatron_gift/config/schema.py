@@ -142,6 +142,10 @@ class Checkpoint:
     pretrained_checkpoint: Optional[str] = option(
         None, "initial weights only: a Megatron checkpoint or a Hugging Face model directory")
     save_interval: Optional[int] = option(None, "save every N iterations (and at the end)")
+    converter: str = option(
+        "auto", "how a Hugging Face directory (pretrained or reference) is converted: builtin, "
+        "or bridge (Megatron-Bridge's AutoBridge); auto takes bridge where it is installed",
+        choices=("auto", "builtin", "bridge"))
 
 
 @dataclass

@@ -19,11 +19,19 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from omegaconf import DictConfig
 
+from megatron_gift.platform import kernels
+
 _Module = TypeVar("_Module", bound=torch.nn.Module)
 
 
-def transformer_config(config: DictConfig, params_dtype: torch.dtype) -> TransformerConfig:
-    """Megatron's ``TransformerConfig`` for the run (``config``: the run's OmegaConf)."""
+def transformer_config(config: DictConfig, params_dtype: torch.dtype,
+                       initialize: bool = True) -> TransformerConfig:
+    """Megatron's ``TransformerConfig`` for the run (``config``: the run's OmegaConf).
+
+    ``initialize=False`` builds models without random initialisation (``perform_initialization``
+    off): for models whose weights are loaded next, where it would be minutes of wasted work at
+    70B. Fusions are on wherever their kernels are installed (:func:`kernels.fusions`).
+    """
     model, parallel = config.model, config.parallel
     vpp = parallel.virtual_pipeline_model_parallel_size
     on_cpu = not torch.cuda.is_available()
@@ -41,11 +49,12 @@ def transformer_config(config: DictConfig, params_dtype: torch.dtype) -> Transfo
         virtual_pipeline_model_parallel_size=vpp,
         params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
         calculate_per_token_loss=True, use_cpu_initialization=on_cpu,
+        perform_initialization=initialize,
         # The interleaved schedule cannot be told the doubled activation width: shapes travel.
         variable_seq_lengths=vpp is not None, moe_token_dispatcher_type="alltoall",
         batch_p2p_comm=not (on_cpu and vpp is not None),  # see megatron_gift.platform.cpu
-        gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False, cross_entropy_loss_fusion=False,
+        cross_entropy_loss_fusion=False,  # the loss is GIFT's own
+        **kernels.fusions(),
     )
 
 

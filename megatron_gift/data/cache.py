@@ -34,9 +34,15 @@ def cached_table(cache_dir: str, name: str, key: dict[str, Any],
     path = os.path.join(cache_dir, f"{name}-{_digest(key)}.arrow")
     built = build_once(lambda: os.path.exists(path), lambda: _write(path, build()),
                        is_worker=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+                       others_wait=_ranks_on_this_node() > 1,
                        marker=f"{path}.{socket.gethostname()}.failed",
                        what=f"tokenising into {path}")
     return pa.ipc.open_file(pa.memory_map(path)).read_all(), path, built
+
+
+def _ranks_on_this_node() -> int:
+    """torchrun's ``LOCAL_WORLD_SIZE``, else ``WORLD_SIZE`` (a one-node launch), else 1."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
 def cache_key(path: str, tokenizer: "PreTrainedTokenizerBase",

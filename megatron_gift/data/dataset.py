@@ -78,6 +78,11 @@ class SFTDataset:
     def __len__(self):
         return len(self._starts) - 1
 
+    @property
+    def max_token_id(self) -> int:
+        """The largest token id stored (every input and label is one); -1 when empty."""
+        return int(self._ids.max()) if len(self._ids) else -1
+
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, mask)`` of stored sample ``index`` (pack order): int32 and bool ``[n]``."""
         lo, hi = self._offsets[index], self._offsets[index + 1]

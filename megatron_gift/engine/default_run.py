@@ -91,6 +91,7 @@ def _build_base(run_dir: str, base: str) -> None:
 
     build_once(lambda: latest_checkpoint(base) is not None, build,
                is_worker=int(os.environ.get("RANK", "0")) == 0,
+               others_wait=int(os.environ.get("WORLD_SIZE", "1")) > 1,
                marker=os.path.join(run_dir, "base.failed"), what="building the base model")
 
 

@@ -34,6 +34,10 @@ def job_config(argv: Sequence[str]) -> DictConfig:
         return config
     if _names_its_job(argv):
         return parse_config(argv)
+    if load:
+        from megatron_gift.engine.sources import check_paths
+
+        check_paths(parse_config(argv))  # a --load with nothing to continue: say so
     config = parse_config(argv, defaults=default_run.gift_overrides(default_run.RUN_DIR))
     default_run.prepare(default_run.RUN_DIR)
     return config

@@ -54,10 +54,12 @@ def forward_step_func(beta: float, smooth_lambda: float,
     return forward_step
 
 
+# The labels' range is checked once per data set when it is loaded (trainer._load_data), so the
+# loss runs without its per-call check, which would make the host wait for the device.
 def _gift_loss(logits, reference_logits, batch, beta, smooth_lambda, vocab_size):
     loss, stats = vocab_parallel_gift_loss(logits, reference_logits, batch["labels"], beta=beta,
                                            smooth_lambda=smooth_lambda, vocab_size=vocab_size,
-                                           return_stats=True)
+                                           return_stats=True, check_labels=False)
     num_tokens = batch["loss_mask"].sum().to(torch.int)
     loss_sum = loss.sum()
     count = num_tokens.float()
@@ -70,7 +72,8 @@ def _gift_loss(logits, reference_logits, batch, beta, smooth_lambda, vocab_size)
 
 def _evaluation_loss(logits, batch, vocab_size):
     labels = batch["labels"]
-    loss = vocab_parallel_gift_loss(logits, None, labels, beta=float("inf"), vocab_size=vocab_size)
+    loss = vocab_parallel_gift_loss(logits, None, labels, beta=float("inf"), vocab_size=vocab_size,
+                                    check_labels=False)
     valid = labels != -100
     count = valid.sum().float()
     correct = (_vocab_parallel_argmax(logits, vocab_size) == labels) & valid

@@ -8,6 +8,7 @@ architecture and, unless given, the tokenizer; its assets travel into the run's 
 so that exports and the RL hand-off find them.
 """
 
+import os
 from typing import Optional
 
 import torch
@@ -19,6 +20,36 @@ from megatron_gift.errors import MissingFileError, UserError
 from megatron_gift.hf import convert
 from megatron_gift.hf.architecture import (MODEL_KEYS, hf_assets, is_hf_directory,
                                            model_section_from_hf)
+
+
+def check_paths(config: DictConfig) -> None:
+    """Every path the run reads exists and is what its flag needs; called before any work.
+
+    ``--load DIR`` without a checkpoint in it is accepted only as the run's own ``--save``
+    (a job that resumes itself when restarted), else refused: a mistyped ``--load`` must not
+    start a new run.
+    """
+    data, saved = config.data, config.checkpoint
+    for flag, path in (("--train-path", data.train_path), ("--valid-path", data.valid_path),
+                       ("--tokenizer", config.model.tokenizer)):
+        if path and not os.path.exists(path):
+            raise MissingFileError(f"{flag} {path}: no such file or directory")
+    for flag, path in (("--pretrained-checkpoint", saved.pretrained_checkpoint),
+                       ("--reference-load", config.gift.reference_load)):
+        if path and not (is_hf_directory(path) or checkpoint.latest_checkpoint(path)):
+            raise MissingFileError(
+                f"{flag} {path}: neither a Megatron checkpoint ({checkpoint.TRACKER} or "
+                "metadata.json) nor a Hugging Face model directory (config.json)")
+    load = saved.load
+    if load and checkpoint.latest_checkpoint(load) is None and not _same_path(load, saved.save):
+        raise MissingFileError(
+            f"--load {load}: no checkpoint there ({checkpoint.TRACKER} or metadata.json). "
+            "Give the save directory of the run to continue; --pretrained-checkpoint for "
+            "initial weights; or --save DIR --load DIR for a job that resumes itself")
+
+
+def _same_path(a: Optional[str], b: Optional[str]) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
 def resolve_model(config: DictConfig, tokenizer_size: int) -> DictConfig:
@@ -46,17 +77,36 @@ def model_source(config: DictConfig) -> Optional[str]:
     return config.checkpoint.pretrained_checkpoint or config.checkpoint.load
 
 
-def megatron_checkpoint(source: Optional[str], cache_root: Optional[str] = None) -> Optional[str]:
-    """A Megatron checkpoint path for ``source`` (HF directories go through the cache)."""
+def megatron_checkpoint(source: Optional[str], converter: str = "auto",
+                        cache_root: Optional[str] = None) -> Optional[str]:
+    """A Megatron checkpoint path for ``source`` (HF directories are converted by
+    ``converter`` through the cache)."""
     if source is None:
         return None
     if is_hf_directory(source):
-        return convert.cached_conversion(source, cache_root)
+        return convert.cached_conversion(source, cache_root, converter)
     if checkpoint.latest_checkpoint(source) is None:
         raise MissingFileError(f"no checkpoint at {source}: neither a Megatron checkpoint "
                                 f"({checkpoint.TRACKER} or metadata.json) nor a Hugging Face "
                                 "directory (config.json)")
     return source
+
+
+def conversion(config: DictConfig, reference_source: Optional[str]) -> dict:
+    """``{"converted_from": [HF directories], "converter": "builtin" | "bridge"}`` for the run's
+    Hugging Face sources (the pretrained checkpoint, the reference), settled before any work:
+    ``--converter bridge`` without Megatron-Bridge fails here. A resumed run keeps its record.
+    Empty when no source is an HF directory."""
+    hf_sources = [s for s in dict.fromkeys([config.checkpoint.pretrained_checkpoint,
+                                            reference_source])
+                  if s is not None and is_hf_directory(s)]
+    if hf_sources:
+        return {"converted_from": hf_sources,
+                "converter": convert.pick_converter(config.checkpoint.converter)}
+    resumed = checkpoint.latest_checkpoint(config.checkpoint.load)
+    recorded = checkpoint.run_facts(resumed) if resumed else {}
+    return {key: recorded[key] for key in ("converted_from", "converter")
+            if recorded.get(key) is not None}
 
 
 def check_reference_matches(student_source: Optional[str], reference_source: Optional[str]) -> None:

@@ -10,7 +10,8 @@ save-and-exit on SIGTERM or Ctrl-C (:mod:`.signals`). :func:`setup` builds a :cl
                               continue holds training state, its schedule is unchanged (or
                               ``--override-opt-param-scheduler``)
 2. ``_reference_source``      where the reference comes from, checked against the student's
-                              source before anything is converted, built or written
+                              source before anything is converted, built or written; the
+                              converter for HF sources (``--converter``)
 3. ``_load_data``             tokenizer, the model section completed from the sources, data sets
 4. ``_build_models``          student chunks (+ reference chunks) on this rank's device
 5. ``_build_optimizer``       DDP wrappers, Megatron's optimizer and LR scheduler
@@ -74,6 +75,7 @@ class Job:
     iteration: int
     consumed_samples: int
     reference_source: Optional[str]
+    conversion: dict  # the HF sources converted and the converter: sources.conversion
     micro_batches: int
     vocab_size: int  # the real vocab; the model's is padded
 
@@ -124,19 +126,22 @@ def setup(config: DictConfig) -> Job:
     micro_batches = _micro_batches(config)
     _check_resume(config)
     reference_source = None if is_sft(config) else _reference_source(config)
+    conversion = sources.conversion(config, reference_source)
     config, train_data, valid_data = _load_data(config)
     tf_config, vocab, students, references = _build_models(config)
     ddp_chunks, optimizer, scheduler = _build_optimizer(config, tf_config, students)
     arch = checkpoint.architecture(config.model, vocab)
     iteration, consumed = _restore_student(config, ddp_chunks, optimizer, scheduler, arch)
     if references is not None:
-        checkpoint.load_model_weights(sources.megatron_checkpoint(reference_source), references,
-                                      arch)
+        checkpoint.load_model_weights(
+            sources.megatron_checkpoint(reference_source, config.checkpoint.converter),
+            references, arch)
     _connect_schedule(tf_config, ddp_chunks, optimizer)
     chunks = [models.GiftModel(s, r)
               for s, r in zip(ddp_chunks, references or [None] * len(ddp_chunks))]
     return Job(config, tf_config, chunks, ddp_chunks, optimizer, scheduler, train_data, valid_data,
-               iteration, consumed, reference_source, micro_batches, config.model.vocab_size)
+               iteration, consumed, reference_source, conversion, micro_batches,
+               config.model.vocab_size)
 
 
 def _init_parallel_state(config: DictConfig) -> None:
@@ -145,7 +150,9 @@ def _init_parallel_state(config: DictConfig) -> None:
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size)
-    seed = config.training.seed
+    # Megatron-LM's offset: pipeline stages draw different initial weights (TP ranks of a
+    # stage share the seed: each builds the full weight and keeps its shard).
+    seed = config.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -172,19 +179,37 @@ def _load_data(config: DictConfig) -> tuple[DictConfig, SFTDataset, Optional[SFT
     valid_data = (_dataset(config, config.data.valid_path, tokenizer)
                   if config.data.valid_path else None)
     for name, data in (("train", train_data), ("valid", valid_data)):
-        for line in _data_report(name, data, config.model.seq_length) if data else ():
+        if data is None:
+            continue
+        _check_token_ids(data, config.model.vocab_size)
+        for line in _data_report(name, data, config.model.seq_length):
             log.info(line)
     return config, train_data, valid_data
+
+
+def _check_token_ids(data: SFTDataset, vocab_size: int) -> None:
+    """Every token id (so every label) lies in the model's vocab: checked once per data set, on
+    the host, so that the loss needs no check of its own."""
+    if data.max_token_id >= vocab_size:
+        raise UserError(f"the data in {data.cache_path} holds token id {data.max_token_id}, "
+                        f"outside the model's vocab of {vocab_size}: it was tokenised with "
+                        "another tokenizer; pass the model's own (--tokenizer) or clear that "
+                        "cache file")
 
 
 def _build_models(config: DictConfig) -> tuple[object, int, list, Optional[list]]:
     """``(TransformerConfig, padded vocab, student chunks, reference chunks or None)``."""
     params_dtype = torch.bfloat16 if config.training.bf16 else torch.float32
-    tf_config = models.transformer_config(config, params_dtype)
+    # Weights that are loaded next are not initialised first: the reference's always, the
+    # student's when it resumes or starts from a pretrained checkpoint.
+    student_loads = bool(config.checkpoint.pretrained_checkpoint
+                         or checkpoint.latest_checkpoint(config.checkpoint.load))
+    tf_config = models.transformer_config(config, params_dtype, initialize=not student_loads)
     vocab = models.padded_vocab_size(config.model.vocab_size, config)
     device = local_device()
     students = models.build_chunks(config, tf_config, vocab, device)
-    references = None if is_sft(config) else models.build_chunks(config, tf_config, vocab, device)
+    references = None if is_sft(config) else models.build_chunks(
+        config, models.transformer_config(config, params_dtype, initialize=False), vocab, device)
     return tf_config, vocab, students, references
 
 
@@ -219,12 +244,13 @@ def _check_resume(config: DictConfig) -> None:
 
 def _reference_source(config: DictConfig) -> str:
     """The frozen reference's source: ``--reference-load``, else the resumed run's, else the
-    pretrained checkpoint, else ``--load``. Refused when it differs from the student's source
-    in dtype, vocab or architecture (read from configs, before any conversion)."""
+    pretrained checkpoint (never the run's own checkpoint: the reference is the base model).
+    Refused when it differs from the student's source in dtype, vocab or architecture (read
+    from configs, before any conversion)."""
     resumed = checkpoint.latest_checkpoint(config.checkpoint.load)
     recorded = checkpoint.run_facts(resumed).get("reference_source") if resumed else None
     pretrained = config.checkpoint.pretrained_checkpoint
-    source = config.gift.reference_load or recorded or pretrained or config.checkpoint.load
+    source = config.gift.reference_load or recorded or pretrained
     if source is None:
         raise UserError("GIFT with finite beta needs a reference: set --reference-load or "
                         "--pretrained-checkpoint (or --gift-beta inf for plain SFT)")
@@ -243,9 +269,9 @@ def _restore_student(config: DictConfig, ddp_chunks: list, optimizer, scheduler,
             resume_from, ddp_chunks, optimizer, scheduler,
             new_schedule=config.optimizer.override_opt_param_scheduler)
         return iteration, consumed
-    pretrained = config.checkpoint.pretrained_checkpoint or config.checkpoint.load
+    pretrained = config.checkpoint.pretrained_checkpoint
     if pretrained:
-        source = sources.megatron_checkpoint(pretrained)
+        source = sources.megatron_checkpoint(pretrained, config.checkpoint.converter)
         checkpoint.load_model_weights(source, [models.unwrap(c) for c in ddp_chunks], arch)
         for chunk in ddp_chunks:
             chunk.broadcast_params()
@@ -402,7 +428,7 @@ def _save(job: Job) -> None:
     run_facts = {"config": OmegaConf.to_container(config), "layout": checkpoint.layout(),
                  "architecture": checkpoint.architecture(
                      config.model, models.unwrap(job.ddp_chunks[0]).vocab_size),
-                 "reference_source": job.reference_source}
+                 "reference_source": job.reference_source, **job.conversion}
     checkpoint.save_checkpoint(config.checkpoint.save, job.iteration, job.ddp_chunks,
                                job.optimizer, job.scheduler, job.consumed_samples, run_facts)
     if dist.get_rank() == 0:
@@ -410,7 +436,9 @@ def _save(job: Job) -> None:
 
 
 def _check_before_start(config: DictConfig) -> None:
-    """Facts that need no process group: the layout fits the world, the device can run it."""
+    """Facts that need no process group: every path the run reads is there, the layout fits
+    the world, the device can run it."""
+    sources.check_paths(config)
     if config.parallel.use_distributed_optimizer and not torch.cuda.is_available():
         raise UserError("parallel.use_distributed_optimizer needs CUDA: Megatron-Core's "
                         "DistributedOptimizer accepts only CUDA parameters "

@@ -60,7 +60,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, converter: str = "auto") -> tuple[
     """Convert the HF model in ``hf_dir`` to a checkpoint root ``out_dir``; returns the
     iteration directory and the converter that ran ("builtin" or "bridge")."""
     section = model_section_from_hf(hf_dir)
-    converter = _pick_converter(converter)
+    converter = pick_converter(converter)
     weights = weight_files(hf_dir)
     check_tokenizer_files(hf_dir)
     dtype = checkpoint_dtype(weights)
@@ -168,8 +168,11 @@ def hf_state_from_megatron(state: dict[str, torch.Tensor],
     return {k: _own_storage(v) for k, v in hf.items()}
 
 
-def cached_conversion(hf_dir: str, cache_root: Optional[str] = None) -> str:
-    """The Megatron checkpoint of ``hf_dir`` in the conversion cache, converted once.
+def cached_conversion(hf_dir: str, cache_root: Optional[str] = None,
+                      converter: str = "auto") -> str:
+    """The Megatron checkpoint of ``hf_dir`` in the conversion cache, converted once by
+    ``converter`` (auto | builtin | bridge; the one that ran is part of the cache key and is
+    recorded in the checkpoint).
 
     Called by every rank of a job: global rank 0 converts (in a subprocess, so the job's
     process group stays untouched) when the cache misses; the others wait for the result on the
@@ -178,15 +181,17 @@ def cached_conversion(hf_dir: str, cache_root: Optional[str] = None) -> str:
     ``cache_root`` must be visible to every node (default ``$MEGATRON_GIFT_CACHE`` or
     ``~/.cache/megatron_gift``).
     """
-    out = os.path.join(cache_root or once.cache_root(), _cache_key(hf_dir))
+    converter = pick_converter(converter)
+    out = os.path.join(cache_root or once.cache_root(), f"{_cache_key(hf_dir)}-{converter}")
     once.build_once(lambda: checkpoint.latest_checkpoint(out) is not None,
-               lambda: _convert_in_subprocess(hf_dir, out),
+               lambda: _convert_in_subprocess(hf_dir, out, converter),
                is_worker=not dist.is_initialized() or dist.get_rank() == 0,
+               others_wait=dist.is_initialized() and dist.get_world_size() > 1,
                marker=out + ".failed", what=f"converting {hf_dir}")
     return out
 
 
-def _convert_in_subprocess(hf_dir: str, out: str) -> None:
+def _convert_in_subprocess(hf_dir: str, out: str, converter: str) -> None:
     """Convert into a private directory beside ``out`` and rename it into place, so that a job
     never sees a half-written conversion and two jobs converting together do not mix their
     files: the first rename wins, the other conversion is dropped."""
@@ -197,7 +202,8 @@ def _convert_in_subprocess(hf_dir: str, out: str) -> None:
     private = tempfile.mkdtemp(prefix=f"{os.path.basename(out)}.{socket.gethostname()}.",
                                suffix=".tmp", dir=os.path.dirname(out))
     result = subprocess.run([sys.executable, "-m", "megatron_gift.convert", "hf-to-megatron",
-                             "--hf", hf_dir, "--out", private], env=env, stderr=subprocess.PIPE,
+                             "--hf", hf_dir, "--out", private, "--converter", converter],
+                            env=env, stderr=subprocess.PIPE,
                             text=True)
     if result.returncode != 0:
         shutil.rmtree(private, ignore_errors=True)
@@ -350,7 +356,9 @@ def _cache_key(hf_dir):
     return f"{os.path.basename(hf_dir.rstrip(os.sep))}-{digest}"
 
 
-def _pick_converter(choice):
+def pick_converter(choice: str) -> str:
+    """``"builtin"`` or ``"bridge"`` for ``choice`` (auto | builtin | bridge); UserError for
+    bridge where Megatron-Bridge is not installed."""
     try:
         import megatron.bridge  # noqa: F401
         have_bridge = True

@@ -97,7 +97,8 @@ def quiet_gpu_advice() -> None:
 
 
 def describe_implementation() -> str:
-    """One line: the layer implementation, optimizer kernels and CPU fallbacks in use."""
+    """One line: the layer implementation, optimizer kernels, fusions and CPU fallbacks in
+    use."""
     import torch
 
     try:
@@ -110,6 +111,9 @@ def describe_implementation() -> str:
         fused = "Apex fused optimizer kernels"
     except ImportError:
         fused = "torch optimizer kernels (no TE/Apex)"
+    from megatron_gift.platform import kernels
+
+    fused = f"{fused}; {kernels.describe(kernels.fusions())}"
     if torch.cuda.is_available():
         device = f"CUDA ({torch.cuda.get_device_name()})"
     else:

@@ -5,7 +5,8 @@ The waiting ranks poll the file system instead of entering a collective, so the 
 longer than a process group's timeout (10 minutes for NCCL by default), as converting a 70B
 model or tokenising a large data set does. A failure of the working rank is written to a marker
 file that the waiting ranks raise; the marker names the job, so one left by an earlier job is
-ignored.
+ignored. The working rank removes the marker again after :data:`MARKER_GRACE_POLLS` polling
+intervals (it writes none where no rank waits), so failures leave nothing in the cache.
 """
 
 import os
@@ -16,6 +17,7 @@ from megatron_gift.errors import UserError
 
 _USER = "user"
 WAIT_LIMIT_S = float(os.environ.get("MEGATRON_GIFT_WAIT_LIMIT_S", 6 * 3600))
+MARKER_GRACE_POLLS = 6  # how long a failure marker stays: the waiting ranks poll in between
 
 
 def cache_root() -> str:
@@ -26,19 +28,24 @@ def cache_root() -> str:
 
 
 def build_once(ready: Callable[[], bool], build: Callable[[], object], is_worker: bool,
-               marker: str, what: str, poll_s: float = 0.5) -> bool:
+               marker: str, what: str, poll_s: float = 0.5, others_wait: bool = True) -> bool:
     """Run ``build()`` on the worker unless ``ready()``; elsewhere wait until ``ready()``.
 
-    ``marker``: a path beside the result where the worker's failure is recorded; ``what``:
-    the work, for messages. Returns True where this process built the result.
+    ``marker``: a path beside the result where the worker's failure is shown to the waiting
+    ranks for a moment; ``what``: the work, for messages; ``others_wait``: whether any rank
+    waits (no marker otherwise). Returns True where this process built the result.
     """
     if is_worker:
         if ready():
             return False
+        _remove(marker)  # left by a job that was killed while showing its failure
         try:
             build()
-        except BaseException as error:
-            _write_marker(marker, error)
+        except Exception as error:
+            if others_wait:
+                _write_marker(marker, error)
+                time.sleep(MARKER_GRACE_POLLS * poll_s)
+                _remove(marker)
             raise
         return True
     start = time.monotonic()
@@ -83,3 +90,10 @@ def _read_marker(marker: str) -> Optional[tuple[str, str]]:
         return None
     kind, _, message = rest.partition("\n")
     return (kind, message) if job == _job() else None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
