@@ -103,9 +103,9 @@ def test_torchrun_reports_a_user_error_once_and_as_the_root_cause(tmp_path):
          "examples/pretrain_gift.py", "--train-path", str(data),
          "--tensor-model-parallel-size", "4"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    message = ("error: world size 2 is not divisible by tensor x pipeline parallel size = 4 x 1 "
-               "(--tensor-model-parallel-size, --pipeline-model-parallel-size, torchrun "
-               "--nproc-per-node)")
+    message = ("error: world size 2 is not divisible by tensor x pipeline x context parallel "
+               "size = 4 x 1 x 1 (--tensor-model-parallel-size, --pipeline-model-parallel-size, "
+               "--context-parallel-size, torchrun --nproc-per-node)")
     assert result.returncode != 0
     lines = result.stderr.splitlines()
     assert lines.count(message) == 1  # one rank says it

@@ -463,15 +463,19 @@ def test_token_ids_outside_the_models_vocab_are_refused_once_at_load(tmp_path, t
         trainer._check_token_ids(data, data.max_token_id)
 
 
-def _load_bad_data(path, tokenizer_dir, cache_dir):
-    SFTDataset(path, AutoTokenizer.from_pretrained(tokenizer_dir), 32, cache_dir=cache_dir)
-
-
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_a_data_error_on_two_ranks_leaves_nothing_in_the_cache(tmp_path):
-    """Both ranks fail with the record's error; the failure marker the waiting rank read is gone
-    afterwards."""
+    """A training job on two ranks fails with the record's error; the failure marker the
+    waiting rank read is gone afterwards, also when the launcher stops the working rank while
+    it shows the marker."""
+    from parallel_harness import TINY_MODEL, train_on_ranks
+
     path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "1 + 1 ="}])  # no response
+    overrides = {"model": dict(TINY_MODEL), "gift": {"beta": float("inf")},
+                 "data": {"train_path": path, "cache_dir": str(tmp_path / "c")},
+                 "training": {"micro_batch_size": 1, "global_batch_size": 2},
+                 "logging": {"progress": False}}
     with pytest.raises(Exception, match="d.jsonl:1"):
-        run_distributed(2, _load_bad_data, path, synthetic.TOKENIZER_DIR, str(tmp_path / "c"))
+        train_on_ranks(overrides, world_size=2)
     assert not (tmp_path / "c").exists() or os.listdir(tmp_path / "c") == []

@@ -57,7 +57,7 @@ SGD = {"optimizer": "sgd", "sgd_momentum": 0.9, "lr": 0.5, "weight_decay": 0.0,
        "lr_decay_style": "constant", "clip_grad": 1.0}
 
 
-def _layout_run(world, tmp, name, tp=1, pp=1, vpp=None, dp=1):
+def _layout_run(world, tmp, name, tp=1, pp=1, vpp=None, dp=1, parallel=(), training=()):
     """Three SGD steps at a layout: ``(losses, model tensors after the last step)``.
 
     SGD, not Adam: its update is linear in the gradient, so the last-bit differences that a
@@ -67,8 +67,8 @@ def _layout_run(world, tmp, name, tp=1, pp=1, vpp=None, dp=1):
     out = tmp / name
     overrides = _overrides(world, parallel={
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-        "virtual_pipeline_model_parallel_size": vpp},
-        optimizer=SGD,
+        "virtual_pipeline_model_parallel_size": vpp, **dict(parallel)},
+        training=dict(training), optimizer=SGD,
         checkpoint={"pretrained_checkpoint": world["base"], "save": str(out / "ckpt")},
         logging={"metrics_file": str(out / "metrics.jsonl"), "progress": False})
     _train(overrides, world_size=tp * pp * dp)
@@ -123,6 +123,50 @@ def test_layouts_train_like_one_process(world, single_process_run, base_weights,
                                         tp, pp, vpp, dp):
     losses, weights = _layout_run(world, tmp_path, f"tp{tp}pp{pp}vpp{vpp}dp{dp}", tp, pp, vpp, dp)
     assert_same_training(losses, weights, *single_process_run, base_weights)
+
+
+SP = {"sequence_parallel": True}
+FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform",
+                  "recompute_num_layers": 1}
+
+
+@pytest.mark.parametrize("tp,pp,dp,parallel,training", [
+    (2, 1, 1, SP, {}), (2, 2, 1, SP, {}), (1, 1, 1, {}, FULL_RECOMPUTE),
+    (2, 1, 1, SP, {"recompute_granularity": "selective"}),
+    (1, 2, 1, {}, {**FULL_RECOMPUTE, "recompute_method": "block", "recompute_num_layers": 2}),
+    (1, 1, 2, {"overlap_grad_reduce": True}, {}),
+], ids=["tp2-sp", "tp2-pp2-sp", "full-recompute", "tp2-sp-selective-recompute",
+        "pp2-block-recompute", "dp2-overlap-grad-reduce"])
+def test_memory_features_train_like_one_process(world, single_process_run, base_weights, tmp_path,
+                                                tp, pp, dp, parallel, training):
+    """Sequence parallelism (student and reference), recompute (student) and the overlapped
+    gradient reduce change memory and communication, not the numbers."""
+    losses, weights = _layout_run(world, tmp_path, "run", tp, pp, None, dp, parallel.items(),
+                                  training.items())
+    assert_same_training(losses, weights, *single_process_run, base_weights)
+
+
+@pytest.mark.parametrize("first,then", [
+    ({"parallel": {"tensor_model_parallel_size": 2, **SP}, "training": FULL_RECOMPUTE}, {}),
+    ({}, {"parallel": {"tensor_model_parallel_size": 2, **SP},
+          "training": {"recompute_granularity": "selective"}}),
+], ids=["saved-with-sp-and-recompute", "resumed-with-sp-and-recompute"])
+def test_sp_and_recompute_checkpoints_resume_without_them_and_back(world, single_process_run,
+                                                                   tmp_path, first, then):
+    ckpt = str(tmp_path / "ckpt")
+    tp_of = lambda sections: sections.get("parallel", {}).get("tensor_model_parallel_size", 1)
+    _train(_overrides(world, training={"train_iters": 2, **first.get("training", {})},
+                      checkpoint={"pretrained_checkpoint": world["base"], "save": ckpt},
+                      optimizer=SGD, parallel=first.get("parallel", {})), world_size=tp_of(first))
+    metrics = tmp_path / "resumed.jsonl"
+    _train(_overrides(world, checkpoint={"load": ckpt, "save": ckpt},
+                      optimizer={**SGD, "override_opt_param_scheduler": True},  # 2 -> 3 iterations
+                      parallel=then.get("parallel", {}), training=then.get("training", {}),
+                      logging={"metrics_file": str(metrics), "progress": False}),
+           world_size=tp_of(then))
+    resumed = [r for r in _metrics(metrics) if "loss" in r]
+    assert [r["iteration"] for r in resumed] == [3]
+    torch.testing.assert_close(resumed[0]["loss"], single_process_run[0][2], rtol=1e-5, atol=1e-6)
 
 
 def test_the_layout_check_catches_a_wrong_qkv_split(single_process_run, base_weights):
@@ -308,7 +352,7 @@ def test_world_size_not_divisible_fails_before_any_work(world, tmp_path, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "3")
     config = parse_config([], defaults=_overrides(world, parallel={
         "tensor_model_parallel_size": 2}, checkpoint={"save": str(tmp_path / "ckpt")}))
-    with pytest.raises(ValueError, match="world size 3 is not divisible by tensor x pipeline"):
+    with pytest.raises(ValueError, match="world size 3 is not divisible by tensor x pipeline x context"):
         train(config)
     assert not (tmp_path / "ckpt").exists()
 

@@ -13,11 +13,13 @@ from megatron_gift.errors import ConfigError
 
 _POSITIVE = {"model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                        "ffn_hidden_size", "seq_length", "make_vocab_size_divisible_by"),
-             "parallel": ("tensor_model_parallel_size", "pipeline_model_parallel_size"),
+             "parallel": ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                          "context_parallel_size"),
              "training": ("micro_batch_size", "global_batch_size", "train_iters",
                           "eval_interval", "eval_iters"),
              "logging": ("log_interval",)}
 _POSITIVE_OR_NONE = {"parallel": ("virtual_pipeline_model_parallel_size",),
+                     "training": ("recompute_num_layers",),
                      "checkpoint": ("save_interval",)}
 _NON_NEGATIVE = {"optimizer": ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad")}
 
@@ -36,6 +38,8 @@ def validate(config: DictConfig) -> DictConfig:
         raise ConfigError(f"model.seq_length={model.seq_length} exceeds the model's sliding "
                           f"attention window {model.sliding_window}; full attention is only exact "
                           "up to it (--seq-length)")
+    _check_layout(config)
+    _check_recompute(config.training)
     if config.optimizer.min_lr > config.optimizer.lr:
         raise ConfigError(f"optimizer.min_lr={config.optimizer.min_lr} exceeds optimizer.lr="
                           f"{config.optimizer.lr} (--min-lr, --lr)")
@@ -56,7 +60,7 @@ def _check_choices(config: DictConfig) -> None:
         for f in section_fields(section):
             choices = f.metadata.get("choices")
             value = config[section][f.name]
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ConfigError(f"{_name(section, f.name)} must be one of {', '.join(choices)}; "
                                   f"got {value!r}")
 
@@ -80,3 +84,51 @@ def _check_gift(gift: DictConfig) -> None:
     if not 0.0 <= gift.smooth_lambda <= 1.0:
         raise ConfigError(f"gift.smooth_lambda (--gift-smooth-lambda) must be in [0, 1], "
                           f"got {gift.smooth_lambda}")
+
+
+def check_layer_split(config: DictConfig) -> DictConfig:
+    """The layers split evenly over pipeline x virtual pipeline stages. Checked once the model
+    section is complete (an HF base model sets ``num_layers``); returns ``config``."""
+    parallel, layers = config.parallel, config.model.num_layers
+    stages = parallel.pipeline_model_parallel_size * (
+        parallel.virtual_pipeline_model_parallel_size or 1)
+    if layers % stages:
+        raise ConfigError(
+            f"model.num_layers={layers} is not divisible by pipeline x virtual pipeline stages = "
+            f"{stages} (--num-layers, --pipeline-model-parallel-size, "
+            "--virtual-pipeline-model-parallel-size)")
+    return config
+
+
+def _check_layout(config: DictConfig) -> None:
+    """Combinations of the parallel section that cannot work (the world size is checked when
+    the run starts, the layer split once the model is known)."""
+    parallel, seq = config.parallel, config.model.seq_length
+    tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
+    if parallel.sequence_parallel and seq % tp:
+        raise ConfigError(f"model.seq_length={seq} is not divisible by tensor parallel size {tp}, "
+                          "as sequence parallelism needs (--seq-length, --sequence-parallel)")
+    if cp > 1 and seq % (2 * cp):
+        raise ConfigError(f"model.seq_length={seq} is not divisible by 2 x context parallel size "
+                          f"= {2 * cp} (--seq-length, --context-parallel-size)")
+    if cp > 1 and config.data.pack:
+        raise ConfigError("data.pack (--pack) is not available with context parallelism: packed "
+                          "sequences need the local attention layers, CP Transformer Engine's")
+    if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
+        raise ConfigError(f"{_name('parallel', 'sequence_parallel')} needs "
+                          f"{_name('parallel', 'tensor_model_parallel_size')} > 1")
+    if parallel.overlap_param_gather and not parallel.use_distributed_optimizer:
+        raise ConfigError(f"{_name('parallel', 'overlap_param_gather')} needs "
+                          f"{_name('parallel', 'use_distributed_optimizer')}")
+
+
+def _check_recompute(training: DictConfig) -> None:
+    granularity, method = training.recompute_granularity, training.recompute_method
+    if granularity == "full" and (method is None or training.recompute_num_layers is None):
+        raise ConfigError(f"{_name('training', 'recompute_granularity')}=full needs "
+                          f"{_name('training', 'recompute_method')} and "
+                          f"{_name('training', 'recompute_num_layers')}")
+    if granularity != "full" and (method is not None or training.recompute_num_layers is not None):
+        raise ConfigError(f"{_name('training', 'recompute_method')} and "
+                          f"{_name('training', 'recompute_num_layers')} apply to "
+                          f"{_name('training', 'recompute_granularity')}=full only")

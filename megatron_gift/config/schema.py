@@ -63,8 +63,21 @@ class Parallel:
     pipeline_model_parallel_size: int = option(1, "PP: pipeline stages")
     virtual_pipeline_model_parallel_size: Optional[int] = option(
         None, "VPP: model chunks per pipeline stage (interleaved schedule)")
+    sequence_parallel: bool = option(
+        False, "SP: shard layer norms, dropout and the activations between TP regions over the "
+        "sequence (needs TP > 1)")
+    context_parallel_size: int = option(
+        1, "CP: shard the sequence over this many ranks in attention (needs Transformer Engine "
+        "and CUDA)")
     use_distributed_optimizer: bool = option(
         False, "shard optimizer state over data parallel ranks (needs CUDA)")
+    overlap_grad_reduce: bool = option(
+        False, "overlap the data-parallel gradient reduce with the backward (needs CUDA)")
+    overlap_param_gather: bool = option(
+        False, "overlap the distributed optimizer's parameter all-gather with the forward "
+        "(needs --use-distributed-optimizer)")
+    grad_reduce_in_fp32: bool = option(
+        True, "reduce gradients over data parallel ranks in fp32 (bf16 runs)")
 
 
 @dataclass
@@ -111,6 +124,14 @@ class Training:
     bf16: bool = option(False, "bf16 parameters and activations (fp32 main weights)")
     eval_interval: int = option(50, "evaluate every N iterations (and at the end)")
     eval_iters: int = option(4, "global batches per evaluation")
+    recompute_granularity: Optional[str] = option(
+        None, "activation recompute of the student (the reference keeps no activations): "
+        "selective (core attention) or full (whole layers)", choices=("full", "selective"))
+    recompute_method: Optional[str] = option(
+        None, "full recompute: uniform (every N layers one checkpoint) or block (the first N "
+        "layers of each stage)", choices=("uniform", "block"))
+    recompute_num_layers: Optional[int] = option(
+        None, "full recompute: N of --recompute-method")
 
 
 @dataclass

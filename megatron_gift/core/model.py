@@ -16,6 +16,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from omegaconf import DictConfig
 
@@ -25,14 +27,20 @@ _Module = TypeVar("_Module", bound=torch.nn.Module)
 
 
 def transformer_config(config: DictConfig, params_dtype: torch.dtype,
-                       initialize: bool = True) -> TransformerConfig:
+                       initialize: bool = True, frozen: bool = False) -> TransformerConfig:
     """Megatron's ``TransformerConfig`` for the run (``config``: the run's OmegaConf).
 
     ``initialize=False`` builds models without random initialisation (``perform_initialization``
     off): for models whose weights are loaded next, where it would be minutes of wasted work at
-    70B. Fusions are on wherever their kernels are installed (:func:`kernels.fusions`).
+    70B. ``frozen``: the config of the reference, which runs under ``no_grad`` and so has no
+    activation recompute. Sequence and context parallelism apply to both models alike. Fusions
+    are on wherever their kernels are installed (:func:`kernels.fusions`).
     """
-    model, parallel = config.model, config.parallel
+    model, parallel, training = config.model, config.parallel, config.training
+    recompute = {} if frozen else {
+        "recompute_granularity": training.recompute_granularity,
+        "recompute_method": training.recompute_method,
+        "recompute_num_layers": training.recompute_num_layers}
     vpp = parallel.virtual_pipeline_model_parallel_size
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
@@ -47,6 +55,8 @@ def transformer_config(config: DictConfig, params_dtype: torch.dtype,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel_size, **recompute,
         params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
         calculate_per_token_loss=True, use_cpu_initialization=on_cpu,
         perform_initialization=initialize,
@@ -78,10 +88,10 @@ def build_chunks(config: DictConfig, tf_config: TransformerConfig, vocab_size: i
     it is installed, unless ``local_spec``; checkpoints of either load into the other.
     """
     vpp = config.parallel.virtual_pipeline_model_parallel_size
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm") if local_spec else _layer_spec()
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
+        spec = _local_spec(tf_config, stage) if local_spec else _layer_spec(tf_config, stage)
         chunks.append(GPTModel(
             config=tf_config, transformer_layer_spec=spec, vocab_size=vocab_size,
             max_sequence_length=config.model.seq_length,
@@ -169,9 +179,39 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _layer_spec():
+class SequenceParallelRMSNorm:
+    """PyTorch's RMSNorm for the local layer spec, with sequence parallelism allowed.
+
+    Megatron-Core's ``WrappedTorchNorm`` (transformer/torch_norm.py), the local spec's norm
+    where Apex is missing, refuses ``sequence_parallel``: it does not mark its weight, so the
+    weight's gradient (each TP rank sees only its share of the sequence) would not be summed
+    over TP. This norm marks it (``weight.sequence_parallel``), which
+    ``finalize_model_grads`` reads to all-reduce it, as Apex's ``FusedLayerNorm`` does.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                **unused) -> torch.nn.RMSNorm:
+        norm = torch.nn.RMSNorm(normalized_shape=hidden_size, eps=eps)
+        norm.weight.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _layer_spec(config: TransformerConfig, vp_stage: Optional[int]):
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
-        return get_gpt_layer_local_spec(normalization="RMSNorm")
+        return _local_spec(config, vp_stage)
     return get_gpt_layer_with_transformer_engine_spec()
+
+
+def _local_spec(config: Optional[TransformerConfig] = None, vp_stage: Optional[int] = None):
+    """Megatron-Core's local layer spec (RMSNorm); with sequence parallelism, the whole block's
+    spec with :class:`SequenceParallelRMSNorm` for every norm, the final one included."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if config is None or not config.sequence_parallel:
+        return spec
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers,
+                                      layer_norm=SequenceParallelRMSNorm)

@@ -5,6 +5,10 @@ The loss function follows the schedules' per-token contract: it returns
 ``(loss_sum, num_tokens, report)`` and ``calculate_per_token_loss=True`` lets Megatron divide
 the gradients by the tokens of the whole global batch (all micro-batches, all DP ranks).
 Report values are ``[sum, count]`` pairs, summed over micro-batches by the training loop.
+
+With context parallelism each rank keeps its load-balanced share of every micro-batch's
+sequence (:func:`context_parallel_share`), labels and loss mask with it; the per-token loss sums
+over CP ranks as over DP ranks (Megatron reduces the token counts and gradients over DP x CP).
 """
 
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
@@ -40,7 +44,8 @@ def forward_step_func(beta: float, smooth_lambda: float,
 
     def forward_step(data_iterator: Iterator[Batch],
                      model: "GiftModel") -> tuple[torch.Tensor, Optional[LossFunc]]:
-        batch = {k: v.to(model.device, non_blocking=True) for k, v in next(data_iterator).items()}
+        batch = context_parallel_share(
+            {k: v.to(model.device, non_blocking=True) for k, v in next(data_iterator).items()})
         mask = attention_mask_fn(batch)
         output = model(batch["tokens"], batch["position_ids"], mask)
         if not model.post_process:
@@ -52,6 +57,18 @@ def forward_step_func(beta: float, smooth_lambda: float,
                                               vocab_size)
 
     return forward_step
+
+
+def context_parallel_share(batch: Batch) -> Batch:
+    """This context-parallel rank's part of ``batch`` (``[b, s]`` tensors -> ``[b, s / cp]``):
+    Megatron's zigzag split, chunks ``r`` and ``2 cp - 1 - r`` of ``2 cp``, so every rank gets
+    as much causal-attention work. The batch itself without context parallelism."""
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return batch
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False,
+                                     cp_group=parallel_state.get_context_parallel_group())
 
 
 # The labels' range is checked once per data set when it is loaded (trainer._load_data), so the

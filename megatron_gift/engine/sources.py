@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_gift.config import from_container, validate
+from megatron_gift.config import check_layer_split, from_container, validate
 from megatron_gift.core import checkpoint
 from megatron_gift.errors import MissingFileError, UserError
 from megatron_gift.hf import convert
@@ -69,7 +69,7 @@ def resolve_model(config: DictConfig, tokenizer_size: int) -> DictConfig:
                          f"{model.vocab_size}")
     if model.kv_channels is None:
         model.kv_channels = model.hidden_size // model.num_attention_heads
-    return validate(config)
+    return check_layer_split(validate(config))
 
 
 def model_source(config: DictConfig) -> Optional[str]:

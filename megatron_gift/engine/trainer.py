@@ -48,7 +48,7 @@ from megatron_gift.engine.metrics import MetricsLogger
 from megatron_gift.engine.signals import StopOnSignal
 from megatron_gift.errors import UserError
 from megatron_gift.hf.architecture import hf_assets
-from megatron_gift.platform import console
+from megatron_gift.platform import console, kernels
 from megatron_gift.platform.distributed import (init_distributed, local_device,
                                                 world_size_from_env)
 from megatron_gift.platform.run_lock import RunLock
@@ -149,7 +149,8 @@ def _init_parallel_state(config: DictConfig) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size)
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size)
     # Megatron-LM's offset: pipeline stages draw different initial weights (TP ranks of a
     # stage share the seed: each builds the full weight and keeps its shard).
     seed = config.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
@@ -209,14 +210,19 @@ def _build_models(config: DictConfig) -> tuple[object, int, list, Optional[list]
     device = local_device()
     students = models.build_chunks(config, tf_config, vocab, device)
     references = None if is_sft(config) else models.build_chunks(
-        config, models.transformer_config(config, params_dtype, initialize=False), vocab, device)
+        config, models.transformer_config(config, params_dtype, initialize=False, frozen=True),
+        vocab, device)
     return tf_config, vocab, students, references
 
 
 def _build_optimizer(config: DictConfig, tf_config, students: list) -> tuple[list, object, object]:
     """DDP-wrapped students, Megatron's optimizer over them, and its LR scheduler."""
+    parallel = config.parallel
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.use_distributed_optimizer)
+        grad_reduce_in_fp32=parallel.grad_reduce_in_fp32,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather)
     ddp_chunks = [DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=m,
                                           disable_bucketing=k > 0)
                   for k, m in enumerate(students)]
@@ -439,16 +445,23 @@ def _check_before_start(config: DictConfig) -> None:
     """Facts that need no process group: every path the run reads is there, the layout fits
     the world, the device can run it."""
     sources.check_paths(config)
-    if config.parallel.use_distributed_optimizer and not torch.cuda.is_available():
+    parallel, cuda = config.parallel, torch.cuda.is_available()
+    if parallel.use_distributed_optimizer and not cuda:
         raise UserError("parallel.use_distributed_optimizer needs CUDA: Megatron-Core's "
                         "DistributedOptimizer accepts only CUDA parameters "
                         "(drop --use-distributed-optimizer)")
+    if parallel.context_parallel_size > 1 and not (cuda and kernels.installed("transformer_engine")):
+        raise UserError(f"parallel.context_parallel_size={parallel.context_parallel_size} needs "
+                        "Transformer Engine's attention on CUDA, which this machine lacks "
+                        "(--context-parallel-size 1)")
     world = world_size_from_env()
-    tp, pp = config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size
-    if world % (tp * pp):
-        raise UserError(f"world size {world} is not divisible by tensor x pipeline parallel "
-                        f"size = {tp} x {pp} (--tensor-model-parallel-size, "
-                        "--pipeline-model-parallel-size, torchrun --nproc-per-node)")
+    tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                  parallel.context_parallel_size)
+    if world % (tp * pp * cp):
+        raise UserError(f"world size {world} is not divisible by tensor x pipeline x context "
+                        f"parallel size = {tp} x {pp} x {cp} (--tensor-model-parallel-size, "
+                        "--pipeline-model-parallel-size, --context-parallel-size, "
+                        "torchrun --nproc-per-node)")
 
 
 def _load_tokenizer(path: Optional[str]):

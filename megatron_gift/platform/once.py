@@ -44,8 +44,10 @@ def build_once(ready: Callable[[], bool], build: Callable[[], object], is_worker
         except Exception as error:
             if others_wait:
                 _write_marker(marker, error)
-                time.sleep(MARKER_GRACE_POLLS * poll_s)
-                _remove(marker)
+                try:  # a launcher that stops this rank meanwhile interrupts the sleep (SIGTERM)
+                    time.sleep(MARKER_GRACE_POLLS * poll_s)
+                finally:
+                    _remove(marker)
             raise
         return True
     start = time.monotonic()

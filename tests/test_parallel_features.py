@@ -1,0 +1,85 @@
+"""Sequence, context parallelism and recompute: nonsense combinations are refused up front,
+naming the flags; CP needs Transformer Engine on CUDA; each CP rank keeps Megatron's zigzag
+share of a micro-batch. (The numbers of SP, recompute and the overlapped reduce against one
+process: tests/test_training.py.)"""
+
+import pytest
+import torch
+
+from megatron_gift.config import check_layer_split, parse_config
+from parallel_harness import run_distributed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sequence-parallel"], r"parallel.sequence_parallel \(--sequence-parallel\) needs "
+                              r"parallel.tensor_model_parallel_size"),
+    (["--recompute-num-layers", "2"], r"training.recompute_method \(--recompute-method\) and "
+                                      r"training.recompute_num_layers .* apply to .*=full only"),
+    (["--recompute-method", "block"], r"apply to training.recompute_granularity"),
+    (["--recompute-granularity", "full"], r"=full needs training.recompute_method"),
+    (["--recompute-granularity", "sometimes"], r"must be one of full, selective"),
+    (["--overlap-param-gather"], r"needs parallel.use_distributed_optimizer"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "33"],
+     r"seq_length=33 is not divisible by tensor parallel size 2"),
+    (["--context-parallel-size", "2", "--seq-length", "30"],
+     r"seq_length=30 is not divisible by 2 x context parallel size = 4"),
+    (["--context-parallel-size", "0"], r"context_parallel_size \(--context-parallel-size\) must "
+                                       r"be positive"),
+])
+def test_nonsense_combinations_are_refused_naming_the_flags(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(argv)
+
+
+def test_a_layer_split_that_does_not_divide_is_refused_once_the_model_is_known():
+    config = parse_config(["--num-layers", "6", "--pipeline-model-parallel-size", "2",
+                           "--virtual-pipeline-model-parallel-size", "2"])
+    with pytest.raises(ValueError, match=r"num_layers=6 is not divisible by pipeline x virtual "
+                                         r"pipeline stages = 4"):
+        check_layer_split(config)
+    check_layer_split(parse_config(["--num-layers", "8", "--pipeline-model-parallel-size", "2",
+                                    "--virtual-pipeline-model-parallel-size", "2"]))
+
+
+def test_context_parallelism_without_transformer_engine_on_cuda_is_refused(tmp_path):
+    from megatron_gift.engine.trainer import train
+
+    config = parse_config(["--context-parallel-size", "2", "--save", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=r"context_parallel_size=2 needs Transformer Engine's "
+                                         r"attention on CUDA"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def _share_on_this_rank(seq, path):
+    import json
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_gift.engine.pipeline import context_parallel_share
+
+    parallel_state.initialize_model_parallel(context_parallel_size=2)
+    positions = torch.arange(seq).repeat(2, 1)
+    batch = {"tokens": positions * 10, "labels": positions * 10 + 1, "loss_mask":
+             (positions % 3 == 0).float(), "position_ids": positions}
+    share = {k: v.tolist() for k, v in context_parallel_share(batch).items()}
+    gathered = [None, None]
+    dist.all_gather_object(gathered, share)
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(gathered, f)
+
+
+def test_each_context_parallel_rank_keeps_its_zigzag_share(tmp_path):
+    """CP=2, 8 tokens: chunks of 2, rank 0 keeps chunks 0 and 3, rank 1 chunks 1 and 2; labels
+    and loss mask go with their tokens."""
+    import json
+
+    run_distributed(2, _share_on_this_rank, 8, str(tmp_path / "shares.json"))
+    shares = json.loads((tmp_path / "shares.json").read_text())
+    for rank, kept in enumerate(([0, 1, 6, 7], [2, 3, 4, 5])):
+        assert shares[rank]["position_ids"] == [kept, kept]
+        assert shares[rank]["tokens"] == [[10 * p for p in kept]] * 2
+        assert shares[rank]["labels"] == [[10 * p + 1 for p in kept]] * 2
+        assert shares[rank]["loss_mask"] == [[float(p % 3 == 0) for p in kept]] * 2
