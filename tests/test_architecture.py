@@ -7,7 +7,8 @@ Layers (a package may import its own modules and those of lower layers only)::
     2  core, data                        model + checkpoint layout; SFT data
     3  hf                                Hugging Face <-> Megatron
     4  engine, rl                        the trainer; the RL hand-off
-    5  convert, rl_handoff, inspect      the ``python -m`` commands
+    5  convert, rl_handoff, inspect,     the ``python -m`` commands
+       plan
 
 Nothing in the package imports ``examples/`` or ``tests/``.
 """
@@ -23,7 +24,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "megatron_gift")
 LAYERS = {"errors": 0, "loss": 0, "config": 1, "platform": 1, "core": 2, "data": 2, "hf": 3,
-          "engine": 4, "rl": 4, "convert": 5, "rl_handoff": 5, "inspect": 5}
+          "engine": 4, "rl": 4, "convert": 5, "rl_handoff": 5, "inspect": 5,
+          "plan": 5}
 
 
 def _modules():
@@ -100,6 +102,7 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     ["-m", "megatron_gift.convert", "--help"],
     ["-m", "megatron_gift.rl_handoff", "--help"],
     ["-m", "megatron_gift.inspect", "--help"],
+    ["-m", "megatron_gift.plan", "--help"],
 ])
 def test_help_starts_without_torch_or_megatron(command):
     """``--help`` imports neither torch nor Megatron-Core (what made it take 12-15 s)."""

@@ -1,0 +1,658 @@
+"""Bytes per GPU of a GIFT run, pipeline stage by pipeline stage, from the run config alone.
+
+Nothing is built and no file is read: the ``model`` section must carry the architecture
+(``num_layers``, ``hidden_size``, heads, groups, ``ffn_hidden_size``, ``vocab_size``, ...).
+Every count follows what Megatron-Core 0.19 allocates for this project's models
+(:mod:`megatron_gift.core.model`) and what autograd keeps for the backward:
+
+* **student weights**: the parameters of this stage's chunks on one GPU (TP-sharded linear
+  layers and vocab, replicated norms, QKV with GQA and optional bias, SwiGLU ``fc1`` of
+  ``2 * ffn`` rows, the vocab padded as :func:`padded_vocab_size`, untied or tied embeddings: a
+  tied output layer is a second copy on the last stage when PP > 1) in the parameter dtype;
+* **gradients**: Megatron's DDP grad buffer, fp32 with ``grad_reduce_in_fp32`` (or fp32
+  parameters), else bf16 plus the fp32 copies the optimizer makes of its shard at the step;
+* **optimizer**: fp32 main weights (bf16 runs) and the Adam moments (SGD: its momentum),
+  sharded over data x context parallel ranks by the distributed optimizer (Megatron-LM's
+  ``6 + 12 / DP`` bytes per parameter with the grad buffer above);
+* **reference weights**: the frozen reference's shard in the parameter dtype: no gradient, no
+  optimizer state, no saved activations (it runs under ``no_grad``); none for plain SFT;
+* **activations**: what the student's autograd graph keeps for each micro-batch in flight
+  (1F1B: ``min(PP - rank, M)``; interleaved: Megatron's warm-up count + 1 chunk-forwards), with
+  sequence parallelism, recompute (selective: core attention; full: layer-group inputs; plus
+  what the backward's recompute re-creates beyond what it has freed by then) and context
+  parallelism (the sequence split evenly);
+* **pipeline buffers**: per micro-batch in flight, the received and the sent hidden states
+  ``[s / sp, b, h]`` plus the reference's half ``[.., h]`` that travels with them, and the two
+  gradient buffers of the backward;
+* **loss buffers** (last stage, one micro-batch): student and reference logit shards
+  ``[b, s, V/tp]``, the fp32 ``softmax - g p'`` buffer the GIFT loss keeps for the backward
+  and its two fp32 row-chunk workspaces (:mod:`megatron_gift.loss`).
+
+Two layer implementations are modelled: ``"te"``, Transformer Engine's layers that GPU runs use
+(fused norm + linear, flash attention that keeps no ``s x s`` scores; derived from the source,
+not measured here) and ``"local"``, Megatron-Core's own layers that CPU runs use (measured:
+``tests/test_plan.py``). Not modelled: the CUDA context, NCCL's buffers and the allocator's
+fragmentation (:data:`USABLE_FRACTION` leaves room for them), the reference's no-grad forward
+temporaries, and the distributed optimizer's bucket padding.
+"""
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Optional
+
+from megatron_gift.config import check_layer_split
+from megatron_gift.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+GIB = 1 << 30
+PARTS = ("student_weights", "gradients", "optimizer", "reference_weights", "activations",
+         "pipeline_buffers", "loss_buffers")
+# A plan fits when its total is at most this share of the GPU's memory: the rest is for the
+# CUDA context, NCCL's buffers and the caching allocator's fragmentation.
+USABLE_FRACTION = 0.9
+# Elements of one fp32 row-chunk workspace of the GIFT loss (megatron_gift.loss._Workspace).
+LOSS_WORKSPACE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
+LAYER_SPECS = ("te", "local")
+_FP32 = 4
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the memory of a run depends on. Model sizes are whole-model sizes (not per GPU);
+    bytes are per element."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    ffn_hidden_size: int
+    vocab_size: int  # the real vocab
+    vocab_multiple: int  # model.make_vocab_size_divisible_by
+    untied: bool
+    qkv_bias: bool
+    tensor_parallel: int
+    pipeline_parallel: int
+    virtual_pipeline: Optional[int]
+    context_parallel: int
+    data_parallel: int
+    sequence_parallel: bool
+    distributed_optimizer: bool
+    micro_batch_size: int
+    global_batch_size: int
+    seq_length: int
+    param_bytes: int  # 2 (bf16) or 4 (fp32); activations and pipeline tensors alike
+    grad_reduce_in_fp32: bool
+    optimizer: str  # adam | sgd
+    sgd_momentum: float
+    recompute_granularity: Optional[str]  # None | selective | full
+    recompute_method: Optional[str]  # uniform | block (full only)
+    recompute_num_layers: Optional[int]
+    reference: bool  # a frozen reference exists (finite beta)
+    packed: bool  # data.pack: one [s, s] attention mask per sample instead of per micro-batch
+    layer_spec: str = "te"
+    device: str = "cuda"
+
+    @property
+    def num_gpus(self) -> int:
+        """TP x PP x CP x DP."""
+        return (self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+                * self.data_parallel)
+
+    @property
+    def chunks(self) -> int:
+        """Model chunks per pipeline stage (VPP, else 1)."""
+        return self.virtual_pipeline or 1
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per step on each data-parallel rank."""
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel)
+
+    @property
+    def padded_vocab(self) -> int:
+        """The vocab rows the embedding and output layer hold (all TP ranks together)."""
+        return padded_vocab_size(self.vocab_size, self.vocab_multiple, self.tensor_parallel)
+
+
+@dataclass
+class StagePlan:
+    """One pipeline stage: parameters on one of its GPUs and bytes per GPU by part."""
+
+    pipeline_rank: int
+    parameters_per_gpu: int
+    bytes: dict[str, int]  # PARTS and "total"
+    in_flight: int  # micro-batches (chunk-forwards with VPP) whose activations it holds
+
+
+@dataclass
+class Plan:
+    """Every stage of a run (worst first), whether the worst fits, and what would make it."""
+
+    run: Run
+    student_parameters: int
+    stages: list[StagePlan]
+    gpu_memory_bytes: int
+    fits: bool
+    suggestion: Optional[str] = None
+    suggested_run: Optional[Run] = field(default=None, repr=False)
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.gpu_memory_bytes * USABLE_FRACTION)
+
+    @property
+    def worst(self) -> StagePlan:
+        return self.stages[0]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan as the JSON object of ``python -m megatron_gift.plan --json``."""
+        run = self.run
+        return {
+            "layout": {"tensor_model_parallel_size": run.tensor_parallel,
+                       "pipeline_model_parallel_size": run.pipeline_parallel,
+                       "virtual_pipeline_model_parallel_size": run.virtual_pipeline,
+                       "context_parallel_size": run.context_parallel,
+                       "data_parallel_size": run.data_parallel,
+                       "micro_batch_size": run.micro_batch_size,
+                       "global_batch_size": run.global_batch_size,
+                       "seq_length": run.seq_length, "num_gpus": run.num_gpus},
+            "parameters": {"student_total": self.student_parameters},
+            "stages": [{"pipeline_rank": s.pipeline_rank,
+                        "parameters_per_gpu": s.parameters_per_gpu, "bytes": dict(s.bytes)}
+                       for s in self.stages],
+            "gpu_memory_bytes": self.gpu_memory_bytes,
+            "usable_memory_bytes": self.usable_bytes,
+            "fits": self.fits, "suggestion": self.suggestion}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run from its config
+
+
+def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel: int) -> int:
+    """The vocab padded to a multiple of ``lcm(multiple, TP)`` (rows, all TP ranks together),
+    as :func:`megatron_gift.core.model.padded_vocab_size` pads it."""
+    step = math.lcm(multiple, tensor_parallel)
+    return -(-vocab_size // step) * step
+
+
+def run_from_config(config: "DictConfig", num_gpus: Optional[int] = None,
+                    layer_spec: str = "te", device: str = "cuda") -> Run:
+    """The :class:`Run` of a validated run config on ``num_gpus`` GPUs (default TP x PP x CP,
+    i.e. one data-parallel rank). Raises ConfigError/UserError naming the key or flag when the
+    config lacks the architecture or the layout does not divide."""
+    if layer_spec not in LAYER_SPECS:
+        raise ValueError(f"layer_spec must be one of {LAYER_SPECS}, got {layer_spec!r}")
+    model, parallel, training = config.model, config.parallel, config.training
+    if model.vocab_size is None:
+        raise ConfigError("model.vocab_size (--vocab-size) is not set: the planner reads no "
+                          "model files, so the model section must carry the architecture "
+                          "(vocab_size from the model's config.json)")
+    check_layer_split(config)
+    tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                  parallel.context_parallel_size)
+    model_parallel = tp * pp * cp
+    num_gpus = model_parallel if num_gpus is None else num_gpus
+    if num_gpus <= 0 or num_gpus % model_parallel:
+        raise UserError(f"--num-gpus {num_gpus} is not a positive multiple of tensor x pipeline x "
+                        f"context parallel size = {tp} x {pp} x {cp}")
+    dp = num_gpus // model_parallel
+    if training.global_batch_size % (training.micro_batch_size * dp):
+        raise ConfigError(
+            f"training.global_batch_size={training.global_batch_size} is not a multiple of "
+            f"micro_batch_size x data-parallel size = {training.micro_batch_size} x {dp} "
+            "(--global-batch-size, --micro-batch-size, --num-gpus)")
+    return Run(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels or model.hidden_size // model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size, vocab_size=model.vocab_size,
+        vocab_multiple=model.make_vocab_size_divisible_by,
+        untied=model.untie_embeddings_and_output_weights, qkv_bias=model.add_qkv_bias,
+        tensor_parallel=tp, pipeline_parallel=pp,
+        virtual_pipeline=parallel.virtual_pipeline_model_parallel_size, context_parallel=cp,
+        data_parallel=dp, sequence_parallel=parallel.sequence_parallel,
+        distributed_optimizer=parallel.use_distributed_optimizer,
+        micro_batch_size=training.micro_batch_size,
+        global_batch_size=training.global_batch_size, seq_length=model.seq_length,
+        param_bytes=2 if training.bf16 else 4, grad_reduce_in_fp32=parallel.grad_reduce_in_fp32,
+        optimizer=config.optimizer.optimizer, sgd_momentum=config.optimizer.sgd_momentum,
+        recompute_granularity=training.recompute_granularity,
+        recompute_method=training.recompute_method,
+        recompute_num_layers=training.recompute_num_layers,
+        reference=not math.isinf(config.gift.beta), packed=config.data.pack,
+        layer_spec=layer_spec, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def layer_parameters(run: Run) -> int:
+    """Parameters of one transformer layer on one GPU: two RMSNorm weights ``h`` (replicated),
+    QKV ``(a + 2g) d x h`` (+ bias), the output projection ``h x a d``, SwiGLU ``fc1``
+    ``2 ffn x h`` and ``fc2`` ``h x ffn``, the linear ones split over TP."""
+    h, d, t = run.hidden_size, run.kv_channels, run.tensor_parallel
+    qkv_rows = (run.num_attention_heads + 2 * run.num_query_groups) * d
+    sharded = (qkv_rows * h + (qkv_rows if run.qkv_bias else 0) + h * run.num_attention_heads * d
+               + 3 * run.ffn_hidden_size * h)
+    return 2 * h + sharded // t
+
+
+def chunk_parameters(run: Run, layers: int, pre_process: bool, post_process: bool) -> int:
+    """Parameters on one GPU of a model chunk of ``layers`` layers; the first chunk holds the
+    word embedding ``V_pad/tp x h``, the last the final norm ``h`` and the output layer (tied:
+    a copy unless the chunk also holds the embedding)."""
+    h = run.hidden_size
+    vocab_rows = run.padded_vocab // run.tensor_parallel
+    count = layers * layer_parameters(run)
+    if pre_process:
+        count += vocab_rows * h
+    if post_process:
+        count += h
+        if run.untied or not pre_process:
+            count += vocab_rows * h
+    return count
+
+
+def stage_parameters(run: Run, rank: int) -> int:
+    """Student parameters on one GPU of pipeline stage ``rank`` (all its virtual chunks)."""
+    stages = run.pipeline_parallel * run.chunks
+    layers = run.num_layers // stages
+    return sum(chunk_parameters(run, layers, pre_process=v == 0, post_process=v == stages - 1)
+               for v in (k * run.pipeline_parallel + rank for k in range(run.chunks)))
+
+
+def total_parameters(run: Run) -> int:
+    """Student parameters of the whole model (TP shards together, a tied embedding once)."""
+    whole = replace(run, tensor_parallel=1)
+    embedding = run.padded_vocab * run.hidden_size
+    return (run.num_layers * layer_parameters(whole) + run.hidden_size
+            + embedding * (2 if run.untied else 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights, gradients, optimizer
+
+
+def optimizer_shard(run: Run) -> int:
+    """Ranks the distributed optimizer shards its state over: data x context parallel."""
+    return run.data_parallel * run.context_parallel if run.distributed_optimizer else 1
+
+
+def gradient_bytes(run: Run, parameters: int) -> int:
+    """The DDP grad buffer (fp32 with grad_reduce_in_fp32 or fp32 parameters, else the
+    parameter dtype) plus, for a bf16 buffer, the fp32 copies of the optimizer's shard made at
+    the step (``main_grad.float()``)."""
+    fp32_buffer = run.grad_reduce_in_fp32 or run.param_bytes == _FP32
+    buffer = parameters * (_FP32 if fp32_buffer else run.param_bytes)
+    copies = 0 if fp32_buffer else parameters * _FP32 // optimizer_shard(run)
+    return buffer + copies
+
+
+def optimizer_bytes(run: Run, parameters: int) -> int:
+    """fp32 main weights (bf16 runs only) and the optimizer's moments (Adam: 2, SGD with
+    momentum: 1, fp32), divided over the distributed optimizer's shard."""
+    main = _FP32 if run.param_bytes != _FP32 else 0
+    moments = 2 if run.optimizer == "adam" else (1 if run.sgd_momentum else 0)
+    return parameters * (main + moments * _FP32) // optimizer_shard(run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+
+
+def in_flight(run: Run, rank: int) -> int:
+    """Forward passes (chunk-forwards with VPP) whose activations stage ``rank`` holds at its
+    peak: Megatron-Core's warm-up count + 1, bounded by the micro-batches of the step."""
+    pp, m = run.pipeline_parallel, run.micro_batches
+    if pp == 1:
+        return 1  # forward then backward, micro-batch after micro-batch
+    if run.virtual_pipeline is None:
+        return min(pp - rank, m)
+    total = m * run.chunks
+    warmup = (pp - rank - 1) * 2 + (run.chunks - 1) * pp  # microbatch_group_size_per_vp_stage = PP
+    return total if warmup >= total else warmup + 1
+
+
+def _tokens(run: Run) -> int:
+    """Tokens of one micro-batch on one GPU before SP: ``s / cp x b``."""
+    return run.seq_length // run.context_parallel * run.micro_batch_size
+
+
+def _sp(run: Run) -> int:
+    return run.tensor_parallel if run.sequence_parallel else 1
+
+
+def _widths(run: Run) -> tuple[float, float]:
+    """Per-GPU widths of the query ``a d / tp`` and of one of key / value ``g d / tp``."""
+    d, t = run.kv_channels, run.tensor_parallel
+    return run.num_attention_heads * d / t, run.num_query_groups * d / t
+
+
+def layer_activations(run: Run, recompute: Optional[str] = None) -> dict[str, float]:
+    """Bytes one transformer layer keeps for the backward of one micro-batch, by term.
+
+    ``recompute``: None or ``"selective"`` (core attention recomputed). Terms: ``norms`` (both
+    RMSNorms, with the inputs of the linear layers they feed), ``rope``, ``attention`` (Q, K, V
+    and the core attention's internals), ``projection`` (the output projection's input: the
+    core attention's output), ``mlp`` (fc1's output, SwiGLU's two halves and fc2's input: five
+    ``[s, b, ffn/tp]``).
+    """
+    e, h, T = run.param_bytes, run.hidden_size, _tokens(run)
+    rows = T / _sp(run)  # sequence-sharded tensors
+    q, kv = _widths(run)
+    S, b = run.seq_length // run.context_parallel, run.micro_batch_size
+    local_heads = run.num_attention_heads / run.tensor_parallel
+    terms: dict[str, float] = {}
+    if run.layer_spec == "local":
+        # torch's RMSNorm keeps an fp32 copy of its input, the fp32 normalised input and fp32
+        # 1/rms; the linear layer after it keeps the norm's output.
+        terms["norms"] = 2 * rows * (2 * _FP32 * h + _FP32 + e * h)
+        terms["rope"] = 4 * S * run.kv_channels * e  # cos and sin, for Q and for K
+    else:
+        # Transformer Engine's LayerNormLinear keeps its input, its output and fp32 1/rms;
+        # fused RoPE keeps only the frequencies, shared by all layers.
+        terms["norms"] = 2 * rows * (2 * e * h + _FP32)
+        terms["rope"] = 0.0
+    if recompute == "selective":
+        # The checkpoint keeps Q and K (after RoPE) and V, a view that keeps the whole QKV
+        # projection output [s, b, (a + 2g) d / tp] alive.
+        terms["attention"] = T * e * (q + kv + (q + 2 * kv))
+    elif run.layer_spec == "local":
+        # Q, and K and V repeated to every query head (GQA) or, without GQA, K and V itself
+        # (V a view of the QKV output); the fp32 softmax [b, a/tp, s, s] and its copy in the
+        # activation dtype, which the product with V keeps.
+        k_v = 2 * q if run.num_attention_heads > run.num_query_groups else q + (q + 2 * kv)
+        terms["attention"] = T * e * (q + k_v) + _local_scores(run)
+    else:
+        # Flash attention keeps Q, K, V and the fp32 log-sum-exp [b, a/tp, s].
+        terms["attention"] = T * e * (q + 2 * kv) + b * local_heads * S * _FP32
+    terms["projection"] = T * e * q
+    terms["mlp"] = 5 * T * e * run.ffn_hidden_size / run.tensor_parallel
+    return terms
+
+
+def _local_scores(run: Run) -> float:
+    """The local attention's fp32 softmax ``[b, a/tp, s, s]`` and its copy in the activation
+    dtype (bf16 runs), which the product with V keeps."""
+    S = run.seq_length // run.context_parallel
+    e = run.param_bytes
+    return (run.micro_batch_size * run.num_attention_heads / run.tensor_parallel * S * S
+            * (_FP32 + (e if e != _FP32 else 0)))
+
+
+def recompute_working_set(run: Run, holds_head: bool = False) -> float:
+    """Bytes by which a recomputing backward raises a stage's peak above its forward's, for
+    one micro-batch; ``holds_head``: the stage ends with the final norm and output layer.
+
+    The backward frees as it goes, so only what it re-creates beyond what it has freed by then
+    counts: uniform full recompute re-creates a group of ``N`` layers first (after the head);
+    block recompute one layer, after the layers the chunk kept; selective recompute one core
+    attention, after that layer's MLP, second norm and projection input. 0 without recompute.
+    """
+    granularity = run.recompute_granularity
+    if granularity is None:
+        return 0.0
+    layers_per_chunk = run.num_layers // (run.pipeline_parallel * run.chunks)
+    freed = head_activations(run) if holds_head else 0.0
+    layer = sum(layer_activations(run).values())
+    if granularity == "full" and run.recompute_method == "block":
+        kept = layers_per_chunk - min(run.recompute_num_layers, layers_per_chunk)
+        again, freed = layer, freed + kept * layer
+    elif granularity == "full":
+        again = min(run.recompute_num_layers, layers_per_chunk) * layer
+    else:
+        e, T = run.param_bytes, _tokens(run)
+        q, kv = _widths(run)
+        if run.layer_spec == "local":  # the scores, and K and V repeated for GQA
+            repeated = T * e * 2 * q if run.num_attention_heads > run.num_query_groups else 0.0
+            again = _local_scores(run) + repeated
+        else:  # flash attention again: a contiguous V, its output and the log-sum-exp
+            S, b = run.seq_length // run.context_parallel, run.micro_batch_size
+            again = T * e * (kv + q) + b * run.num_attention_heads / run.tensor_parallel * S * _FP32
+        kept = layer_activations(run, "selective")
+        freed += kept["mlp"] + kept["projection"] + kept["norms"] / 2
+    return max(again - freed, 0.0)
+
+
+def embedding_activations(run: Run) -> float:
+    """What the embedding keeps for one micro-batch: the token ids (int64), and with TP the
+    bool mask of the ids outside this rank's vocab shard."""
+    return _tokens(run) * (8 + (1 if run.tensor_parallel > 1 else 0))
+
+
+def head_activations(run: Run) -> float:
+    """What the final norm and the output layer keep for one micro-batch (the loss's buffers
+    are :func:`loss_terms`)."""
+    e, h, rows = run.param_bytes, run.hidden_size, _tokens(run) / _sp(run)
+    if run.layer_spec == "local":  # as a local norm + linear (layer_activations)
+        return rows * (2 * _FP32 * h + _FP32 + e * h)
+    return rows * (2 * e * h + _FP32)  # TE's norm keeps input and 1/rms, the layer its input
+
+
+def chunk_activations(run: Run, layers: int, pre_process: bool, post_process: bool) -> float:
+    """Bytes one forward pass of a model chunk of ``layers`` layers keeps for its backward
+    (one micro-batch), the embedding's and the head's parts included where it has them."""
+    e, h = run.param_bytes, run.hidden_size
+    S = run.seq_length // run.context_parallel
+    if run.recompute_granularity == "full":
+        checkpoint = _tokens(run) / _sp(run) * e * h  # a checkpoint keeps its hidden input
+        n = run.recompute_num_layers
+        if run.recompute_method == "block":
+            kept = min(n, layers)
+            total = kept * checkpoint + (layers - kept) * sum(layer_activations(run).values())
+        else:
+            total = math.ceil(layers / n) * checkpoint
+        total += S * run.kv_channels * _FP32  # the rotary frequencies, a checkpoint argument
+    else:
+        total = layers * sum(layer_activations(run, run.recompute_granularity).values())
+    # The bool attention mask [1 or b, 1, s, s], shared by the chunk's layers, is kept by the
+    # local attention and by recompute checkpoints.
+    if run.layer_spec == "local" or run.recompute_granularity is not None:
+        total += (run.micro_batch_size if run.packed else 1) * S * S
+    if pre_process:
+        total += embedding_activations(run)
+    if post_process:
+        total += head_activations(run)
+    return total
+
+
+def interleaved_chunks_in_flight(run: Run, rank: int) -> list[int]:
+    """With VPP: for each model chunk of stage ``rank``, the most forwards of that chunk held
+    at once, from Megatron-Core's interleaved order (groups of PP micro-batches per chunk,
+    the backward in reverse chunk order, warm-up then one forward and one backward)."""
+    pp, chunks, m = run.pipeline_parallel, run.chunks, run.micro_batches
+    total, warmup = m * chunks, in_flight(run, rank) - 1
+    warmup = total if in_flight(run, rank) >= total else warmup
+
+    def chunk(k: int, backward: bool) -> tuple[int, int]:
+        group, within = divmod(k, pp * chunks)
+        c = within // pp
+        return (chunks - 1 - c if backward else c), group * pp + within % pp
+
+    held: set[tuple[int, int]] = set()
+    most = [0] * chunks
+    backwards = 0
+    for k in range(total):
+        held.add(chunk(k, backward=False))
+        for c in range(chunks):
+            most[c] = max(most[c], sum(1 for held_c, _ in held if held_c == c))
+        if k >= warmup:
+            held.discard(chunk(backwards, backward=True))
+            backwards += 1
+    return most
+
+
+def stage_activations(run: Run, rank: int) -> int:
+    """Activation bytes on one GPU of stage ``rank`` at its peak: every forward in flight plus
+    the recompute working set. With VPP, the embedding's and the head's extras count for the
+    forwards of the first and the last chunk that are in flight at once."""
+    layers = run.num_layers // (run.pipeline_parallel * run.chunks)
+    flights = in_flight(run, rank)
+    pre, post = rank == 0, rank == run.pipeline_parallel - 1
+    total = flights * chunk_activations(run, layers, False, False)
+    first, last = ((flights, flights) if run.virtual_pipeline is None else
+                   (lambda most: (most[0], most[-1]))(interleaved_chunks_in_flight(run, rank)))
+    if pre:
+        total += first * embedding_activations(run)
+    if post:
+        total += last * head_activations(run)
+    # The backward of the last chunk's forward recomputes first; on the last stage after the
+    # head (with VPP the first chunk's recompute may come without it: counted as without).
+    holds_head = post and run.virtual_pipeline is None
+    return math.ceil(total + recompute_working_set(run, holds_head))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline and loss buffers
+
+
+def pipeline_buffer_bytes(run: Run, rank: int) -> int:
+    """Hidden states kept between stages on one GPU of stage ``rank``: for each forward in
+    flight the received tensor and the sent one (Megatron keeps both until the backward),
+    ``[s / cp / sp, b, h]`` plus the reference's ``h`` beside it, and the two gradient buffers
+    of a backward step."""
+    pp = run.pipeline_parallel
+    if pp == 1:
+        return 0
+    width = run.hidden_size * (2 if run.reference else 1)
+    one = _tokens(run) // _sp(run) * width * run.param_bytes
+    interleaved = run.virtual_pipeline is not None
+    kept = (int(rank > 0 or interleaved) + int(rank < pp - 1 or interleaved)) * in_flight(run, rank)
+    return (kept + 2) * one
+
+
+def loss_terms(run: Run) -> dict[str, int]:
+    """Bytes of the last stage's loss for one micro-batch (worst TP rank: the one whose vocab
+    shard is all real tokens): ``logits`` and ``reference_logits`` ``[b, s, V/tp]``, ``saved``
+    (fp32 ``softmax - g p'`` over the real vocab columns, and per token the label column,
+    ``1 - g`` and the valid flag) and ``workspace`` (two fp32 row-chunks)."""
+    T = _tokens(run)
+    shard = run.padded_vocab // run.tensor_parallel
+    real = min(shard, run.vocab_size)
+    logits = T * shard * run.param_bytes
+    rows = min(T, max(1, LOSS_WORKSPACE_ELEMENTS[run.device] // max(1, real)))
+    return {"logits": logits, "reference_logits": logits if run.reference else 0,
+            "saved": T * real * _FP32 + T * (8 + _FP32 + 1),
+            "workspace": 2 * rows * real * _FP32}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans
+
+
+def plan_stage(run: Run, rank: int) -> StagePlan:
+    """Bytes by part on one GPU of pipeline stage ``rank``."""
+    params = stage_parameters(run, rank)
+    parts = {
+        "student_weights": params * run.param_bytes,
+        "gradients": gradient_bytes(run, params),
+        "optimizer": optimizer_bytes(run, params),
+        "reference_weights": params * run.param_bytes if run.reference else 0,
+        "activations": stage_activations(run, rank),
+        "pipeline_buffers": pipeline_buffer_bytes(run, rank),
+        "loss_buffers": (sum(loss_terms(run).values())
+                         if rank == run.pipeline_parallel - 1 else 0),
+    }
+    parts["total"] = sum(parts.values())
+    return StagePlan(rank, params, parts, in_flight(run, rank))
+
+
+def plan(run: Run, gpu_memory_bytes: int = 80 * GIB, suggest: bool = True) -> Plan:
+    """The plan of ``run``: stages worst first; when the worst does not fit in
+    :data:`USABLE_FRACTION` of ``gpu_memory_bytes``, the cheapest change that does
+    (re-planned), if ``suggest``."""
+    stages = sorted((plan_stage(run, r) for r in range(run.pipeline_parallel)),
+                    key=lambda s: (-s.bytes["total"], s.pipeline_rank))
+    result = Plan(run, total_parameters(run), stages, gpu_memory_bytes,
+                  fits=stages[0].bytes["total"] <= gpu_memory_bytes * USABLE_FRACTION)
+    if suggest and not result.fits:
+        result.suggestion, result.suggested_run = _suggest(run, gpu_memory_bytes)
+    return result
+
+
+def _worst_total(run: Run) -> int:
+    return max(plan_stage(run, r).bytes["total"] for r in range(run.pipeline_parallel))
+
+
+def _candidates(run: Run) -> list[tuple[tuple, Run, list[str]]]:
+    """``(cost, run, flags)`` of every combination of the changes, cheapest first by the most
+    expensive change in it: sequence parallel < selective recompute < distributed optimizer
+    (with DP x1, x2, x4, x8) < PP x2, x4 (more GPUs) < full recompute."""
+    options = {
+        "sp": [False, True] if run.tensor_parallel > 1 and not run.sequence_parallel
+        and run.seq_length % run.tensor_parallel == 0 else [False],
+        "selective": [False, True] if run.recompute_granularity is None else [False],
+        "dp": [0] + [k for k in (1, 2, 4, 8) if k > 1 or (run.data_parallel > 1
+                                                         and not run.distributed_optimizer)],
+        "pp": [1, 2, 4],
+        "full": [False, True] if run.recompute_granularity != "full" else [False],
+    }
+    found = []
+    for full in options["full"]:
+        for pp in options["pp"]:
+            for dp in options["dp"]:
+                for selective in options["selective"]:
+                    for sp in options["sp"]:
+                        if selective and full:
+                            continue
+                        changed = _changed(run, sp, selective, dp, pp, full)
+                        if changed is None:
+                            continue
+                        new, flags = changed
+                        cost = (full, pp, dp, selective, sp)
+                        found.append((cost, new, flags))
+    found.sort(key=lambda c: c[0])
+    return found[1:] if found and found[0][0] == (False, 1, 0, False, False) else found
+
+
+def _changed(run: Run, sp: bool, selective: bool, dp: int, pp: int,
+             full: bool) -> Optional[tuple[Run, list[str]]]:
+    """``run`` with the changes, and their flags; None where the layout does not divide."""
+    flags = []
+    new = run
+    if sp:
+        new = replace(new, sequence_parallel=True)
+        flags.append("--sequence-parallel")
+    if selective:
+        new = replace(new, recompute_granularity="selective")
+        flags.append("--recompute-granularity selective")
+    if full:
+        new = replace(new, recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+        flags.append("--recompute-granularity full --recompute-method uniform "
+                     "--recompute-num-layers 1")
+    if dp:
+        new = replace(new, distributed_optimizer=True, data_parallel=run.data_parallel * dp)
+        if not run.distributed_optimizer:
+            flags.append("--use-distributed-optimizer")
+    if pp > 1:
+        stages = run.pipeline_parallel * pp * run.chunks
+        if run.num_layers % stages:
+            return None
+        new = replace(new, pipeline_parallel=run.pipeline_parallel * pp)
+        flags.append(f"--pipeline-model-parallel-size {new.pipeline_parallel}")
+    if new.global_batch_size % (new.micro_batch_size * new.data_parallel):
+        return None
+    if new.num_gpus != run.num_gpus:
+        flags.append(f"--num-gpus {new.num_gpus} (data parallel {new.data_parallel})")
+    return new, flags
+
+
+def _suggest(run: Run, gpu_memory_bytes: int) -> tuple[str, Optional[Run]]:
+    usable = gpu_memory_bytes * USABLE_FRACTION
+    best = None
+    for _, candidate, flags in _candidates(run):
+        total = _worst_total(candidate)
+        if total <= usable:
+            return (f"{' '.join(flags)} (then {total / GIB:.1f} GiB on the worst GPU)", candidate)
+        if best is None or total < best[0]:
+            best = (total, flags)
+    if best is None:
+        return "no change of the layout is possible here", None
+    return (f"no change tried fits; the least memory, {best[0] / GIB:.1f} GiB on the worst GPU, "
+            f"takes {' '.join(best[1])}: shorten --seq-length or --micro-batch-size", None)

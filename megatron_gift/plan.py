@@ -1,0 +1,129 @@
+"""``python -m megatron_gift.plan``: the GPU memory of a GIFT run, before it is started.
+
+::
+
+    python -m megatron_gift.plan --config examples/recipes/llama3.1-70b-gift.yaml --num-gpus 32
+    python -m megatron_gift.plan --config RECIPE.yaml --sequence-parallel --json
+    python -m megatron_gift.plan --num-layers 32 --hidden-size 4096 ... --gpu-memory-gib 141
+
+takes the training command's recipe, flags and ``section.key=value`` overrides, builds nothing
+and reads no model or data file (the recipe's model section carries the architecture). For each
+pipeline stage, worst first, it prints the bytes per GPU of the student's weights, gradients and
+optimizer state, the frozen reference's weights, the activations the schedule keeps in flight,
+the pipeline buffers (the reference's half included) and the loss buffers, then whether the
+worst stage fits in 90% of the GPU's memory (the rest is left to the CUDA context, NCCL and the
+allocator) and, if not, the cheapest change that does: sequence parallelism, selective
+recompute, the distributed optimizer with more data parallelism, more pipeline stages, full
+recompute (each checked by planning it). The model is Megatron-Core with Transformer Engine's
+layers, as GPU runs use them; see ``megatron_gift/core/memory.py`` for what is counted.
+"""
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from megatron_gift.platform.console import entry_point, quiet_third_party
+
+if TYPE_CHECKING:
+    from megatron_gift.core.memory import Plan
+
+PROG = "python -m megatron_gift.plan"
+_ROWS = (("student weights", "student_weights"), ("gradients", "gradients"),
+         ("optimizer", "optimizer"), ("reference weights", "reference_weights"),
+         ("activations", "activations"), ("pipeline buffers", "pipeline_buffers"),
+         ("loss buffers", "loss_buffers"), ("total", "total"))
+
+
+def _own_parser(add_help: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, add_help=add_help, allow_abbrev=False)
+    group = parser.add_argument_group("planner")
+    group.add_argument("--gpu-memory-gib", type=float, default=80.0, metavar="GIB",
+                       help="memory of one GPU in GiB (default: 80, an H100 80GB)")
+    group.add_argument("--num-gpus", type=int, default=None, metavar="N",
+                       help="GPUs of the run; data parallel = N / (TP x PP x CP) "
+                            "(default: TP x PP x CP, one data-parallel rank)")
+    group.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    return parser
+
+
+def _print_help() -> None:
+    from megatron_gift.config.cli import build_parser
+
+    parser = build_parser()
+    parser.prog = PROG
+    parser.usage = (f"{PROG} [--config RECIPE.yaml] [--flag VALUE ...] [section.key=value ...] "
+                    "[--gpu-memory-gib GIB] [--num-gpus N] [--json]")
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    planner = parser.add_argument_group("planner")
+    for action in _own_parser()._actions:
+        if action.option_strings:
+            planner._add_action(action)
+    parser.print_help()
+
+
+def as_text(plan: "Plan") -> str:
+    """The plan (a :class:`megatron_gift.core.memory.Plan`) as a table, GiB per GPU."""
+    from megatron_gift.core.memory import GIB, USABLE_FRACTION
+
+    run, stages = plan.run, plan.stages
+    vpp = f" (x{run.virtual_pipeline} virtual)" if run.virtual_pipeline else ""
+    recompute = run.recompute_granularity or "none"
+    if recompute == "full":
+        recompute = f"full, {run.recompute_method} {run.recompute_num_layers}"
+    lines = [
+        f"layout      TP {run.tensor_parallel} x PP {run.pipeline_parallel}{vpp} x CP "
+        f"{run.context_parallel} x DP {run.data_parallel} = {run.num_gpus} GPUs; micro-batch "
+        f"{run.micro_batch_size} x {run.micro_batches} = global batch {run.global_batch_size}, "
+        f"seq {run.seq_length}",
+        f"training    {'bf16' if run.param_bytes == 2 else 'fp32'}, sequence parallel "
+        f"{'on' if run.sequence_parallel else 'off'}, recompute {recompute}, "
+        f"{'distributed' if run.distributed_optimizer else 'plain'} {run.optimizer}, "
+        f"{'GIFT (frozen reference on every stage)' if run.reference else 'SFT (no reference)'}",
+        f"student     {plan.student_parameters / 1e9:.2f} B parameters; "
+        "Transformer Engine layers assumed",
+        "",
+        f"{'GiB per GPU':<20}" + "".join(f"{'stage ' + str(s.pipeline_rank):>10}" for s in stages),
+    ]
+    for label, key in _ROWS:
+        lines.append(f"{label:<20}" + "".join(f"{s.bytes[key] / GIB:>10.2f}" for s in stages))
+    lines.append(f"{'in flight':<20}" + "".join(f"{s.in_flight:>10d}" for s in stages))
+    lines.append(f"{'parameters per GPU':<20}"
+                 + "".join(f"{s.parameters_per_gpu / 1e9:>9.2f}B" for s in stages))
+    worst = plan.worst
+    budget = (f"{plan.gpu_memory_bytes / GIB:.1f} GiB GPU, {plan.usable_bytes / GIB:.1f} GiB "
+              f"usable ({USABLE_FRACTION:.0%})")
+    lines.append("")
+    if plan.fits:
+        lines.append(f"fits: stage {worst.pipeline_rank} needs "
+                     f"{worst.bytes['total'] / GIB:.1f} GiB of {budget}")
+    else:
+        lines.append(f"does not fit: stage {worst.pipeline_rank} needs "
+                     f"{worst.bytes['total'] / GIB:.1f} GiB of {budget}")
+        lines.append(f"suggestion: {plan.suggestion}")
+    return "\n".join(lines)
+
+
+@entry_point
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        _print_help()
+        return
+    own, rest = _own_parser().parse_known_args(argv)
+    from megatron_gift.config import parse_config
+    from megatron_gift.core import memory
+    from megatron_gift.errors import UserError
+
+    if own.gpu_memory_gib <= 0:
+        raise UserError(f"--gpu-memory-gib must be positive, got {own.gpu_memory_gib}")
+    quiet_third_party()
+    config = parse_config(rest)
+    run = memory.run_from_config(config, own.num_gpus)
+    result = memory.plan(run, int(own.gpu_memory_gib * memory.GIB))
+    print(json.dumps(result.as_dict(), indent=1) if own.json else as_text(result))
+
+
+if __name__ == "__main__":
+    main()
