@@ -14,6 +14,12 @@ class UserError(ValueError):
     """A bad input, named in the message together with the fix."""
 
 
+class RendezvousError(UserError):
+    """A rank could not meet its peers. Every rank says it (rank 0 may be the one missing)."""
+
+    every_rank = True
+
+
 class ConfigError(UserError):
     """A config value, key, flag or recipe that is not valid."""
 

@@ -19,7 +19,8 @@ _POSITIVE = {"model": ("num_layers", "hidden_size", "num_attention_heads", "num_
                           "eval_interval", "eval_iters"),
              "logging": ("log_interval",)}
 _POSITIVE_OR_NONE = {"parallel": ("virtual_pipeline_model_parallel_size",),
-                     "training": ("recompute_num_layers",),
+                     "training": ("recompute_num_layers", "exit_interval",
+                                  "exit_duration_in_mins"),
                      "checkpoint": ("save_interval",)}
 _NON_NEGATIVE = {"optimizer": ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad")}
 

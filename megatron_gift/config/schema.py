@@ -124,6 +124,11 @@ class Training:
     bf16: bool = option(False, "bf16 parameters and activations (fp32 main weights)")
     eval_interval: int = option(50, "evaluate every N iterations (and at the end)")
     eval_iters: int = option(4, "global batches per evaluation")
+    exit_duration_in_mins: Optional[float] = option(
+        None, "save and exit cleanly once the run has trained this many minutes (all ranks "
+        "agree on the iteration)")
+    exit_interval: Optional[int] = option(
+        None, "save and exit cleanly at the first iteration that is a multiple of this")
     recompute_granularity: Optional[str] = option(
         None, "activation recompute of the student (the reference keeps no activations): "
         "selective (core attention) or full (whole layers)", choices=("full", "selective"))

@@ -61,12 +61,17 @@ class StopOnSignal:
         if self.signum is not None:  # arrived between set-up and now: honour it
             self._first_at = time.monotonic()
 
-    def requested(self) -> Optional[str]:
-        """The name of the stop signal any rank received (``"SIGTERM"``), else None."""
-        flag = torch.tensor([self.signum or 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        received = int(flag.item())
-        return signal.Signals(received).name if received else None
+    def requested(self, time_is_up: bool = False) -> Optional[str]:
+        """Why every rank stops now: the name of the stop signal any rank received
+        (``"SIGTERM"``), else ``"the exit duration"`` when ``time_is_up`` on any rank, else None.
+        One MAX all-reduce."""
+        flags = torch.tensor([self.signum or 0, int(time_is_up)], dtype=torch.int32,
+                             device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        received, time_up = (int(v) for v in flags.tolist())
+        if received:
+            return signal.Signals(received).name
+        return "the exit duration" if time_up else None
 
     def restore(self) -> None:
         """Put back the handlers that were installed before."""

@@ -304,7 +304,9 @@ def run(job: Job, stop: StopOnSignal) -> int:
     logger = MetricsLogger(config.logging, training.train_iters, job.iteration,
                            dist.get_rank() == 0)
     stop.start_training(job.chunks[0].device)
+    started = time.monotonic()
     log.info(_describe(job))
+    _record_config(job)
     save, last_saved, stopped_by = config.checkpoint.save, job.iteration, None
     try:
         while job.iteration < training.train_iters and stopped_by is None:
@@ -317,7 +319,9 @@ def run(job: Job, stop: StopOnSignal) -> int:
             if job.valid_data is not None and (job.iteration % training.eval_interval == 0
                                                or last):
                 logger.log({"iteration": job.iteration, **_evaluate(job)})
-            stopped_by = stop.requested()
+            stopped_by = stop.requested(_time_is_up(training, started)) or (
+                "the exit interval" if training.exit_interval
+                and job.iteration % training.exit_interval == 0 and not last else None)
             interval = config.checkpoint.save_interval
             if save and (stopped_by or (interval and job.iteration % interval == 0) or last):
                 _save(job)
@@ -336,6 +340,24 @@ def run(job: Job, stop: StopOnSignal) -> int:
         if path:
             log.info(f"{what}: {os.path.abspath(path)}")
     return job.iteration
+
+
+def _record_config(job: Job) -> None:
+    """Rank 0 writes the resolved config of this start to
+    ``SAVE/configs/start-<iteration>-<time>.yaml``: one file per start of the run."""
+    save = job.config.checkpoint.save
+    if not save or dist.get_rank() != 0:
+        return
+    directory = os.path.join(save, "configs")
+    os.makedirs(directory, exist_ok=True)
+    name = f"start-{job.iteration:07d}-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+    OmegaConf.save(job.config, os.path.join(directory, name))
+
+
+def _time_is_up(training: DictConfig, started: float) -> bool:
+    """Whether this rank has trained ``exit_duration_in_mins`` (Megatron-LM's flag)."""
+    minutes = training.exit_duration_in_mins
+    return minutes is not None and time.monotonic() - started >= 60 * minutes
 
 
 def _train_step(job: Job) -> dict:

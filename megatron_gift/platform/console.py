@@ -133,7 +133,7 @@ def entry_point(main: Callable[..., object]) -> Callable[..., None]:
             main(*args, **kwargs)
         except UserError as error:
             _record_for_torchrun(error, user_error=True)
-            if global_rank() == 0:
+            if global_rank() == 0 or getattr(error, "every_rank", False):
                 print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(USER_ERROR_EXIT)
         except Interrupted as stop:

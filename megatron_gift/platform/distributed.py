@@ -1,16 +1,24 @@
 """The process group of a run: NCCL on GPUs, gloo with the CPU compatibility layer elsewhere.
 
 A run is started by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``,
-``LOCAL_RANK``) or as one plain process, which becomes a world of one on a free local port.
+``LOCAL_RANK``), by ``srun`` one process per GPU (SLURM's variables, adopted by
+:mod:`.launcher_env`), or as one plain process, which becomes a world of one on a free local
+port. Outside torchrun the ranks meet at rank 0's TCP store within
+``MEGATRON_GIFT_RENDEZVOUS_TIMEOUT_S`` seconds (default 600); a rank whose peers never come
+fails with a message naming the address, the port and where they came from.
 """
 
 import contextlib
+import datetime
 import os
 import socket
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from megatron_gift.errors import RendezvousError
+from megatron_gift.platform.launcher_env import adopt_slurm_ranks, describe_rendezvous
 
 
 def free_port() -> int:
@@ -28,18 +36,43 @@ def world_size_from_env() -> int:
 def init_distributed() -> None:
     """Join the job's process group: this rank's GPU (``LOCAL_RANK``) and NCCL where CUDA is
     present, else gloo with :func:`megatron_gift.platform.cpu.enable_cpu_megatron` applied."""
+    adopt_slurm_ranks()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     if torch.cuda.is_available():
         torch.accelerator.set_device_index(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl")
+        backend = "nccl"
     else:
         from megatron_gift.platform.cpu import enable_cpu_megatron
 
         enable_cpu_megatron()
-        dist.init_process_group(backend="gloo")
+        backend = "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's own rendezvous
+        dist.init_process_group(backend=backend)
+    else:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend=backend, store=_meet_peers(rank, world), rank=rank,
+                                world_size=world)
+
+
+def _meet_peers(rank: int, world_size: int) -> "dist.TCPStore":
+    """Rank 0's TCP store at MASTER_ADDR:MASTER_PORT, reached by every rank within the
+    rendezvous timeout; RendezvousError naming what was tried when the peers do not come."""
+    timeout = float(os.environ.get("MEGATRON_GIFT_RENDEZVOUS_TIMEOUT_S", "600"))
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        return dist.TCPStore(host, port, world_size, is_master=rank == 0,
+                             timeout=datetime.timedelta(seconds=timeout), wait_for_workers=True)
+    except (RuntimeError, OSError) as error:  # DistNetworkError, DistStoreError: timeouts
+        waited = "for the other ranks" if rank == 0 else "for rank 0"
+        raise RendezvousError(
+            f"rank {rank} of {world_size} waited {timeout:.0f} s {waited} at {host}:{port} and "
+            f"gave up ({type(error).__name__}): {describe_rendezvous()}. Check that every rank "
+            "was started, that MASTER_ADDR resolves to rank 0's host from every node and that "
+            "the port is open between them (MEGATRON_GIFT_RENDEZVOUS_TIMEOUT_S sets the "
+            "wait)") from None
 
 
 def local_device() -> torch.device:
