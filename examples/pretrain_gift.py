@@ -15,10 +15,12 @@ import sys
 
 from megatron_gift.config import parse_config
 from megatron_gift.platform.console import entry_point, quiet_third_party, setup_logging
+from megatron_gift.platform.launcher_env import adopt_slurm_ranks
 
 
 @entry_point
 def main(argv: list[str]) -> None:
+    adopt_slurm_ranks()  # started by srun: rank and world from SLURM, before anything reads them
     quiet_third_party()
     setup_logging(parse_config(argv).logging.log_level)
     from megatron_gift.engine.job import job_config

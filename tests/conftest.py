@@ -51,3 +51,17 @@ def world_of_one():
     yield
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A throw-away two-node SLURM cluster on this machine (``tests/slurm_cluster.py``), Debian's
+    packages installed first where this runs as root; skipped, with the reason, where SLURM
+    cannot be had."""
+    from slurm_cluster import LocalSlurmCluster, ensure_slurm
+
+    reason = ensure_slurm()
+    if reason is not None:
+        pytest.skip(reason)
+    with LocalSlurmCluster() as cluster:
+        yield cluster

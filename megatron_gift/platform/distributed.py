@@ -29,7 +29,8 @@ def free_port() -> int:
 
 
 def world_size_from_env() -> int:
-    """The job's world size as torchrun announces it (1 for a plain process)."""
+    """The job's world size as torchrun (or SLURM) announces it (1 for a plain process)."""
+    adopt_slurm_ranks()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
