@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_gift.config import check_layer_split, from_container, validate
+from megatron_gift.config import check_layer_split, from_container, is_sft, validate
 from megatron_gift.core import checkpoint
 from megatron_gift.errors import MissingFileError, UserError
 from megatron_gift.hf import convert
@@ -34,8 +34,9 @@ def check_paths(config: DictConfig) -> None:
                        ("--tokenizer", config.model.tokenizer)):
         if path and not os.path.exists(path):
             raise MissingFileError(f"{flag} {path}: no such file or directory")
+    reference = None if is_sft(config) else config.gift.reference_load  # beta = inf: unused
     for flag, path in (("--pretrained-checkpoint", saved.pretrained_checkpoint),
-                       ("--reference-load", config.gift.reference_load)):
+                       ("--reference-load", reference)):
         if path and not (is_hf_directory(path) or checkpoint.latest_checkpoint(path)):
             raise MissingFileError(
                 f"{flag} {path}: neither a Megatron checkpoint ({checkpoint.TRACKER} or "

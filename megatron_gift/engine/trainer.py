@@ -296,9 +296,16 @@ def _connect_schedule(tf_config, ddp_chunks: list, optimizer) -> None:
     tf_config.grad_scale_func = optimizer.scale_loss
 
 
-def run(job: Job, stop: StopOnSignal) -> int:
+def run(job: Job, stop: Optional[StopOnSignal] = None) -> int:
     """Train from ``job.iteration`` to ``train_iters``, or until ``stop`` is requested (then
-    save and return); returns the last iteration."""
+    save and return); returns the last iteration. Without ``stop`` (a caller that did its own
+    set-up) the stop signals are handled for the duration of the call."""
+    if stop is None:
+        stop = StopOnSignal()
+        try:
+            return run(job, stop)
+        finally:
+            stop.restore()
     config = job.config
     training = config.training
     logger = MetricsLogger(config.logging, training.train_iters, job.iteration,
