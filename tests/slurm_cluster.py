@@ -53,6 +53,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
+from parallel_harness import free_port
+
 SLURM_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 NEEDED_PROGRAMS = ["sbatch", "slurmctld", "slurmd", "munged"]
 NODES = ("node1", "node2")
@@ -114,12 +116,6 @@ def ensure_slurm(install_timeout: float = 300.0) -> Optional[str]:
         return None
     detail = log[-1] if log else f"still missing {', '.join(missing)}"
     return f"could not install Slurm ({' '.join(SLURM_PACKAGES)}): {detail}"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: str, lines: int = 25) -> str:

@@ -9,6 +9,7 @@ ignored. The working rank removes the marker again after :data:`MARKER_GRACE_POL
 intervals (it writes none where no rank waits), so failures leave nothing in the cache.
 """
 
+import contextlib
 import os
 import time
 from typing import Callable, Optional
@@ -38,7 +39,8 @@ def build_once(ready: Callable[[], bool], build: Callable[[], object], is_worker
     if is_worker:
         if ready():
             return False
-        _remove(marker)  # left by a job that was killed while showing its failure
+        with contextlib.suppress(FileNotFoundError):  # a killed job's marker
+            os.remove(marker)
         try:
             build()
         except Exception as error:
@@ -47,7 +49,8 @@ def build_once(ready: Callable[[], bool], build: Callable[[], object], is_worker
                 try:  # a launcher that stops this rank meanwhile interrupts the sleep (SIGTERM)
                     time.sleep(MARKER_GRACE_POLLS * poll_s)
                 finally:
-                    _remove(marker)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(marker)
             raise
         return True
     start = time.monotonic()
@@ -92,10 +95,3 @@ def _read_marker(marker: str) -> Optional[tuple[str, str]]:
         return None
     kind, _, message = rest.partition("\n")
     return (kind, message) if job == _job() else None
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
