@@ -238,7 +238,7 @@ def test_the_engine_calls_the_loss_without_its_label_check(monkeypatch):
     """The label check reads labels on the host (a device sync on a GPU): the engine's loss
     skips it, since each data set's token ids are checked once when loaded; the loss is the
     same."""
-    from megatron_gift import loss as gift_loss
+    from megatron_gift.loss import gift as gift_loss
     from megatron_gift.engine import pipeline
 
     logits, ref, labels = _inputs(shape=(2, 6))

@@ -445,7 +445,7 @@ def test_the_loss_workspace_is_the_losss():
     """The planner's row-chunk workspace is the one megatron_gift.loss allocates on the CPU."""
     import torch
 
-    from megatron_gift.loss import _Workspace
+    from megatron_gift.loss.eager import _Workspace
 
     for rows, vocab in ((64, 300), (5000, 50000), (3, 1 << 23)):
         workspace = _Workspace(torch.empty(rows, vocab, dtype=torch.bfloat16), torch.float32, 2)

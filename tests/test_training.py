@@ -346,6 +346,16 @@ def test_distributed_optimizer_without_cuda_is_refused_up_front(world, tmp_path)
         train(config)
 
 
+def test_triton_loss_without_cuda_is_refused_up_front(world, monkeypatch):
+    from megatron_gift.engine.trainer import train
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    config = parse_config(["--gift-loss-implementation", "triton"], defaults=_overrides(world))
+    with pytest.raises(ValueError, match="gift.loss_implementation=triton cannot run here: "
+                                         "tensors are on cpu, and the Triton kernels need CUDA"):
+        train(config)
+
+
 def test_world_size_not_divisible_fails_before_any_work(world, tmp_path, monkeypatch):
     from megatron_gift.engine.trainer import train
 

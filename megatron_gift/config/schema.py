@@ -91,6 +91,10 @@ class Gift:
     reference_load: Optional[str] = option(
         None, "frozen reference (Megatron checkpoint or HF directory); default: the pretrained "
         "checkpoint, else --load", flag="--reference-load")
+    loss_implementation: str = option(
+        "auto", "passes over the logits: fused Triton kernels (CUDA), eager PyTorch, or auto "
+        "(Triton on CUDA where installed, else eager)", choices=("auto", "triton", "eager"),
+        flag="--gift-loss-implementation")
 
 
 @dataclass

@@ -26,7 +26,7 @@ Every count follows what Megatron-Core 0.19 allocates for this project's models
   gradient buffers of the backward;
 * **loss buffers** (last stage, one micro-batch): student and reference logit shards
   ``[b, s, V/tp]``, the fp32 ``softmax - g p'`` buffer the GIFT loss keeps for the backward
-  and its two fp32 row-chunk workspaces (:mod:`megatron_gift.loss`).
+  and its two fp32 row-chunk workspaces (:mod:`megatron_gift.loss.eager`).
 
 Two layer implementations are modelled: ``"te"``, Transformer Engine's layers that GPU runs use
 (fused norm + linear, flash attention that keeps no ``s x s`` scores; derived from the source,
@@ -52,7 +52,7 @@ PARTS = ("student_weights", "gradients", "optimizer", "reference_weights", "acti
 # A plan fits when its total is at most this share of the GPU's memory: the rest is for the
 # CUDA context, NCCL's buffers and the caching allocator's fragmentation.
 USABLE_FRACTION = 0.9
-# Elements of one fp32 row-chunk workspace of the GIFT loss (megatron_gift.loss._Workspace).
+# Elements of one fp32 row-chunk workspace of the GIFT loss (megatron_gift.loss.eager._Workspace).
 LOSS_WORKSPACE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
 LAYER_SPECS = ("te", "local")
 _FP32 = 4

@@ -31,12 +31,13 @@ Shapes = list[tuple[int, ...]]
 
 def forward_step_func(beta: float, smooth_lambda: float,
                       attention_mask_fn: Callable[[Batch], torch.Tensor], vocab_size: int,
-                      evaluate: bool = False) -> ForwardStep:
+                      evaluate: bool = False, implementation: str = "auto") -> ForwardStep:
     """A ``forward_step_func(data_iterator, model)`` for Megatron's schedules.
 
     Training steps compute the GIFT loss; ``evaluate`` computes plain next-token
     cross-entropy and accuracy on the loss tokens, with the student only. ``vocab_size`` is
     the real vocab: the padding columns of the logits take no part in either.
+    ``implementation`` picks the loss's passes (:mod:`megatron_gift.loss.passes`).
 
     ``attention_mask_fn(batch)`` gives a micro-batch's attention mask (see
     :func:`causal_attention_mask`).
@@ -54,7 +55,7 @@ def forward_step_func(beta: float, smooth_lambda: float,
         if evaluate:
             return logits, lambda out: _evaluation_loss(out, batch, vocab_size)
         return logits, lambda out: _gift_loss(out, reference_logits, batch, beta, smooth_lambda,
-                                              vocab_size)
+                                              vocab_size, implementation)
 
     return forward_step
 
@@ -73,10 +74,12 @@ def context_parallel_share(batch: Batch) -> Batch:
 
 # The labels' range is checked once per data set when it is loaded (trainer._load_data), so the
 # loss runs without its per-call check, which would make the host wait for the device.
-def _gift_loss(logits, reference_logits, batch, beta, smooth_lambda, vocab_size):
+def _gift_loss(logits, reference_logits, batch, beta, smooth_lambda, vocab_size,
+               implementation="auto"):
     loss, stats = vocab_parallel_gift_loss(logits, reference_logits, batch["labels"], beta=beta,
                                            smooth_lambda=smooth_lambda, vocab_size=vocab_size,
-                                           return_stats=True, check_labels=False)
+                                           return_stats=True, check_labels=False,
+                                           implementation=implementation)
     num_tokens = batch["loss_mask"].sum().to(torch.int)
     loss_sum = loss.sum()
     count = num_tokens.float()

@@ -48,6 +48,7 @@ from megatron_gift.engine.metrics import MetricsLogger
 from megatron_gift.engine.signals import StopOnSignal
 from megatron_gift.errors import UserError
 from megatron_gift.hf.architecture import hf_assets
+from megatron_gift.loss.passes import triton_can_run
 from megatron_gift.platform import console, kernels
 from megatron_gift.platform.distributed import (init_distributed, local_device,
                                                 world_size_from_env)
@@ -375,7 +376,8 @@ def _train_step(job: Job) -> dict:
     job.optimizer.zero_grad()
     batches = _batches(job, job.train_data, job.consumed_samples, shuffle_seed=config.training.seed)
     step = pipeline.forward_step_func(config.gift.beta, config.gift.smooth_lambda,
-                                      pipeline.causal_attention_mask, job.vocab_size)
+                                      pipeline.causal_attention_mask, job.vocab_size,
+                                      implementation=config.gift.loss_implementation)
     reports = _run_schedule(job, batches, forward_only=False, step=step)
     _, grad_norm, _ = job.optimizer.step()
     job.scheduler.step(increment=1)
@@ -483,6 +485,11 @@ def _check_before_start(config: DictConfig) -> None:
         raise UserError(f"parallel.context_parallel_size={parallel.context_parallel_size} needs "
                         "Transformer Engine's attention on CUDA, which this machine lacks "
                         "(--context-parallel-size 1)")
+    if config.gift.loss_implementation == "triton":
+        why_not = triton_can_run(torch.device("cuda" if cuda else "cpu"))
+        if why_not:
+            raise UserError(f"gift.loss_implementation=triton cannot run here: {why_not} "
+                            "(--gift-loss-implementation auto)")
     world = world_size_from_env()
     tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                   parallel.context_parallel_size)

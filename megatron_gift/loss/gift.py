@@ -31,6 +31,9 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import FunctionCtx
 
+from megatron_gift.loss.passes import (DOT_EXP_R_Z, DOT_EXP_Z_Z, R_LABEL, SUM_EXP_R, SUM_EXP_Z,
+                                       SUM_Z, Z_LABEL, IMPLEMENTATIONS, select)
+
 
 class GiftTokenStats(NamedTuple):
     """Per-token diagnostics, fp32, shaped like ``labels``; 0 at ignored positions."""
@@ -52,6 +55,7 @@ def vocab_parallel_gift_loss(
     vocab_size: Optional[int] = None,
     return_stats: bool = False,
     check_labels: bool = True,
+    implementation: str = "auto",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, GiftTokenStats]]:
     """Per-token GIFT loss of vocab-parallel student logits against a frozen reference.
 
@@ -77,6 +81,10 @@ def vocab_parallel_gift_loss(
             host wait for the device. The training engine turns it off, since its data path
             guarantees the range (token ids come from a tokenizer no larger than the vocab, and
             each data set is checked once when it is loaded).
+        implementation: how the passes over the logits run (:mod:`megatron_gift.loss.passes`):
+            ``"auto"`` (default; the fused Triton kernels for CUDA tensors where Triton is
+            installed, else eager PyTorch), ``"triton"`` or ``"eager"``. Same math and
+            contract either way.
 
     Returns:
         The loss ``[...]`` in fp32 (nats per token), identical on every TP rank, and the
@@ -103,13 +111,15 @@ def vocab_parallel_gift_loss(
     if not 0 < vocab_size <= padded_vocab:
         raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded_vocab}] "
                          f"(the logits' vocab, {logits.size(-1)} x tp {tp_size})")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: choose one of {IMPLEMENTATIONS}")
     if check_labels:
         _check_labels(labels, vocab_size, ignore_index)
     if math.isinf(beta):
         ref_logits = None  # q is one-hot: the reference cannot change the loss
     loss, entropy, target_mass, label_prob = _VocabParallelGiftLoss.apply(
         logits, ref_logits, labels, beta, smooth_lambda, ignore_index, tp_group, vocab_size,
-        return_stats
+        return_stats, implementation
     )
     if return_stats:
         return loss, GiftTokenStats(entropy, target_mass, label_prob)
@@ -166,91 +176,51 @@ class _VocabParallelGiftLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, logits: torch.Tensor, ref_logits: Optional[torch.Tensor],
                 labels: torch.Tensor, beta: float, smooth_lambda: float, ignore_index: int,
-                group: Optional[dist.ProcessGroup], vocab: int,
-                with_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                group: Optional[dist.ProcessGroup], vocab: int, with_stats: bool,
+                implementation: str) -> tuple[torch.Tensor, ...]:
         """``(loss, entropy, target_mass, label_prob)``, each shaped like ``labels`` in fp32 (fp64
         for fp64 logits), the stats zeros unless ``with_stats``; ``logits`` and ``ref_logits``:
         ``[..., V/tp]``; ``vocab``: the real (unpadded) vocab size."""
+        passes = select(implementation, logits)
         dtype = torch.promote_types(logits.dtype, torch.float32)
         tp_rank = dist.get_rank(group) if group is not None else 0
         shard = logits.size(-1)
         vocab_start = tp_rank * shard
         # Padding columns (>= vocab) sit at the end of the vocab: each rank keeps a prefix.
         local_vocab = min(max(vocab - vocab_start, 0), shard)
-        z_all = logits.reshape(-1, shard)[:, :local_vocab]
-        r_all = ref_logits.reshape(-1, shard)[:, :local_vocab] if ref_logits is not None else None
+        z = logits.reshape(-1, shard)[:, :local_vocab]
+        r = ref_logits.reshape(-1, shard)[:, :local_vocab] if ref_logits is not None else None
         y = labels.reshape(-1)
 
         valid = y != ignore_index
         owned = valid & (y >= vocab_start) & (y < vocab_start + local_vocab)
-        column = torch.where(owned, y - vocab_start, 0).unsqueeze(-1)
+        column = torch.where(owned, y - vocab_start, 0)
 
-        # Pass 1: per-token maxima of both models, one MAX all-reduce.
-        maxima = [_row_max(x, dtype) for x in (z_all, r_all) if x is not None]
-        maxima = _all_reduce(torch.stack(maxima, -1), dist.ReduceOp.MAX, group)
+        maxima = _all_reduce(passes.maxima(z, r, dtype), dist.ReduceOp.MAX, group)
+        local, kept = passes.statistics(z, r, maxima, column, owned, with_stats=with_stats,
+                                        smooth=smooth_lambda > 0)
+        t = _all_reduce(local, dist.ReduceOp.SUM, group).unbind(-1)
 
-        # Pass 2: shifted logits (<= 0), exp(z) into the saved buffer, per-token sums;
-        # one SUM all-reduce. Chunks of rows go through two fp32 workspaces.
-        names = ["sum_exp_z", "z_label"] + (["dot_exp_z_z"] if with_stats else [])
-        if r_all is not None:
-            names += ["r_label", "sum_exp_r", "dot_exp_r_z"]
-            names += ["sum_z"] if smooth_lambda > 0 else []
-        local = torch.empty(z_all.size(0), len(names), dtype=dtype, device=z_all.device)
-        probs = torch.empty(z_all.shape, dtype=dtype, device=z_all.device)
-        workspace = _Workspace(z_all, dtype, count=2)
-        for rows in workspace.chunks:
-            z = workspace.shifted(0, z_all[rows], maxima[rows, :1])
-            exp_z = torch.exp(z, out=probs[rows])
-            sums = [exp_z.sum(-1), _gather(z, column[rows], owned[rows])]
-            if r_all is not None:
-                r = workspace.shifted(1, r_all[rows], maxima[rows, 1:])
-                sums.append(_gather(r, column[rows], owned[rows]))
-                exp_r = r.exp_()
-                sums += [exp_r.sum(-1), exp_r.mul_(z).sum(-1)]
-                if smooth_lambda > 0:
-                    sums.append(z.sum(-1))
-            if with_stats:
-                sums.insert(2, z.mul_(exp_z).sum(-1))
-            torch.stack(sums, -1, out=local[rows])
-        t = dict(zip(names, _all_reduce(local, dist.ReduceOp.SUM, group).unbind(-1)))
-
-        log_sum_exp_z = torch.log(t["sum_exp_z"])
-        nll = log_sum_exp_z - t["z_label"]
-        if r_all is None:
+        log_sum_exp_z = torch.log(t[SUM_EXP_Z])
+        nll = log_sum_exp_z - t[Z_LABEL]
+        ref_weight = uniform_weight = None
+        if r is None:
             g = torch.zeros_like(nll)
             loss, target_mass = nll, torch.ones_like(nll)
         else:
-            # CE(p', softmax(z)) = sum_v p'(v) * (log_sum_exp_z - z(v)), and log p'(y).
-            ce_ref = log_sum_exp_z - t["dot_exp_r_z"] / t["sum_exp_r"]
-            log_p_label = t["r_label"] - torch.log(t["sum_exp_r"])
-            if smooth_lambda > 0:
-                ce_ref = ((1 - smooth_lambda) * ce_ref
-                          + smooth_lambda * (log_sum_exp_z - t["sum_z"] / vocab))
-                log_p_label = torch.logaddexp(
-                    log_p_label + _log(1 - smooth_lambda),
-                    torch.full_like(log_p_label, _log(smooth_lambda / vocab)),
-                )
-            g = torch.sigmoid(-(log_p_label + _log_expm1(beta)))
+            g, log_p_label, ce_ref = _gibbs_weight(t, log_sum_exp_z, beta, smooth_lambda, vocab)
             loss = nll + g * (ce_ref - nll)
             target_mass = 1 - g * (1 - torch.exp(log_p_label))
+            ref_weight = g * (1 - smooth_lambda) / t[SUM_EXP_R]
+            uniform_weight = g * smooth_lambda / vocab if smooth_lambda > 0 else None
 
-        # Pass 3: probs <- softmax(z) - g * p', the gradient up to the one-hot term.
-        inv_sum_exp_z = t["sum_exp_z"].reciprocal().unsqueeze(-1)
-        if r_all is not None:
-            ref_weight = (g * (1 - smooth_lambda) / t["sum_exp_r"]).unsqueeze(-1)
-            uniform_weight = (g * smooth_lambda / vocab).unsqueeze(-1)
-        for rows in workspace.chunks:
-            p = probs[rows].mul_(inv_sum_exp_z[rows])
-            if r_all is not None:
-                exp_r = workspace.shifted(1, r_all[rows], maxima[rows, 1:]).exp_()
-                p.addcmul_(exp_r, ref_weight[rows], value=-1)
-                if smooth_lambda > 0:
-                    p.sub_(uniform_weight[rows])
-
-        ctx.save_for_backward(probs, column, torch.where(owned, 1 - g, 0.0), valid)
+        gap = passes.soft_target_gap(kept if kept is not None else z, r, maxima,
+                                     t[SUM_EXP_Z].reciprocal(), ref_weight, uniform_weight)
+        ctx.save_for_backward(gap, column, torch.where(owned, 1 - g, 0.0), valid)
         ctx.input_shape, ctx.input_dtype, ctx.shard = logits.shape, logits.dtype, shard
+        ctx.passes = passes
         if with_stats:
-            entropy = log_sum_exp_z - t["dot_exp_z_z"] / t["sum_exp_z"]
+            entropy = log_sum_exp_z - t[DOT_EXP_Z_Z] / t[SUM_EXP_Z]
             stats = (entropy, target_mass, torch.exp(-nll))
         else:
             stats = (torch.zeros_like(nll),) * 3
@@ -263,59 +233,25 @@ class _VocabParallelGiftLoss(torch.autograd.Function):
                  *unused_stat_grads: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
         """The gradient ``[..., V/tp]`` of the logits for ``grad_loss`` (shaped like the labels);
         None for every other input."""
-        probs_minus_soft_target, column, onehot_weight, valid = ctx.saved_tensors
-        scale = torch.where(valid, grad_loss.reshape(-1), 0.0).unsqueeze(-1)
-        label_term = -(onehot_weight.unsqueeze(-1) * scale)
-        rows, local_vocab = probs_minus_soft_target.shape
-        # Padding columns of the shard (if any) get zero gradient.
-        allocate = torch.empty if local_vocab == ctx.shard else torch.zeros
-        full_grad = allocate(rows, ctx.shard, dtype=ctx.input_dtype,
-                             device=probs_minus_soft_target.device)
-        grad = full_grad[:, :local_vocab]
-        workspace = _Workspace(probs_minus_soft_target, probs_minus_soft_target.dtype,
-                               count=0 if grad.dtype == probs_minus_soft_target.dtype else 1)
-        for rows in workspace.chunks:
-            out = workspace.get(0, rows) if workspace.count else grad[rows]
-            torch.mul(probs_minus_soft_target[rows], scale[rows], out=out)
-            if local_vocab:
-                out.scatter_add_(-1, column[rows], label_term[rows])
-            if workspace.count:
-                grad[rows].copy_(out)
-        return full_grad.view(ctx.input_shape), *(None,) * 8
+        gap, column, onehot_weight, valid = ctx.saved_tensors
+        scale = torch.where(valid, grad_loss.reshape(-1), 0.0).to(gap.dtype)
+        grad = ctx.passes.logits_grad(gap, scale, column, -(onehot_weight * scale), ctx.shard,
+                                      ctx.input_dtype)
+        return grad.view(ctx.input_shape), *(None,) * 9
 
 
-class _Workspace:
-    """Reusable fp32 buffers for row chunks of a ``[N, V]`` tensor.
-
-    Full-size temporaries would cost a fresh allocation (and, on CPU, page faults) per call;
-    chunk-sized ones, allocated once per pass, stay in cache. Chunks are ~16 MiB of fp32 on
-    CPU and larger on accelerators, where they bound peak memory at few kernel launches.
-    """
-
-    def __init__(self, x, dtype, count):
-        elements = 1 << 22 if x.device.type == "cpu" else 1 << 26
-        step = min(x.size(0), max(1, elements // max(1, x.size(-1))))
-        self.chunks = [slice(i, min(i + step, x.size(0))) for i in range(0, x.size(0), step)]
-        self.count = count
-        self.buffers = torch.empty(count, step, x.size(-1), dtype=dtype, device=x.device)
-
-    def get(self, index: int, rows: slice) -> torch.Tensor:
-        return self.buffers[index, : rows.stop - rows.start]
-
-    def shifted(self, index: int, x: torch.Tensor, maximum: torch.Tensor) -> torch.Tensor:
-        """``x - maximum`` in the workspace's dtype, never writing into ``x``."""
-        return self.get(index, slice(0, x.size(0))).copy_(x).sub_(maximum)
-
-
-def _row_max(x, dtype):
-    """Per-row max ``[rows]`` in ``dtype``; -inf for a rank whose shard is all padding."""
-    if x.size(-1) == 0:
-        return torch.full(x.shape[:1], -math.inf, dtype=dtype, device=x.device)
-    return x.amax(-1).to(dtype)
-
-
-def _gather(x, column, owned):
-    """x at the label column where this rank owns the label, else 0; shape ``[rows]``."""
-    if x.size(-1) == 0:
-        return torch.zeros(x.shape[:1], dtype=x.dtype, device=x.device)
-    return torch.where(owned, x.gather(-1, column).squeeze(-1), 0.0)
+def _gibbs_weight(t, log_sum_exp_z, beta, smooth_lambda, vocab):
+    """``(g, log p'(y), CE(p', softmax(z)))`` per row from the all-reduced statistics ``t``:
+    ``g = sigmoid(-(log p'(y) + log(e^beta - 1)))`` is the reference's weight in ``q``."""
+    # CE(p', softmax(z)) = sum_v p'(v) * (log_sum_exp_z - z(v)), and log p'(y).
+    ce_ref = log_sum_exp_z - t[DOT_EXP_R_Z] / t[SUM_EXP_R]
+    log_p_label = t[R_LABEL] - torch.log(t[SUM_EXP_R])
+    if smooth_lambda > 0:
+        ce_ref = ((1 - smooth_lambda) * ce_ref
+                  + smooth_lambda * (log_sum_exp_z - t[SUM_Z] / vocab))
+        log_p_label = torch.logaddexp(
+            log_p_label + _log(1 - smooth_lambda),
+            torch.full_like(log_p_label, _log(smooth_lambda / vocab)),
+        )
+    g = torch.sigmoid(-(log_p_label + _log_expm1(beta)))
+    return g, log_p_label, ce_ref
