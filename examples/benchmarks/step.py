@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,8 @@ def model_flags(args):
             "--ffn-hidden-size", str(args.hidden * 11 // 4), "--seq-length", str(args.seq),
             "--micro-batch-size", str(args.micro_batch), "--global-batch-size",
             str(args.micro_batch), "--no-progress", "--eval-interval", "1000000",
-            "--overlong", "truncate"]
+            "--overlong", "truncate"] + (
+                ["--vocab-size", str(args.vocab_size)] if args.vocab_size else [])
 
 
 def worker(argv):
@@ -64,11 +66,20 @@ def main():
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="the model's vocab (default: the bundled tokenizer's 30 words); "
+                             "e.g. 128256 for Llama 3's output layer and loss cost")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")
     parser.add_argument("--os-malloc", action="store_true",
                         help="glibc's default malloc settings (freed memory goes back to the OS)")
+    parser.add_argument("--extra-flags", default="",
+                        help="trainer flags for both runs, e.g. '--fp8-format hybrid'")
+    parser.add_argument("--gift-flags", default="",
+                        help="trainer flags for the GIFT run only, e.g. "
+                             "'--reference-precision fp8 --gift-loss-implementation eager'")
+    parser.add_argument("--json", help="also write the summary to this file")
     args = parser.parse_args()
     env = dict(os.environ) if args.os_malloc else {**KEEP_FREED_MEMORY, **os.environ}
 
@@ -79,11 +90,15 @@ def main():
         synthetic.write_demonstrations(data, 256, seed=0)
         common = model_flags(args) + ["--train-path", data] + (["--bf16"] if args.bf16 else [])
         base = os.path.join(tmp, "base")
-        run(common + ["--gift-beta", "inf", "--train-iters", "1", "--save", base], env)
+        # SGD keeps no optimizer state: the base checkpoint is weights (and fp32 copies) only.
+        run(common + ["--gift-beta", "inf", "--train-iters", "1", "--optimizer", "sgd",
+                      "--save", base], env)
+        common += shlex.split(args.extra_flags)
         results = {"SFT (beta=inf)": [], "GIFT (beta=20)": []}
+        gift_flags = ["--gift-beta", "20", "--reference-load", base] + shlex.split(args.gift_flags)
         for _ in range(args.rounds):
             for name, flags in (("SFT (beta=inf)", ["--gift-beta", "inf"]),
-                                ("GIFT (beta=20)", ["--gift-beta", "20", "--reference-load", base])):
+                                ("GIFT (beta=20)", gift_flags)):
                 metrics = os.path.join(tmp, "metrics.jsonl")
                 peak = run(common + flags + ["--pretrained-checkpoint", base, "--train-iters",
                                              str(args.iters), "--metrics-file", metrics], env)
@@ -105,6 +120,12 @@ def main():
     (sft_step, sft_peak), (gift_step, gift_peak) = summary.values()
     print(f"GIFT / SFT: step time {gift_step / sft_step:.2f}x (target <= 1.45x, floor ~1.33x), "
           f"peak memory {gift_peak / sft_peak:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"sft_step_s": sft_step, "gift_step_s": gift_step, "sft_peak_mib":
+                       sft_peak / 2**20, "gift_peak_mib": gift_peak / 2**20,
+                       "time_ratio": gift_step / sft_step, "memory_ratio": gift_peak / sft_peak},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
