@@ -225,6 +225,8 @@ def main() -> int:
     parser.add_argument("--skip", nargs="*", default=[], choices=["oracle", "speed", "step"])
     args = parser.parse_args()
     device = torch.device(args.device or "cuda")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU here (torch.cuda.is_available() is False); --device cpu --quick runs "
               "the rows on CPU", file=sys.stderr)
