@@ -1,0 +1,51 @@
+"""examples/gpu/check.py, run tiny on CPU (``--quick --device cpu``): its rows, the rows it
+cannot run, and a failed row turning into exit status 1."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECK = os.path.join(ROOT, "examples", "gpu", "check.py")
+
+
+@pytest.mark.slow
+def test_the_check_runs_its_rows_on_cpu_and_names_what_it_cannot_run(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, CHECK, "--quick", "--device", "cpu", "--skip",
+                             "step", "--out", str(tmp_path)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {row["check"]: row for row in json.load(open(tmp_path / "check.json"))["rows"]}
+    for implementation in ("triton", "eager"):
+        for dtype in ("float32", "bfloat16"):
+            assert rows[f"loss oracle, {implementation}, {dtype}"]["status"] == "ok"
+        assert rows[f"loss speed, {implementation}, V=4096"]["status"] == "ok"
+    te_rows = [row for name, row in rows.items() if "TE" in name or "FP8" in name]
+    assert te_rows and all(row["status"] == "not run" and "Transformer Engine" in row["detail"]
+                           for row in te_rows)
+    assert "status" in result.stdout and "not run" in result.stdout
+
+
+def test_a_wrong_loss_fails_its_row_and_the_exit_status(monkeypatch, tmp_path):
+    sys.path.insert(0, os.path.dirname(CHECK))
+    import check
+
+    from megatron_gift.loss import gift
+
+    real = gift.vocab_parallel_gift_loss
+
+    def off_by_a_little(*args, **kwargs):
+        return real(*args, **kwargs) * (1 + 1e-3)
+
+    monkeypatch.setattr("megatron_gift.loss.vocab_parallel_gift_loss", off_by_a_little)
+    rows = check.loss_oracle_rows(torch.device("cpu"), True)
+    eager = [row for row in rows if "eager" in row.check]
+    assert eager and all(row.status == "FAILED" for row in eager)
+    monkeypatch.setattr(sys, "argv", [CHECK, "--quick", "--device", "cpu", "--skip", "speed",
+                                      "step", "--out", str(tmp_path)])
+    assert check.main() == 1
