@@ -8,8 +8,6 @@ come from the code under test.
 import json
 import math
 import os
-import sys
-import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -391,14 +389,83 @@ def test_ranks_of_a_node_tokenise_once(tmp_path):
     assert ranks[0]["samples"] == ranks[1]["samples"] and len(ranks[0]["samples"]) == 50
 
 
-def test_packing_is_refused_with_transformer_engine(tmp_path, tokenizer, monkeypatch):
-    from megatron_gift.engine import trainer as training
+def test_packed_seq_params_of_the_thd_format_follow_the_samples(tmp_path, tokenizer):
+    """Where Transformer Engine is used, a packed micro-batch travels as one "thd" row: its
+    cu_seqlens start a sequence at every sample and at every row's padding."""
+    from megatron_gift.engine.pipeline import packed_seq_params
 
-    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
-    config = parse_config(["--train-path", _jsonl(tmp_path / "d.jsonl", [{"text": "1"}]),
+    data = SFTDataset(_jsonl(tmp_path / "d.jsonl", _packing_records()), tokenizer, 8, pack=True)
+    batch = data.batch([1, 0, 2])
+    segments = batch["segment_ids"]
+    params = packed_seq_params(segments)
+    assert params.qkv_format == "thd"
+    cu = params.cu_seqlens_q.tolist()
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.cu_seqlens_kv.tolist() == cu
+    assert segments.tolist() == [[1, 1, 1, 1, 2, 2, 2, 0], [1, 1, 0, 0, 0, 0, 0, 0],
+                                 [1, 1, 1, 1, 1, 1, 1, 0]]
+    expected, position = [], 0
+    for row in segments.tolist():
+        for k, segment in enumerate(row):
+            if k == 0 or segment != row[k - 1]:
+                expected.append(position + k)
+        position += len(row)
+    assert cu == expected + [3 * 8] == [0, 4, 7, 8, 10, 16, 23, 24]
+    assert params.max_seqlen_q == params.max_seqlen_kv == 7
+    # every sequence is one sample (or one row's padding): a single segment id, in one row
+    flat = segments.reshape(-1)
+    for start, end in zip(cu, cu[1:]):
+        assert len(set(flat[start:end].tolist())) == 1 and start // 8 == (end - 1) // 8
+
+
+def test_packing_with_transformer_engine_takes_the_thd_format(tmp_path, tokenizer,
+                                                               monkeypatch):
+    from megatron_gift.engine import trainer as training
+    from megatron_gift.platform import te
+
+    config = parse_config(["--train-path", _jsonl(tmp_path / "d.jsonl", _packing_records()),
                            "--pack"])
-    with pytest.raises(ValueError, match="data.pack needs the local attention layers"):
-        training._dataset(config, config.data.train_path, tokenizer)
+    monkeypatch.setattr(te, "available", lambda: True)
+    assert training._packs_thd(config)
+    assert training._dataset(config, config.data.train_path, tokenizer).pack
+    monkeypatch.setattr(te, "available", lambda: False)
+    assert not training._packs_thd(config)  # the local layers take the block-diagonal mask
+    config.data.pack = False
+    monkeypatch.setattr(te, "available", lambda: True)
+    assert not training._packs_thd(config)
+
+
+def test_the_thd_forward_step_flattens_the_micro_batch_and_keeps_the_loss(tmp_path, tokenizer,
+                                                                         world_of_one):
+    """The "thd" step hands the model one row of b * s tokens, no mask and the packed params;
+    with a model whose logits depend on each token alone the loss is that of the masked step."""
+    from megatron_gift.engine.pipeline import causal_attention_mask, forward_step_func
+
+    data = SFTDataset(_jsonl(tmp_path / "d.jsonl", _packing_records()), tokenizer, 8, pack=True)
+    vocab = len(tokenizer)
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    class TokenWise(torch.nn.Module):
+        post_process, device = True, torch.device("cpu")
+
+        def forward(self, tokens, position_ids, attention_mask, packed_seq_params=None):
+            seen.append((tokens.shape, attention_mask is None, packed_seq_params))
+            return table[tokens], table[tokens].flip(-1)
+
+    results = []
+    with torch.no_grad():
+        for thd in (False, True):
+            step = forward_step_func(20.0, 0.0, causal_attention_mask, vocab, thd=thd)
+            logits, loss_func = step(iter([data.batch([1, 0])]), TokenWise())
+            results.append(loss_func(logits))
+    (masked_sum, masked_n, masked), (thd_sum, thd_n, thd_report) = results
+    assert seen[0][0] == (2, 8) and not seen[0][1] and seen[0][2] is None
+    assert seen[1][0] == (1, 16) and seen[1][1]
+    assert seen[1][2].cu_seqlens_q.tolist() == [0, 4, 7, 8, 10, 16]
+    assert int(thd_n) == int(masked_n) == 7
+    torch.testing.assert_close(thd_sum, masked_sum)
+    for key in masked:
+        torch.testing.assert_close(thd_report[key], masked[key])
 
 
 def test_training_log_reports_cuts_and_skips(tmp_path, tokenizer):

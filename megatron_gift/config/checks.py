@@ -17,12 +17,15 @@ _POSITIVE = {"model": ("num_layers", "hidden_size", "num_attention_heads", "num_
                           "context_parallel_size"),
              "training": ("micro_batch_size", "global_batch_size", "train_iters",
                           "eval_interval", "eval_iters"),
+             "precision": ("fp8_amax_history_len",),
              "logging": ("log_interval",)}
 _POSITIVE_OR_NONE = {"parallel": ("virtual_pipeline_model_parallel_size",),
                      "training": ("recompute_num_layers", "exit_interval",
                                   "exit_duration_in_mins"),
                      "checkpoint": ("save_interval",)}
-_NON_NEGATIVE = {"optimizer": ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad")}
+_NON_NEGATIVE = {"optimizer": ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "clip_grad"),
+                 "precision": ("fp8_margin", "num_layers_at_start_in_bf16",
+                               "num_layers_at_end_in_bf16")}
 
 
 def validate(config: DictConfig) -> DictConfig:
@@ -41,6 +44,7 @@ def validate(config: DictConfig) -> DictConfig:
                           "up to it (--seq-length)")
     _check_layout(config)
     _check_recompute(config.training)
+    _check_precision(config)
     if config.optimizer.min_lr > config.optimizer.lr:
         raise ConfigError(f"optimizer.min_lr={config.optimizer.min_lr} exceeds optimizer.lr="
                           f"{config.optimizer.lr} (--min-lr, --lr)")
@@ -88,8 +92,9 @@ def _check_gift(gift: DictConfig) -> None:
 
 
 def check_layer_split(config: DictConfig) -> DictConfig:
-    """The layers split evenly over pipeline x virtual pipeline stages. Checked once the model
-    section is complete (an HF base model sets ``num_layers``); returns ``config``."""
+    """The layers split evenly over pipeline x virtual pipeline stages, and the bf16 layers of an
+    FP8 run fit in a pipeline stage. Checked once the model section is complete (an HF base
+    model sets ``num_layers``); returns ``config``."""
     parallel, layers = config.parallel, config.model.num_layers
     stages = parallel.pipeline_model_parallel_size * (
         parallel.virtual_pipeline_model_parallel_size or 1)
@@ -98,6 +103,12 @@ def check_layer_split(config: DictConfig) -> DictConfig:
             f"model.num_layers={layers} is not divisible by pipeline x virtual pipeline stages = "
             f"{stages} (--num-layers, --pipeline-model-parallel-size, "
             "--virtual-pipeline-model-parallel-size)")
+    per_stage = layers // parallel.pipeline_model_parallel_size
+    if config.precision.first_last_layers_bf16:
+        for key in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+            if config.precision[key] > per_stage:
+                raise ConfigError(f"{_name('precision', key)}={config.precision[key]} exceeds the "
+                                  f"{per_stage} layers of a pipeline stage")
     return config
 
 
@@ -121,6 +132,53 @@ def _check_layout(config: DictConfig) -> None:
     if parallel.overlap_param_gather and not parallel.use_distributed_optimizer:
         raise ConfigError(f"{_name('parallel', 'overlap_param_gather')} needs "
                           f"{_name('parallel', 'use_distributed_optimizer')}")
+
+
+def _check_precision(config: DictConfig) -> None:
+    """FP8 settings that cannot work together (that Transformer Engine is here is checked when
+    the run starts: :func:`megatron_gift.platform.te.refuse_fp8_without_te`)."""
+    precision = config.precision
+    if precision.fp8_format is None:
+        _refuse_fp8_settings_without_format(precision)
+        return
+    if not config.training.bf16:
+        raise ConfigError(f"{_name('precision', 'fp8_format')}={precision.fp8_format} needs "
+                          f"{_name('training', 'bf16')}: FP8 runs the GEMMs of bf16 layers")
+    delayed = precision.fp8_recipe == "delayed"
+    for key in ("fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo"):
+        if not delayed and precision[key] != _default("precision", key):
+            raise ConfigError(f"{_name('precision', key)} applies to "
+                              f"{_name('precision', 'fp8_recipe')}=delayed only, not "
+                              f"{precision.fp8_recipe}")
+    if delayed and precision.first_last_layers_bf16:
+        raise ConfigError(f"{_name('precision', 'first_last_layers_bf16')} is not available with "
+                          f"{_name('precision', 'fp8_recipe')}=delayed (its amax reduction spans "
+                          "the whole block): use tensorwise, blockwise or mxfp8")
+    if precision.fp8_param_gather and not config.parallel.use_distributed_optimizer:
+        raise ConfigError(f"{_name('precision', 'fp8_param_gather')} needs "
+                          f"{_name('parallel', 'use_distributed_optimizer')}")
+    if precision.reference_fp8_weights and precision.reference_precision != "fp8":
+        raise ConfigError(f"{_name('precision', 'reference_fp8_weights')} needs "
+                          f"{_name('precision', 'reference_precision')}=fp8")
+    if precision.reference_fp8_weights and delayed:
+        raise ConfigError(
+            f"{_name('precision', 'reference_fp8_weights')} is not available with "
+            f"{_name('precision', 'fp8_recipe')}=delayed: the frozen weights are quantized once, "
+            "when loaded, before delayed scaling has seen any amax; use tensorwise, blockwise or "
+            "mxfp8, or keep the reference's weights bf16")
+
+
+def _refuse_fp8_settings_without_format(precision: DictConfig) -> None:
+    """Every FP8 setting away from its default needs ``--fp8-format``."""
+    for f in section_fields("precision"):
+        if f.name != "fp8_format" and precision[f.name] != f.default:
+            raise ConfigError(f"{_name('precision', f.name)}={precision[f.name]} applies to FP8 "
+                              f"runs only: set {_name('precision', 'fp8_format')} (e4m3 or "
+                              "hybrid) or drop it")
+
+
+def _default(section: str, key: str):
+    return next(f.default for f in section_fields(section) if f.name == key)
 
 
 def _check_recompute(training: DictConfig) -> None:

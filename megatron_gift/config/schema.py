@@ -1,7 +1,7 @@
 """The run configuration: one typed dataclass per section, every field documented.
 
-A run is described by eight sections (``model``, ``parallel``, ``gift``, ``data``, ``training``,
-``optimizer``, ``checkpoint``, ``logging``), each a dataclass below; :class:`JobConfig` holds
+A run is described by nine sections (``model``, ``parallel``, ``gift``, ``data``, ``training``,
+``precision``, ``optimizer``, ``checkpoint``, ``logging``), each a dataclass below; :class:`JobConfig` holds
 them. ``OmegaConf.structured(JobConfig)`` is the schema every recipe, flag and override is merged
 into, so a value of the wrong type or an unknown key is refused where it enters, naming it.
 
@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-SECTIONS = ("model", "parallel", "gift", "data", "training", "optimizer", "checkpoint", "logging")
+SECTIONS = ("model", "parallel", "gift", "data", "training", "precision", "optimizer", "checkpoint",
+            "logging")
 
 
 def option(default: Any, help: str, choices: Optional[tuple[str, ...]] = None,
@@ -144,6 +145,39 @@ class Training:
 
 
 @dataclass
+class Precision:
+    """FP8 through Transformer Engine (Megatron-Core's ``TransformerConfig`` fp8 fields): the
+    transformer layers' GEMMs in FP8; the embedding, the output layer and the loss stay bf16/fp32.
+    Needs Transformer Engine and --bf16."""
+
+    fp8_format: Optional[str] = option(
+        None, "run the transformer layers in FP8: e4m3 everywhere, or hybrid (e4m3 forward, e5m2 "
+        "gradients); default: no FP8", choices=("e4m3", "hybrid"))
+    fp8_recipe: str = option(
+        "delayed", "FP8 scaling: delayed (from an amax history), tensorwise (current scaling), "
+        "blockwise, mxfp8 (Blackwell)", choices=("delayed", "tensorwise", "blockwise", "mxfp8"))
+    fp8_margin: int = option(0, "delayed scaling: scale margin (powers of 2)")
+    fp8_amax_history_len: int = option(1, "delayed scaling: amax history length")
+    fp8_amax_compute_algo: str = option(
+        "most_recent", "delayed scaling: amax from the history", choices=("most_recent", "max"))
+    first_last_layers_bf16: bool = option(
+        False, "keep the first and last layers in bf16 (not with delayed scaling)")
+    num_layers_at_start_in_bf16: int = option(
+        1, "with --first-last-layers-bf16: bf16 layers at the start")
+    num_layers_at_end_in_bf16: int = option(
+        1, "with --first-last-layers-bf16: bf16 layers at the end")
+    fp8_param_gather: bool = option(
+        False, "keep the student's GEMM weights in FP8 and all-gather them in FP8 (needs "
+        "--use-distributed-optimizer)")
+    reference_precision: str = option(
+        "bf16", "the frozen reference's layers: bf16, or fp8 (the student's recipe, with a "
+        "scaling state of its own)", choices=("bf16", "fp8"))
+    reference_fp8_weights: bool = option(
+        False, "with --reference-precision fp8: keep the reference's GEMM weights in FP8 (half "
+        "their memory; quantized once, when loaded: not with delayed scaling)")
+
+
+@dataclass
 class Optimizer:
     """Megatron-Core's optimizer and ``OptimizerParamScheduler``."""
 
@@ -199,6 +233,7 @@ class JobConfig:
     gift: Gift = field(default_factory=Gift)
     data: Data = field(default_factory=Data)
     training: Training = field(default_factory=Training)
+    precision: Precision = field(default_factory=Precision)
     optimizer: Optimizer = field(default_factory=Optimizer)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     logging: Logging = field(default_factory=Logging)

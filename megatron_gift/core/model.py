@@ -16,12 +16,13 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                          get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from omegaconf import DictConfig
 
-from megatron_gift.platform import kernels
+from megatron_gift.platform import kernels, te
 
 _Module = TypeVar("_Module", bound=torch.nn.Module)
 
@@ -34,7 +35,8 @@ def transformer_config(config: DictConfig, params_dtype: torch.dtype,
     off): for models whose weights are loaded next, where it would be minutes of wasted work at
     70B. ``frozen``: the config of the reference, which runs under ``no_grad`` and so has no
     activation recompute. Sequence and context parallelism apply to both models alike. Fusions
-    are on wherever their kernels are installed (:func:`kernels.fusions`).
+    are on wherever their kernels are installed (:func:`kernels.fusions`). The FP8 fields come
+    from the ``precision`` section (:func:`fp8_fields`).
     """
     model, parallel, training = config.model, config.parallel, config.training
     recompute = {} if frozen else {
@@ -64,8 +66,33 @@ def transformer_config(config: DictConfig, params_dtype: torch.dtype,
         variable_seq_lengths=vpp is not None, moe_token_dispatcher_type="alltoall",
         batch_p2p_comm=not (on_cpu and vpp is not None),  # see megatron_gift.platform.cpu
         cross_entropy_loss_fusion=False,  # the loss is GIFT's own
-        **kernels.fusions(),
+        **kernels.fusions(), **fp8_fields(config.precision, frozen),
     )
+
+
+def fp8_fields(precision: DictConfig, frozen: bool = False) -> dict:
+    """``TransformerConfig``'s FP8 fields for the student, or with ``frozen`` for the reference.
+
+    Megatron-Core's ``get_fp8_context`` reads them: the transformer block runs under TE's
+    ``fp8_autocast`` with the recipe they name (the embedding, the output layer and the loss
+    are not TE modules and stay bf16/fp32), and ``fp8_param`` builds the GEMM weights in FP8
+    under TE's ``fp8_model_init``. The reference in FP8 takes the student's recipe in a config
+    of its own; its FP8 weights are ``--reference-fp8-weights`` (the student's
+    ``--fp8-param-gather``). A reference in bf16, or a run without FP8, gets ``fp8=None``.
+    """
+    if precision.fp8_format is None or (frozen and precision.reference_precision != "fp8"):
+        return {"fp8": None}
+    return {
+        "fp8": precision.fp8_format, "fp8_recipe": precision.fp8_recipe,
+        "fp8_margin": precision.fp8_margin,
+        "fp8_amax_history_len": precision.fp8_amax_history_len,
+        "fp8_amax_compute_algo": precision.fp8_amax_compute_algo,
+        "first_last_layers_bf16": precision.first_last_layers_bf16,
+        "num_layers_at_start_in_bf16": precision.num_layers_at_start_in_bf16,
+        "num_layers_at_end_in_bf16": precision.num_layers_at_end_in_bf16,
+        "fp8_param": (precision.reference_fp8_weights if frozen
+                      else precision.fp8_param_gather),
+    }
 
 
 def padded_vocab_size(vocab_size: int, config: DictConfig) -> int:
@@ -156,15 +183,26 @@ class GiftModel(torch.nn.Module):
         return self.reference is not None and self.use_reference
 
     def forward(
-        self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+        self, tokens: torch.Tensor, position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor], packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """``tokens`` and ``position_ids``: int64 ``[b, s]``; ``attention_mask``: bool
-        ``[b, 1, s, s]``, True where blocked. Returns what the class doc says."""
+        ``[b, 1, s, s]``, True where blocked, or None with ``packed_seq_params`` (packed
+        sequences in Transformer Engine's "thd" format, ``b = 1``). Returns what the class doc
+        says.
+
+        Each model runs under the FP8 context of its own ``TransformerConfig`` (Megatron-Core's
+        transformer block enters it), so an FP8 reference keeps a scaling state of its own: with
+        delayed scaling, TE keeps the amax history in each module's FP8 metadata, and the
+        reference's modules are distinct from the student's, so only the reference's own
+        forwards build it.
+        """
+        extra = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
         reference_out = None
         if self.runs_reference:
             with torch.no_grad():
-                reference_out = self.reference(tokens, position_ids, attention_mask)
-        student_out = self.student(tokens, position_ids, attention_mask)
+                reference_out = self.reference(tokens, position_ids, attention_mask, **extra)
+        student_out = self.student(tokens, position_ids, attention_mask, **extra)
         if self.post_process:
             return student_out, reference_out
         if reference_out is None:
@@ -197,9 +235,7 @@ class SequenceParallelRMSNorm:
 
 
 def _layer_spec(config: TransformerConfig, vp_stage: Optional[int]):
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
+    if not te.available():
         return _local_spec(config, vp_stage)
     return get_gpt_layer_with_transformer_engine_spec()
 

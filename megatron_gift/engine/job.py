@@ -16,6 +16,7 @@ from megatron_gift.config import parse_config
 from megatron_gift.core.paths import latest_checkpoint
 from megatron_gift.engine import default_run
 from megatron_gift.errors import UserError
+from megatron_gift.platform.te import refuse_fp8_without_te
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def job_config(argv: Sequence[str]) -> DictConfig:
 
         check_paths(parse_config(argv))  # a --load with nothing to continue: say so
     config = parse_config(argv, defaults=default_run.gift_overrides(default_run.RUN_DIR))
+    refuse_fp8_without_te(config)  # before the default job's files are written
     default_run.prepare(default_run.RUN_DIR)
     return config
 

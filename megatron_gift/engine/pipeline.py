@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_gift.loss import vocab_parallel_gift_loss
 
@@ -31,7 +32,8 @@ Shapes = list[tuple[int, ...]]
 
 def forward_step_func(beta: float, smooth_lambda: float,
                       attention_mask_fn: Callable[[Batch], torch.Tensor], vocab_size: int,
-                      evaluate: bool = False, implementation: str = "auto") -> ForwardStep:
+                      evaluate: bool = False, thd: bool = False,
+                      implementation: str = "auto") -> ForwardStep:
     """A ``forward_step_func(data_iterator, model)`` for Megatron's schedules.
 
     Training steps compute the GIFT loss; ``evaluate`` computes plain next-token
@@ -40,15 +42,21 @@ def forward_step_func(beta: float, smooth_lambda: float,
     ``implementation`` picks the loss's passes (:mod:`megatron_gift.loss.passes`).
 
     ``attention_mask_fn(batch)`` gives a micro-batch's attention mask (see
-    :func:`causal_attention_mask`).
+    :func:`causal_attention_mask`). With ``thd`` (packed data on Transformer Engine's layers)
+    there is no mask: each micro-batch becomes one row in the "thd" format, its samples told
+    apart by :func:`packed_seq_params` (the schedule then sees ``[b * s, 1]`` micro-batches).
     """
 
     def forward_step(data_iterator: Iterator[Batch],
                      model: "GiftModel") -> tuple[torch.Tensor, Optional[LossFunc]]:
+        batch, packed = next(data_iterator), None
+        if thd:
+            packed = packed_seq_params(batch["segment_ids"], model.device)
+            batch = {k: v.reshape(1, -1) for k, v in batch.items()}
         batch = context_parallel_share(
-            {k: v.to(model.device, non_blocking=True) for k, v in next(data_iterator).items()})
-        mask = attention_mask_fn(batch)
-        output = model(batch["tokens"], batch["position_ids"], mask)
+            {k: v.to(model.device, non_blocking=True) for k, v in batch.items()})
+        mask = None if thd else attention_mask_fn(batch)
+        output = model(batch["tokens"], batch["position_ids"], mask, packed_seq_params=packed)
         if not model.post_process:
             return output, None
         logits, reference_logits = output
@@ -129,6 +137,30 @@ def shapes_with_reference(hidden_size: int) -> Callable[[Shapes, Shapes], tuple[
         return widen(recv_shapes), widen(send_shapes)
 
     return adjust
+
+
+def packed_seq_params(segment_ids: torch.Tensor,
+                      device: Optional[torch.device] = None) -> PackedSeqParams:
+    """Megatron's ``PackedSeqParams`` ("thd" format) for a packed micro-batch flattened to one
+    row: ``segment_ids`` ``[b, s]`` (1, 2, ... per sample of a row, 0 for its padding) ->
+    sequences that start at every row and at every change of segment, so attention stays
+    inside each sample (the padding at a row's end is a sequence of its own, outside the loss).
+
+    Computed on the host from the batch as read (no device sync); ``cu_seqlens`` (int32, the
+    ``b * s`` flat positions where sequences start, then ``b * s``) go to ``device``.
+    """
+    rows, length = segment_ids.shape
+    flat = segment_ids.reshape(-1).cpu()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::length] = True
+    cu_seqlens = torch.cat([starts.nonzero().flatten(), torch.tensor([rows * length])])
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if device is not None:
+        cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
 
 def causal_attention_mask(batch: Batch) -> torch.Tensor:

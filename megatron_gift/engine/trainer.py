@@ -49,7 +49,7 @@ from megatron_gift.engine.signals import StopOnSignal
 from megatron_gift.errors import UserError
 from megatron_gift.hf.architecture import hf_assets
 from megatron_gift.loss.passes import triton_can_run
-from megatron_gift.platform import console, kernels
+from megatron_gift.platform import console, te
 from megatron_gift.platform.distributed import (init_distributed, local_device,
                                                 world_size_from_env)
 from megatron_gift.platform.run_lock import RunLock
@@ -210,9 +210,18 @@ def _build_models(config: DictConfig) -> tuple[object, int, list, Optional[list]
     vocab = models.padded_vocab_size(config.model.vocab_size, config)
     device = local_device()
     students = models.build_chunks(config, tf_config, vocab, device)
-    references = None if is_sft(config) else models.build_chunks(
-        config, models.transformer_config(config, params_dtype, initialize=False, frozen=True),
-        vocab, device)
+    te.check_fp8_in_use(tf_config, students, "student")
+    if is_sft(config):
+        log.info(f"precision: {te.describe(tf_config)}")
+        return tf_config, vocab, students, None
+    reference_config = models.transformer_config(config, params_dtype, initialize=False,
+                                                 frozen=True)
+    # Under no_grad, TE's fp8_model_init keeps no high-precision copy of FP8 weights (only an
+    # optimizer would read it).
+    with torch.no_grad():
+        references = models.build_chunks(config, reference_config, vocab, device)
+    te.check_fp8_in_use(reference_config, references, "reference")
+    log.info(f"precision: {te.describe(tf_config, reference_config)}")
     return tf_config, vocab, students, references
 
 
@@ -223,7 +232,8 @@ def _build_optimizer(config: DictConfig, tf_config, students: list) -> tuple[lis
         grad_reduce_in_fp32=parallel.grad_reduce_in_fp32,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         overlap_grad_reduce=parallel.overlap_grad_reduce,
-        overlap_param_gather=parallel.overlap_param_gather)
+        overlap_param_gather=parallel.overlap_param_gather,
+        fp8_param_gather=config.precision.fp8_param_gather)
     ddp_chunks = [DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=m,
                                           disable_bucketing=k > 0)
                   for k, m in enumerate(students)]
@@ -377,6 +387,7 @@ def _train_step(job: Job) -> dict:
     batches = _batches(job, job.train_data, job.consumed_samples, shuffle_seed=config.training.seed)
     step = pipeline.forward_step_func(config.gift.beta, config.gift.smooth_lambda,
                                       pipeline.causal_attention_mask, job.vocab_size,
+                                      thd=_packs_thd(config),
                                       implementation=config.gift.loss_implementation)
     reports = _run_schedule(job, batches, forward_only=False, step=step)
     _, grad_norm, _ = job.optimizer.step()
@@ -400,7 +411,7 @@ def _evaluate(job: Job) -> dict:
         chunk.use_reference = False
     sums = {"valid_ce": [0.0, 0.0], "valid_accuracy": [0.0, 0.0]}
     step = pipeline.forward_step_func(math.inf, 0.0, pipeline.causal_attention_mask,
-                                      job.vocab_size, evaluate=True)
+                                      job.vocab_size, evaluate=True, thd=_packs_thd(config))
     with torch.no_grad():
         for k in range(config.training.eval_iters):
             batches = _batches(job, job.valid_data, k * config.training.global_batch_size,
@@ -433,11 +444,20 @@ def _run_schedule(job: Job, batches: list, forward_only: bool, step) -> list:
     if with_reference and vpp is None and config.parallel.pipeline_model_parallel_size > 1:
         adjust = pipeline.shapes_with_reference(config.model.hidden_size)
     data_iterator = [iter(batches) for _ in job.chunks] if vpp else iter(batches)
+    seq_length, micro_batch_size = config.model.seq_length, config.training.micro_batch_size
+    if _packs_thd(config):  # a micro-batch travels as one row of its b * s tokens
+        seq_length, micro_batch_size = seq_length * micro_batch_size, 1
     return get_forward_backward_func()(
         forward_step_func=step, data_iterator=data_iterator, model=job.chunks,
-        num_microbatches=len(batches), seq_length=config.model.seq_length,
-        micro_batch_size=config.training.micro_batch_size, forward_only=forward_only,
+        num_microbatches=len(batches), seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=forward_only,
         adjust_tensor_shapes_fn=adjust)
+
+
+def _packs_thd(config: DictConfig) -> bool:
+    """Packed data on Transformer Engine's layers: the "thd" format (TE ignores the local
+    layers' block-diagonal mask); the local layers take the mask."""
+    return config.data.pack and te.available()
 
 
 def _reduce_reports(reports: list, keys: tuple, device: torch.device,
@@ -475,13 +495,14 @@ def _save(job: Job) -> None:
 def _check_before_start(config: DictConfig) -> None:
     """Facts that need no process group: every path the run reads is there, the layout fits
     the world, the device can run it."""
+    te.refuse_fp8_without_te(config)
     sources.check_paths(config)
     parallel, cuda = config.parallel, torch.cuda.is_available()
     if parallel.use_distributed_optimizer and not cuda:
         raise UserError("parallel.use_distributed_optimizer needs CUDA: Megatron-Core's "
                         "DistributedOptimizer accepts only CUDA parameters "
                         "(drop --use-distributed-optimizer)")
-    if parallel.context_parallel_size > 1 and not (cuda and kernels.installed("transformer_engine")):
+    if parallel.context_parallel_size > 1 and not (cuda and te.available()):
         raise UserError(f"parallel.context_parallel_size={parallel.context_parallel_size} needs "
                         "Transformer Engine's attention on CUDA, which this machine lacks "
                         "(--context-parallel-size 1)")
@@ -512,15 +533,6 @@ def _dataset(config: DictConfig, path: Optional[str], tokenizer) -> SFTDataset:
     if path is None:
         raise UserError("data.train_path (--train-path) is required")
     data = config.data
-    if data.pack:
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            raise UserError("data.pack needs the local attention layers: the Transformer Engine "
-                            "layers that are used when it is installed ignore the packed "
-                            "(block-diagonal) attention mask; run without --pack")
     return SFTDataset(path, tokenizer, config.model.seq_length, prompt_field=data.prompt_field,
                       response_field=data.response_field, messages_field=data.messages_field,
                       text_field=data.text_field, split=data.split, overlong=data.overlong,

@@ -101,11 +101,10 @@ def describe_implementation() -> str:
     use."""
     import torch
 
-    try:
-        import transformer_engine  # noqa: F401
-        layers = "Transformer Engine layers"
-    except ImportError:
-        layers = "Megatron-Core local layers (Transformer Engine not installed)"
+    from megatron_gift.platform import te
+
+    layers = ("Transformer Engine layers" if te.available() else
+              "Megatron-Core local layers (Transformer Engine not installed or not importable)")
     try:
         import apex  # noqa: F401
         fused = "Apex fused optimizer kernels"

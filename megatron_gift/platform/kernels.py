@@ -57,7 +57,9 @@ def installed(module: str) -> bool:
 
 
 def _te_fused_rope() -> bool:
-    if not installed("transformer_engine"):
+    from megatron_gift.platform import te
+
+    if not te.available():
         return False
     from megatron.core.models.common.embeddings import rope_utils
 
