@@ -12,12 +12,13 @@ built :func:`check_fp8_in_use` confirms that the layers asked to run in FP8 are 
 """
 
 import functools
-from typing import Iterable
-
-import torch
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING, Iterable
 
 from megatron_gift.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
 
 # A module of TE's Megatron-Core layers lives here (TELayerNormColumnParallelLinear, ...).
 _TE_LAYERS_MODULE = "megatron.core.extensions.transformer_engine"
@@ -38,7 +39,7 @@ def available() -> bool:
     return bool(HAVE_TE)
 
 
-def fp8_requested(config: DictConfig) -> list[str]:
+def fp8_requested(config: "DictConfig") -> list[str]:
     """The flags of ``config`` that ask for FP8 (empty when it runs without FP8)."""
     precision = config.precision
     asked = []
@@ -49,7 +50,7 @@ def fp8_requested(config: DictConfig) -> list[str]:
     return asked
 
 
-def refuse_fp8_without_te(config: DictConfig) -> None:
+def refuse_fp8_without_te(config: "DictConfig") -> None:
     """Raise UserError when ``config`` asks for FP8 and Transformer Engine is not usable here
     (not installed, or failing to import: no CUDA driver)."""
     asked = fp8_requested(config)
@@ -61,7 +62,7 @@ def refuse_fp8_without_te(config: DictConfig) -> None:
             "--reference-precision bf16)")
 
 
-def check_fp8_in_use(tf_config, chunks: Iterable[torch.nn.Module], what: str) -> None:
+def check_fp8_in_use(tf_config, chunks: Iterable["torch.nn.Module"], what: str) -> None:
     """Raise UserError unless ``chunks`` (models built from ``tf_config``, a Megatron-Core
     ``TransformerConfig``) run their layers in FP8: ``tf_config.fp8`` set and the transformer
     layers TE's. Does nothing for a config without FP8. ``what`` names the models."""
