@@ -25,6 +25,10 @@ def test_the_check_runs_its_rows_on_cpu_and_names_what_it_cannot_run(tmp_path):
         for dtype in ("float32", "bfloat16"):
             assert rows[f"loss oracle, {implementation}, {dtype}"]["status"] == "ok"
         assert rows[f"loss speed, {implementation}, V=4096"]["status"] == "ok"
+    tail = rows["reference tail, bf16 vs fp32 (default job's base, beta 20)"]
+    assert tail["status"] == "ok", tail
+    shift = json.load(open(tmp_path / "reference-tail.json"))
+    assert shift["tokens"] > 0 and 0 <= shift["mean_abs_dlogp"] <= shift["max_abs_dlogp"]
     te_rows = [row for name, row in rows.items() if "TE" in name or "FP8" in name]
     assert te_rows and all(row["status"] == "not run" and "Transformer Engine" in row["detail"]
                            for row in te_rows)

@@ -14,6 +14,8 @@ Rows:
   training step    a ~1B model (16 layers, hidden 2048, vocab 128256, seq 2048), SFT vs GIFT, bf16
                    (examples/benchmarks/step.py): step-time ratio and peak memory; the same in FP8
                    (student FP8, reference bf16 and FP8) where TE is installed
+  reference tail   how much a bf16 reference moves GIFT's target (beta 20) against an fp32 one,
+                   on the default job's base model (trained here, run by transformers)
   TE spec, FP8     rows that need Transformer Engine say so where it is missing
 
 A row is "ok", "FAILED" (the exit status is then 1) or "not run" with the reason.
@@ -133,7 +135,8 @@ def _saved(result, implementation):
     return result["ratios"][f"{implementation} saved vs cross-entropy"][0]
 
 
-def step_rows(device: torch.device, quick: bool, te: bool, out: str) -> list[Row]:
+def step_rows(device: torch.device, quick: bool, te: bool, out: str,
+              skip_eager: bool = False) -> list[Row]:
     """SFT vs GIFT training steps of one model, bf16 and (with TE) FP8."""
     # Llama-3.2-1B's shape: 16 layers, hidden 2048, vocab 128256.
     size = (["--layers", "2", "--hidden", "128", "--heads", "4", "--seq", "128",
@@ -141,7 +144,7 @@ def step_rows(device: torch.device, quick: bool, te: bool, out: str) -> list[Row
             ["--layers", "16", "--hidden", "2048", "--heads", "16", "--seq", "2048",
              "--vocab-size", "128256"])
     variants = [("bf16" if device.type == "cuda" else "fp32", "", "")]
-    if device.type == "cuda":
+    if device.type == "cuda" and not skip_eager:
         variants.append(("bf16, eager GIFT loss", "", "--gift-loss-implementation eager"))
     fp8 = "--fp8-format hybrid --fp8-recipe delayed"
     variants += [("FP8 student, bf16 reference", fp8, "--reference-precision bf16"),
@@ -156,10 +159,7 @@ def step_rows(device: torch.device, quick: bool, te: bool, out: str) -> list[Row
         argv = [sys.executable, os.path.join(ROOT, "examples", "benchmarks", "step.py"), *size,
                 "--micro-batch", "2", "--iters", "3" if quick else "8", "--rounds", "1",
                 *(["--bf16"] if device.type == "cuda" else []), "--extra-flags", extra, "--gift-flags", gift, "--json", summary]
-        # The workers make their own process groups: none of this process's rendezvous.
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        result = subprocess.run(argv, capture_output=True, text=True, env=env)
+        result = subprocess.run(argv, capture_output=True, text=True, env=_own_world())
         print(result.stdout[-2000:], result.stderr[-4000:] if result.returncode else "")
         if result.returncode:
             rows.append(Row(f"training step, {name}", "FAILED",
@@ -174,6 +174,47 @@ def step_rows(device: torch.device, quick: bool, te: bool, out: str) -> list[Row
     return rows
 
 
+def reference_tail_rows(device: torch.device, quick: bool, out: str) -> list[Row]:
+    """How much a bf16 reference moves GIFT's target against an fp32 one, on a trained model:
+    the default job's base (stage 1, trained here), exported to Hugging Face, run by
+    ``transformers`` in both dtypes over the validation samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_gift.engine import default_run
+    from megatron_gift.loss.reference_tail import reference_tail_shift
+
+    run_dir = os.path.join(out, "tail-run")
+    default_run.prepare(run_dir, base_iters=10 if quick else None)
+    hf_dir = os.path.join(run_dir, "hf")
+    subprocess.run([sys.executable, "-m", "megatron_gift.convert", "megatron-to-hf", "--load",
+                    os.path.join(run_dir, "base"), "--out", hf_dir], check=True, env=_own_world())
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    with open(default_run.data_paths(run_dir)["valid.jsonl"]) as f:
+        texts = [f"{r['prompt']} {r['response']}" for r in map(json.loads, f)]
+    batch = tokenizer(texts[:64 if quick else 256], return_tensors="pt", padding=True).to(device)
+    labels = torch.where(batch["attention_mask"][:, 1:] > 0, batch["input_ids"][:, 1:], -100)
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            logits[dtype] = model(**batch).logits[:, :-1].float()
+    shift = reference_tail_shift(logits[torch.float32], logits[torch.bfloat16], labels, 20.0)
+    with open(os.path.join(out, "reference-tail.json"), "w") as f:
+        json.dump(shift.as_dict(), f, indent=1)
+    return [Row("reference tail, bf16 vs fp32 (default job's base, beta 20)", "ok",
+                f"{shift.tokens} tokens: q(y) < 0.5 on {100 * shift.share_q_below_half_a:.2f}% "
+                f"(fp32) vs {100 * shift.share_q_below_half_b:.2f}% (bf16), differing on "
+                f"{100 * shift.share_q_below_half_disagree:.2f}%; |d log p(y)| mean "
+                f"{shift.mean_abs_dlogp:.3f}, max {shift.max_abs_dlogp:.3f} nats; KL(q_fp32 || "
+                f"q_bf16) mean {shift.mean_kl:.2e}, max {shift.max_kl:.2e}")]
+
+
+def _own_world() -> dict:
+    """This environment without a launcher's rendezvous: a subprocess makes its own."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+
+
 def te_rows(te: bool) -> list[Row]:
     """Rows that need Transformer Engine: the TE layer spec against the local one, and how much
     an FP8 reference moves the tail of p_ref."""
@@ -182,14 +223,6 @@ def te_rows(te: bool) -> list[Row]:
     why = ("Transformer Engine is not installed" if not te else
            "not automated in this script yet: see the README's GPU section")
     return [Row(name, "not run", why) for name in names]
-
-
-def transformer_engine_installed() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return True
 
 
 def _name(dtype):
@@ -222,7 +255,8 @@ def main() -> int:
     parser.add_argument("--out", default="gpu-check", help="folder for the JSON summary")
     parser.add_argument("--device", default=None, help="default: cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run of the rows)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["oracle", "speed", "step"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["oracle", "speed", "step", "eager-step", "tail"])
     args = parser.parse_args()
     device = torch.device(args.device or "cuda")
     if device.type == "cuda" and device.index is None:
@@ -232,7 +266,9 @@ def main() -> int:
               "the rows on CPU", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    te = transformer_engine_installed()
+    from megatron_gift.platform import te as transformer_engine
+
+    te = transformer_engine.available()
     started = time.perf_counter()
     rows = []
     if "oracle" not in args.skip:
@@ -240,7 +276,9 @@ def main() -> int:
     if "speed" not in args.skip:
         rows += _timed(loss_speed_rows, device, args.quick)
     if "step" not in args.skip:
-        rows += _timed(step_rows, device, args.quick, te, args.out)
+        rows += _timed(step_rows, device, args.quick, te, args.out, "eager-step" in args.skip)
+    if "tail" not in args.skip:
+        rows += _timed(reference_tail_rows, device, args.quick, args.out)
     rows += te_rows(te)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     header = (f"{time.strftime('%Y-%m-%d')} on {gpu}: torch {torch.__version__}, Transformer "

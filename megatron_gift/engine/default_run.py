@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+from typing import Optional
 
 from megatron_gift.core.paths import latest_checkpoint
 from megatron_gift.data import synthetic
@@ -57,8 +58,9 @@ def gift_overrides(run_dir: str) -> dict:
     }
 
 
-def prepare(run_dir: str) -> None:
-    """Write the synthetic data (idempotent) and build the base checkpoint if it is missing."""
+def prepare(run_dir: str, base_iters: Optional[int] = None) -> None:
+    """Write the synthetic data (idempotent) and build the base checkpoint if it is missing
+    (``base_iters``: stage 1's iterations, default 300)."""
     paths = data_paths(run_dir)
     os.makedirs(os.path.dirname(paths["corpus.jsonl"]), exist_ok=True)
     for name, path in paths.items():
@@ -72,10 +74,10 @@ def prepare(run_dir: str) -> None:
             os.replace(tmp, path)
     base = os.path.join(run_dir, "base")
     if latest_checkpoint(base) is None:
-        _build_base(run_dir, base)
+        _build_base(run_dir, base, base_iters)
 
 
-def _build_base(run_dir: str, base: str) -> None:
+def _build_base(run_dir: str, base: str, iters: Optional[int]) -> None:
     """Global rank 0 trains stage 1 in a process of its own; the other ranks wait for it."""
     def build() -> None:
         log.info(f"building the base model (stage 1, one process) in {base}")
@@ -84,8 +86,9 @@ def _build_base(run_dir: str, base: str) -> None:
                if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT",
                             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
                and not k.startswith("TORCHELASTIC_")}
+        argv = ["--train-iters", str(iters)] if iters else []
         result = subprocess.run([sys.executable, "-m", "megatron_gift.engine.default_run",
-                                 "--run-dir", run_dir], env=env)
+                                 "--run-dir", run_dir, *argv], env=env)
         if result.returncode != 0:
             raise RuntimeError(f"building the base model failed (exit code {result.returncode})")
 
@@ -104,8 +107,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Build the default job's base model (stage 1).")
     parser.add_argument("--run-dir", default=RUN_DIR)
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    parser.add_argument("--train-iters", type=int, default=None,
+                        help="stage 1's iterations (default 300)")
     args = parser.parse_args()
-    train(parse_config(["--log-level", args.log_level], defaults=base_overrides(args.run_dir)))
+    argv = ["--log-level", args.log_level]
+    argv += ["--train-iters", str(args.train_iters)] if args.train_iters else []
+    train(parse_config(argv, defaults=base_overrides(args.run_dir)))
 
 
 if __name__ == "__main__":
