@@ -1,0 +1,127 @@
+"""Load a checkpoint as a ``transformers`` causal LM, sample from it, and score sequences.
+
+Prompts are encoded as the trainer encodes prompt/response records (:mod:`megatron_gift.data.
+formatting`): the chat template's generation prompt when the tokenizer has one, else the plain
+prompt tokens; a completion ends at eos. Sampling is ancestral at temperature 1 over the whole
+vocabulary (no top-k/top-p), with the KV cache; batches are left-padded.
+"""
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Samples:
+    """Completions of a batch: token ids (eos included when it was reached), texts, and per
+    token the sampling log-probability and the policy's entropy (nats)."""
+
+    tokens: list[list[int]]
+    texts: list[str]
+    logprobs: list[list[float]]
+    entropies: list[list[float]]
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_policy(path: str, export_dir: Optional[str] = None):
+    """``(model, tokenizer)`` from a Hugging Face directory or any Megatron checkpoint this
+    project writes (exported with :func:`megatron_gift.hf.convert.megatron_to_hf` into
+    ``export_dir``, a temporary directory when None). fp32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not is_hf_dir(path):
+        from megatron_gift.hf.convert import megatron_to_hf
+
+        export_dir = export_dir or tempfile.mkdtemp(prefix="megatron_gift_export_")
+        path = megatron_to_hf(path, export_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.eval()
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids as the trainer puts them before a response."""
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(sequences: Sequence[Sequence[int]], pad: int):
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+           generator: Optional[torch.Generator] = None, temperature: float = 1.0) -> Samples:
+    """One completion per prompt (token-id lists; repeat a prompt for several samples)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    vocab = len(tokenizer)
+    ids, mask = _left_pad(prompts, pad)
+    batch = ids.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool)
+    out_tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long)
+    out_logp = torch.zeros(batch, max_new_tokens)
+    out_ent = torch.zeros(batch, max_new_tokens)
+    lengths = torch.zeros(batch, dtype=torch.long)
+    current, past = ids, None
+    for t in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -current.shape[1]:]
+        out = model(input_ids=current, attention_mask=mask, position_ids=positions,
+                    past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :vocab].float() / temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        live = ~done
+        token = torch.where(live, token, torch.full_like(token, pad))
+        out_tokens[:, t] = token
+        out_logp[:, t] = torch.where(live, logp.gather(1, token[:, None]).squeeze(1), 0.0)
+        out_ent[:, t] = torch.where(live, -(logp.exp() * logp).sum(-1), 0.0)
+        lengths += live.long()
+        done |= token == eos
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+        current = token[:, None]
+    tokens = [out_tokens[i, :lengths[i]].tolist() for i in range(batch)]
+    texts = [tokenizer.decode([x for x in seq if x != eos], skip_special_tokens=True)
+             for seq in tokens]
+    return Samples(tokens, texts, [out_logp[i, :lengths[i]].tolist() for i in range(batch)],
+                   [out_ent[i, :lengths[i]].tolist() for i in range(batch)])
+
+
+def sequence_logprobs(model, prompts: Sequence[Sequence[int]],
+                      completions: Sequence[Sequence[int]], pad: int) -> list[torch.Tensor]:
+    """Per-token log-probabilities the model gives each completion after its prompt (a list of
+    1-D tensors; differentiable when grad is enabled)."""
+    sequences = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    ids, mask = _left_pad(sequences, pad)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    width = ids.shape[1]
+    result = []
+    for i, c in enumerate(completions):
+        n = len(c)
+        if n == 0:
+            result.append(logp.new_zeros(0))
+            continue
+        rows = logp[i, width - n - 1: width - 1]
+        result.append(rows.gather(1, ids[i, width - n:, None]).squeeze(1))
+    return result
