@@ -1,6 +1,7 @@
 # make run   - set up .venv and run the main job on the embedded CPU default
 # make test  - set up .venv and run the whole test suite
 # make benchmark - the loss and training-step benchmarks (ratios measured in one run)
+# make reproduce - the small-scale reproduction of the paper's claim (results/reproduction)
 # PYTHON=/path/to/python3.12 picks the interpreter; else python3.12 is searched for.
 
 # PyTorch's CPU allocator hands every large block back to the OS, and the next step pays page
@@ -15,7 +16,7 @@ STAMP := $(VENV)/.installed
 PYTHON_CANDIDATES := $(PYTHON) python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
 	/usr/local/bin/python3.12 /usr/bin/python3.12
 
-.PHONY: run test benchmark venv
+.PHONY: run test benchmark reproduce venv
 
 venv: $(STAMP)
 
@@ -33,6 +34,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 run: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 examples/pretrain_gift.py --tensor-model-parallel-size 2
+
+reproduce: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) examples/reproduce/run.py --out results/reproduction
 
 benchmark: $(STAMP)
 	$(PY) examples/benchmarks/loss.py
