@@ -6,9 +6,9 @@ Layers (a package may import its own modules and those of lower layers only)::
     1  config, platform                  the schema; CPU layer, console, one-rank work
     2  core, data                        model + checkpoint layout; SFT data
     3  hf                                Hugging Face <-> Megatron
-    4  engine, rl                        the trainer; the RL hand-off
+    4  engine, rl, evaluation            the trainer; the RL hand-off; sampling and metrics
     5  convert, rl_handoff, inspect,     the ``python -m`` commands
-       plan
+       plan, evaluate
 
 Nothing in the package imports ``examples/`` or ``tests/``.
 """
@@ -24,8 +24,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "megatron_gift")
 LAYERS = {"errors": 0, "loss": 0, "config": 1, "platform": 1, "core": 2, "data": 2, "hf": 3,
-          "engine": 4, "rl": 4, "convert": 5, "rl_handoff": 5, "inspect": 5,
-          "plan": 5}
+          "engine": 4, "rl": 4, "evaluation": 4, "convert": 5, "rl_handoff": 5, "inspect": 5,
+          "plan": 5, "evaluate": 5}
 
 
 def _modules():
@@ -103,6 +103,7 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     ["-m", "megatron_gift.rl_handoff", "--help"],
     ["-m", "megatron_gift.inspect", "--help"],
     ["-m", "megatron_gift.plan", "--help"],
+    ["-m", "megatron_gift.evaluate", "--help"],
 ])
 def test_help_starts_without_torch_or_megatron(command):
     """``--help`` imports neither torch nor Megatron-Core (what made it take 12-15 s)."""
