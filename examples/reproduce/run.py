@@ -165,7 +165,8 @@ def run_unit(work, settings, name, beta, seed):
     unit = post_train(work, settings, name, beta, seed)
     post_seconds = time.time() - started
     model, tokenizer = load_policy(os.path.join(unit, "ckpt"), os.path.join(unit, "hf"))
-    base_model, _ = load_policy(os.path.join(work, "base"), os.path.join(work, "base_hf"))
+    # An export of the base per run: two runs at once never read a half-written one.
+    base_model, _ = load_policy(os.path.join(work, "base"), os.path.join(unit, "base_hf"))
     before = evaluate_stage(model, tokenizer, work, settings, base_model, seed)
     rl_started = time.time()
     curve = grpo(model, tokenizer, GRPOSettings(**settings["rl"]), seed)
