@@ -101,38 +101,62 @@ def compare(arms):
     return comparisons
 
 
+def _diff(d):
+    return f"{d['mean']:+.3f} (95% CI {d['low']:+.3f} to {d['high']:+.3f}, {d['wins']}/{d['n']} seeds higher)"
+
+
 def verdict(arms, comparisons):
-    lines = []
+    """``(headline, findings)``: plain sentences computed from the numbers alone."""
     sft = next(a for a in arms if a["beta"] == "inf")
+    gift = [a for a in arms if a["beta"] != "inf"]
     s = sft["summary"]["after_rl"]
-    lines.append(f"After RL, SFT reaches pass@1 {s['pass@1']['mean']:.3f} in distribution and "
-                 f"{s['ood pass@1']['mean']:.3f} out of distribution.")
-    better, worse = [], []
+    findings = [f"After RL, SFT reaches pass@1 {s['pass@1']['mean']:.3f} in distribution and "
+                f"{s['ood pass@1']['mean']:.3f} out of distribution."]
+    better, worse = set(), set()
     for c in comparisons:
+        parts = []
         for label in ("pass@1", "ood pass@1"):
             d = c["after_rl"][label]
-            word = ("higher" if d["low"] > 0 else "lower" if d["high"] < 0 else
-                    "not significantly different")
-            text = (f"{c['arm']}: {label} {d['mean']:+.3f} vs SFT (95% CI {d['low']:+.3f} to "
-                    f"{d['high']:+.3f}, {d['wins']}/{d['n']} seeds higher) - {word}")
-            lines.append(text)
-            (better if d["low"] > 0 else worse if d["high"] < 0 else []).append(c["arm"])
-    gift = [a for a in arms if a["beta"] != "inf"]
-    best = max(gift, key=lambda a: a["summary"]["after_rl"]["pass@1"]["mean"])
-    lines.append(f"Best GIFT beta after RL (mean ID pass@1): {best['beta']} "
-                 f"({best['summary']['after_rl']['pass@1']['mean']:.3f}).")
-    if better and not worse:
-        head = "GIFT beats SFT after RL here for " + ", ".join(sorted(set(better))) + "."
+            parts.append(f"{label} {_diff(d)}")
+            if d["n"] > 1 and d["low"] > 0:
+                better.add(c["arm"])
+            if d["n"] > 1 and d["high"] < 0:
+                worse.add(c["arm"])
+        findings.append(f"After RL, {c['arm']} - SFT: " + "; ".join(parts) + ".")
+    for c in comparisons:
+        b = c["before_rl"]
+        top = max((label for label in b if label.startswith("pass@") and label != "pass@1"),
+                  key=lambda label: int(label[5:]))
+        ood_top = "ood " + top if "ood " + top in b else None
+        arm = next(a for a in gift if a["name"] == c["arm"])
+        styles = (arm["summary"]["before_rl"]["style entropy (bits)"]["mean"],
+                  sft["summary"]["before_rl"]["style entropy (bits)"]["mean"])
+        findings.append(f"Before RL, {c['arm']} - SFT: pass@1 {_diff(b['pass@1'])}; {top} "
+                        f"{_diff(b[top])}" + (f"; {ood_top} {_diff(b[ood_top])}" if ood_top else "")
+                        + f"; style entropy {styles[0]:.2f} vs {styles[1]:.2f} bits.")
+    after = [(a["beta"], a["summary"]["after_rl"]["pass@1"]["mean"]) for a in gift]
+    best = max(after, key=lambda x: x[1])
+    if better or worse:
+        findings.append(f"Best GIFT beta after RL (mean in-distribution pass@1): {best[0]} "
+                        f"({best[1]:.3f}).")
+    else:
+        findings.append(f"No beta peak to speak of: after RL the GIFT arms' mean pass@1 spans "
+                        f"{min(x[1] for x in after):.3f} to {max(x[1] for x in after):.3f} (highest at "
+                        f"beta = {best[0]}), within the seed-to-seed noise.")
+    if len(sft["seeds"]) < 2:
+        head = "One seed per arm: no confidence statement is possible (pipeline check)."
+    elif better and not worse:
+        head = "GIFT beats SFT after RL here for " + ", ".join(sorted(better)) + "."
     elif worse and not better:
-        head = "GIFT does not beat SFT after RL here; SFT is significantly better for " + \
-               ", ".join(sorted(set(worse))) + "."
+        head = ("GIFT does not beat SFT after RL here; SFT is significantly better than "
+                + ", ".join(sorted(worse)) + ".")
     elif better and worse:
-        head = "Mixed: GIFT is significantly better for " + ", ".join(sorted(set(better))) + \
-               " and worse for " + ", ".join(sorted(set(worse))) + "."
+        head = (f"Mixed: GIFT is significantly better for {', '.join(sorted(better))} and worse "
+                f"for {', '.join(sorted(worse))}.")
     else:
         head = ("GIFT does not beat SFT after RL here: no GIFT arm differs significantly from "
-                "SFT in pass@1 (in or out of distribution).")
-    return head + " " + "; ".join(lines)
+                "SFT in pass@1, in or out of distribution.")
+    return head, findings
 
 
 def fmt(ci):
@@ -203,7 +227,7 @@ def plots(out, arms, base):
         curves = [s["rl_curve"] for s in arm["seeds"]]
         mean = [sum(c[t] for c in curves) / len(curves) for t in range(len(curves[0]))]
         smooth = [sum(mean[max(0, t - 4):t + 1]) / len(mean[max(0, t - 4):t + 1]) for t in range(len(mean))]
-        ax.plot(range(1, len(mean) + 1), smooth, label=arm["name"], color=colors[i % len(colors)])
+        ax.plot(range(1, len(mean) + 1), smooth, label=arm["name"], **_line(arm, i, colors))
     ax.set(xlabel="GRPO step", ylabel="mean reward (5-step average, mean of seeds)", title="RL reward")
     ax.legend()
     files["rl_reward"] = _save(fig, out, "rl_reward.png")
@@ -221,8 +245,9 @@ def plots(out, arms, base):
                         color=colors[i % len(colors)],
                         label=f"{arm['name']} {'after' if stage == 'after_rl' else 'before'} RL")
         ax.set(xscale="log", xlabel="k", ylabel="pass@k", title=title)
-        ax.set_xticks(ks if len(ks) <= 16 else ks[::2])
-        ax.set_xticklabels([str(k) for k in (ks if len(ks) <= 16 else ks[::2])], fontsize=7)
+        ticks = [k for k in ks if k & (k - 1) == 0]
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.minorticks_off()
     axes[1].legend(fontsize=7, ncol=2)
     files["pass_at_k"] = _save(fig, out, "pass_at_k.png")
     # beta sweep
@@ -247,12 +272,18 @@ def plots(out, arms, base):
     for i, arm in enumerate(arms):
         curves = [s["post_training"]["student_entropy"] for s in arm["seeds"]]
         mean = [sum(c[t] for c in curves) / len(curves) for t in range(len(curves[0]))]
-        ax.plot(range(1, len(mean) + 1), mean, label=arm["name"], color=colors[i % len(colors)])
+        ax.plot(range(1, len(mean) + 1), mean, label=arm["name"], **_line(arm, i, colors))
     ax.set(xlabel="post-training iteration", ylabel="student entropy on demonstrations (nats/token)",
            title="Entropy during SFT / GIFT")
     ax.legend()
     files["post_training_entropy"] = _save(fig, out, "post_training_entropy.png")
     return files
+
+
+def _line(arm, i, colors):
+    """SFT black and dashed, so that a GIFT arm drawn over it (large beta) leaves it visible."""
+    return {"color": "black", "linestyle": "--", "zorder": 3} if arm["beta"] == "inf" else \
+        {"color": colors[i % len(colors)]}
 
 
 def _save(fig, out, name):
@@ -269,7 +300,8 @@ def write_outputs(out, work, settings, seconds, quick=False):
         base_result = json.load(f)
     arms = load_arms(work, settings)
     comparisons = compare(arms)
-    text = verdict(arms, comparisons)
+    head, findings = verdict(arms, comparisons)
+    text = head + " " + " ".join(findings)
     results = {"study": {"quick": quick, "settings": settings, "wall_seconds": seconds,
                          "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
                "base": base_result["base"], "gift_tokens": base_result["gift_tokens"],
@@ -283,7 +315,7 @@ def write_outputs(out, work, settings, seconds, quick=False):
         f"Generated by `python examples/reproduce/run.py{' --quick' if quick else ''}` "
         f"({'quick pipeline check, not a result' if quick else 'the full study'}). "
         f"Measured wall time: {seconds / 60:.1f} min on {results['study']['machine']}.\n",
-        "## Verdict\n", text + "\n",
+        "## Verdict\n", f"**{head}**\n", "\n".join(f"* {line}" for line in findings) + "\n",
         DESIGN,
         "## Results\n",
         f"{len(arms)} arms x {seeds} seed(s); {settings['eval']['samples']} samples per prompt at "

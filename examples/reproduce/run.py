@@ -19,6 +19,7 @@
 
 Writes ``results.json``, ``report.md`` and PNG plots under ``--out``; checkpoints and exports go
 to ``--out/work`` (not for committing). ``--quick``: one seed, SFT and one GIFT arm, few steps.
+``--report-only`` rewrites the outputs from ``--out/work`` without training anything.
 """
 
 import argparse
@@ -225,6 +226,9 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="results folder")
     parser.add_argument("--quick", action="store_true", help="one seed, two arms, few steps")
     parser.add_argument("--workers", type=int, default=2, help="arm/seed runs at once")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite results.json, report.md and the plots from --out/work "
+                             "(keeps the wall time the study measured)")
     parser.add_argument("--unit", nargs=3, metavar=("NAME", "BETA", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--base-unit", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -236,6 +240,14 @@ def main(argv=None):
         return
     if args.base_unit:
         run_base_unit(work, settings)
+        return
+    if args.report_only:
+        from report import write_outputs
+
+        with open(os.path.join(args.out, "results.json")) as f:
+            seconds = json.load(f)["study"]["wall_seconds"]
+        write_outputs(args.out, work, settings, seconds, quick=args.quick)
+        log(f"rewrote {args.out}/results.json, report.md and plots")
         return
 
     started = time.time()
