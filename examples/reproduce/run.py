@@ -226,6 +226,9 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="results folder")
     parser.add_argument("--quick", action="store_true", help="one seed, two arms, few steps")
     parser.add_argument("--workers", type=int, default=2, help="arm/seed runs at once")
+    parser.add_argument("--post-lr", type=float,
+                        help="post-training learning rate of every arm (a sensitivity study; "
+                             f"default {FULL['post']['lr']:g})")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite results.json, report.md and the plots from --out/work "
                              "(keeps the wall time the study measured)")
@@ -233,6 +236,8 @@ def main(argv=None):
     parser.add_argument("--base-unit", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
+    if args.post_lr is not None:
+        settings = {**settings, "post": {**settings["post"], "lr": args.post_lr}}
     work = os.path.join(os.path.abspath(args.out), "work")
     if args.unit:
         name, beta, seed = args.unit
@@ -258,7 +263,8 @@ def main(argv=None):
     log(f"base model built ({time.time() - started:.0f} s)")
     jobs = [("base", None, None)] + [(name, beta, seed) for seed in settings["seeds"]
                                      for name, beta in settings["arms"]]
-    quick = ["--quick"] if args.quick else []
+    quick = (["--quick"] if args.quick else []) + \
+        (["--post-lr", repr(args.post_lr)] if args.post_lr is not None else [])
 
     def run(job):
         name, beta, seed = job
