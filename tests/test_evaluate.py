@@ -170,3 +170,11 @@ def test_evaluate_refuses_missing_files_and_fields(tmp_path):
     bad.write_text(json.dumps({"question": "Q"}) + "\n")
     with pytest.raises(SystemExit, match="no field"):
         read_records(str(bad))
+
+
+def test_checkers():
+    from megatron_gift.evaluate import checker_for
+
+    answer, math_ = checker_for("answer"), checker_for("math")
+    assert answer("3 + 4 = 7 . A: 1 4", "14") and not answer("A: 15", "14") and not answer("14", "14")
+    assert math_("so the answer is $\\frac{1}{2}$", "0.5") and not math_("the answer is 3", "0.5")
