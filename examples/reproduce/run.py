@@ -27,6 +27,7 @@ import concurrent.futures
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -256,8 +257,11 @@ def main(argv=None):
         return
 
     started = time.time()
+    if os.path.isdir(work):  # a study starts from nothing; the folder is scratch
+        shutil.rmtree(work)
     os.makedirs(paths(work)["units"], exist_ok=True)
-    log(f"{'quick' if args.quick else 'full'} study in {args.out}; work files in {work}")
+    log(f"{'quick' if args.quick else 'full'} study in {args.out}; work files in {work} "
+        "(replaced on every run)")
     prepare_data(work, settings)
     build_base(work, settings)
     log(f"base model built ({time.time() - started:.0f} s)")
