@@ -295,6 +295,17 @@ def _save(fig, out, name):
     return name
 
 
+def _overlap(eval_path, demos_path):
+    """Share of the evaluation prompts that are also demonstration prompts."""
+    def prompts(path):
+        with open(path) as f:
+            return [json.loads(line)["prompt"] for line in f if line.strip()]
+
+    demos = set(prompts(demos_path))
+    evaluated = prompts(eval_path)
+    return sum(p in demos for p in evaluated) / len(evaluated)
+
+
 def _flags(settings, quick):
     """The command-line settings that differ from the study's defaults."""
     from run import FULL, QUICK
@@ -307,10 +318,13 @@ def write_outputs(out, work, settings, seconds, quick=False):
     with open(os.path.join(work, "base_result.json")) as f:
         base_result = json.load(f)
     arms = load_arms(work, settings)
+    overlap = _overlap(os.path.join(work, "data", "eval_two_step.jsonl"),
+                       os.path.join(work, "data", "demonstrations.jsonl"))
     comparisons = compare(arms)
     head, findings = verdict(arms, comparisons)
     text = head + " " + " ".join(findings)
     results = {"study": {"quick": quick, "settings": settings, "wall_seconds": seconds,
+                         "id_prompts_in_demonstrations": overlap,
                          "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
                "base": base_result["base"], "gift_tokens": base_result["gift_tokens"],
                "arms": arms, "comparisons": comparisons, "verdict": text}
@@ -324,6 +338,9 @@ def write_outputs(out, work, settings, seconds, quick=False):
         f"{_flags(settings, quick)}` "
         f"({'quick pipeline check, not a result' if quick else 'the full study'}). "
         f"Measured wall time: {seconds / 60:.1f} min on {results['study']['machine']}.\n",
+        f"About {overlap:.0%} of the in-distribution prompts also occur among the "
+        "demonstrations (6561 two-step problems exist); the three-step set is disjoint from "
+        "post-training and RL by construction.\n",
         "## Verdict\n", f"**{head}**\n", "\n".join(f"* {line}" for line in findings) + "\n",
         DESIGN,
         "## Results\n",
