@@ -253,16 +253,16 @@ def print_table(rows: list[Row], header: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu-check", help="folder for the JSON summary")
-    parser.add_argument("--device", default=None, help="default: cuda")
+    parser.add_argument("--device", default=None, help="default: the accelerator")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run of the rows)")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["oracle", "speed", "step", "eager-step", "tail"])
     args = parser.parse_args()
-    device = torch.device(args.device or "cuda")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA GPU here (torch.cuda.is_available() is False); --device cpu --quick runs "
+    from loss import default_device
+
+    device = default_device(args.device)
+    if device.type == "cpu" and not args.device:
+        print("no GPU here (torch.accelerator.is_available() is False); --device cpu --quick runs "
               "the rows on CPU", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)

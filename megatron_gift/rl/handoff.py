@@ -141,13 +141,7 @@ def write_nemo_rl_config(checkpoint: str, hf_dir: Optional[str], nemo_rl_dir: st
     ``nemo_rl_dir``: a NeMo RL checkout at the same path on the launch host and in the
     container; ``checkpoint_dir``: where RL checkpoints go (default ``<out dir>/grpo_checkpoints``).
     """
-    if hf_dir is None:
-        hf_dir = os.path.join(checkpoint, ASSETS)
-        if not os.path.isdir(hf_dir):
-            raise MissingFileError(
-                f"{hf_dir}: no HF config beside the checkpoint (the run did not start from a "
-                f"Hugging Face model); export one with `python -m megatron_gift.convert "
-                f"megatron-to-hf --load {checkpoint} --out HF_DIR` and pass --hf HF_DIR")
+    hf_dir = hf_dir_beside(checkpoint, hf_dir, "HF config")
     checkpoint, hf_dir, nemo_rl_dir, out = (os.path.abspath(p) for p in
                                             (checkpoint, hf_dir, nemo_rl_dir, out))
     check_layout(tp, pp, num_nodes, gpus_per_node)
@@ -166,6 +160,21 @@ def write_nemo_rl_config(checkpoint: str, hf_dir: Optional[str], nemo_rl_dir: st
     OmegaConf.save(OmegaConf.create(config), out)
     mounts = top_level([nemo_rl_dir, checkpoint, hf_dir, out_dir, checkpoint_dir])
     return launch_lines(out, nemo_rl_dir, num_nodes, gpus_per_node, mounts, container)
+
+
+def hf_dir_beside(checkpoint: str, hf_dir: Optional[str], what: str) -> str:
+    """``hf_dir``, or by default the HF assets a run keeps beside its checkpoints
+    (``checkpoint/hf``); MissingFileError naming the export command when there are none.
+    ``what``: what the caller reads from it, for the message (e.g. "HF tokenizer")."""
+    if hf_dir is not None:
+        return hf_dir
+    hf_dir = os.path.join(checkpoint, ASSETS)
+    if not os.path.isdir(hf_dir):
+        raise MissingFileError(
+            f"{hf_dir}: no {what} beside the checkpoint (the run did not start from a Hugging "
+            f"Face model); export one with `python -m megatron_gift.convert megatron-to-hf "
+            f"--load {checkpoint} --out HF_DIR` and pass --hf HF_DIR")
+    return hf_dir
 
 
 def top_level(paths: Sequence[str]) -> list[str]:

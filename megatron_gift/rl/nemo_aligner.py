@@ -53,8 +53,8 @@ from omegaconf import OmegaConf
 
 from megatron_gift.core.paths import latest_checkpoint
 from megatron_gift.errors import MissingFileError, UserError
-from megatron_gift.hf.architecture import ASSETS, check_tokenizer_files
-from megatron_gift.rl.handoff import top_level
+from megatron_gift.hf.architecture import check_tokenizer_files
+from megatron_gift.rl.handoff import hf_dir_beside, top_level
 
 # algorithm -> (Aligner recipe under examples/nlp/gpt/conf, file written, Aligner script)
 ALGORITHMS = {
@@ -232,13 +232,7 @@ def write_nemo_aligner(checkpoint: str, hf_dir: Optional[str], out: str,
     if directory is None:
         raise MissingFileError(f"--checkpoint {checkpoint}: no Megatron checkpoint (no "
                                 "latest_checkpointed_iteration.txt or metadata.json)")
-    if hf_dir is None:
-        hf_dir = os.path.join(checkpoint, ASSETS)
-        if not os.path.isdir(hf_dir):
-            raise MissingFileError(
-                f"{hf_dir}: no HF tokenizer beside the checkpoint; export one with `python -m "
-                f"megatron_gift.convert megatron-to-hf --load {checkpoint} --out HF_DIR` and "
-                "pass --hf HF_DIR")
+    hf_dir = hf_dir_beside(checkpoint, hf_dir, "HF tokenizer")
     check_tokenizer_files(hf_dir)
     out = os.path.abspath(out)
     model_dir = os.path.join(out, MODEL_DIR)
