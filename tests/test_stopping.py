@@ -121,13 +121,28 @@ def test_ctrl_c_in_a_terminal_saves_and_exits(tiny_world, tmp_path):
     assert f"stopped by SIGINT after iteration {saved}" in log and "[rank" not in log
 
 
+SLOW_SETUP = textwrap.dedent("""
+    import pathlib, runpy, sys, time
+    from megatron_gift.engine import trainer
+    real_setup, marker = trainer.setup, pathlib.Path(sys.argv[1])
+    def held_setup(config):  # set-up, held open until the test has signalled
+        marker.write_text("setting up")
+        time.sleep(120)
+        return real_setup(config)
+    trainer.setup = held_setup
+    sys.argv = ["examples/pretrain_gift.py", "--config", sys.argv[2]]
+    runpy.run_path("examples/pretrain_gift.py", run_name="__main__")
+""")
+
+
 def test_a_signal_while_setting_up_stops_at_once_with_one_line(tiny_world, tmp_path):
-    """Nothing is trained yet: the run stops, exits 143, prints one line and leaves no lock."""
+    """Nothing is trained yet: the run stops, exits 143, prints one line and leaves no lock.
+    Set-up is held open (after the lock is taken) so the signal cannot land in training."""
     recipe = _recipe(tiny_world, tmp_path)
-    run = _start([sys.executable, "examples/pretrain_gift.py", "--config", recipe], tmp_path,
-                 "setup")
-    lock = tmp_path / "ckpt" / ".megatron_gift.lock"
-    _wait_for(lock.exists, run, poll=0.005)
+    marker = tmp_path / "setting-up"
+    run = _start([sys.executable, "-c", SLOW_SETUP, str(marker), recipe], tmp_path, "setup")
+    _wait_for(marker.exists, run)
+    assert (tmp_path / "ckpt" / ".megatron_gift.lock").exists()
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=60) == 128 + signal.SIGTERM
     log = (tmp_path / "setup.log").read_text()
