@@ -307,7 +307,7 @@ def test_sigkill_resumes_from_last_checkpoint_on_the_same_curve(world, tmp_path)
     killed = _launch(world, tmp_path, "killed", *flags, "--save", ckpt, "--load", ckpt,
                      "--metrics-file", metrics)
     tracker = os.path.join(ckpt, "latest_checkpointed_iteration.txt")
-    _wait_for(lambda: os.path.exists(tracker) and int(open(tracker).read() or 0) >= 10, killed)
+    _wait_for(lambda: os.path.exists(tracker) and int(open(tracker).read() or 0) >= 5, killed)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     resumed_from = int(open(tracker).read())
