@@ -35,6 +35,15 @@ def private_cache(tmp_path_factory):
         os.environ["MEGATRON_GIFT_CACHE"] = previous
 
 
+@pytest.fixture(autouse=True)
+def no_run_outlives_its_test():
+    """Runs a test started as subprocesses (``parallel_harness.start_run``) end with it."""
+    yield
+    from parallel_harness import stop_started_runs
+
+    stop_started_runs()
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """Synthetic data and one tiny base checkpoint, built once and shared by the session."""

@@ -7,7 +7,9 @@ and tears down its own Megatron parallel state, as Megatron-Core's own unit test
 import contextlib
 import os
 import re
+import signal
 import socket
+import subprocess
 import zlib
 
 import torch
@@ -60,6 +62,30 @@ def make_tiny_world(root):
                     "optimizer": {"lr": 1e-2}, "checkpoint": {"save": paths["base"]},
                     "logging": {"progress": False}})
     return paths
+
+
+_STARTED_RUNS = []
+
+
+def start_run(args, log_path, env=None, cwd=None):
+    """``subprocess.Popen`` of a run in its own session (so a signal to its group reaches every
+    process it starts), output to ``log_path``; :func:`stop_started_runs` ends whatever is left."""
+    log = open(log_path, "w")
+    process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                               start_new_session=True)
+    _STARTED_RUNS.append(process)
+    return process
+
+
+def stop_started_runs():
+    """SIGKILL the process group of every run :func:`start_run` started that is still alive (a
+    test that failed before its run ended must not leave a training run behind)."""
+    while _STARTED_RUNS:
+        process = _STARTED_RUNS.pop()
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def free_port():

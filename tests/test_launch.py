@@ -12,7 +12,7 @@ import time
 import pytest
 
 from megatron_gift.platform.launcher_env import adopt_slurm_ranks, first_host
-from parallel_harness import TINY_MODEL, free_port, train_on_ranks
+from parallel_harness import TINY_MODEL, free_port, start_run, train_on_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,13 +84,12 @@ def test_exit_interval_and_duration_save_and_stop(tiny_world, tmp_path, training
 def _agent(node_rank, port, recipe, tmp_path, name, nnodes=2, nproc=1):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.Popen(
+    return start_run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank",
          str(node_rank), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
          "--master-port", str(port), "examples/pretrain_gift.py", "--config", recipe,
          "--tensor-model-parallel-size", "2", "--metrics-file", str(tmp_path / f"{name}.jsonl")],
-        cwd=REPO, env=env, stdout=open(tmp_path / f"{name}-{node_rank}.log", "w"),
-        stderr=subprocess.STDOUT)
+        tmp_path / f"{name}-{node_rank}.log", env=env, cwd=REPO)
 
 
 @pytest.mark.slow

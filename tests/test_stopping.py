@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from parallel_harness import TINY_MODEL, free_port, run_distributed
+from parallel_harness import TINY_MODEL, free_port, run_distributed, start_run
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -42,9 +42,7 @@ def _start(command, tmp_path, name):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            start_new_session=True)
+    return start_run(command, tmp_path / f"{name}.log", env=env, cwd=REPO)
 
 
 def _torchrun(recipe, tmp_path, *flags):

@@ -6,7 +6,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from megatron_gift.config import parse_config
-from parallel_harness import TINY_MODEL, free_port, run_distributed, train_rank
+from parallel_harness import TINY_MODEL, free_port, run_distributed, start_run, train_rank
 from parallel_harness import train_on_ranks as _train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -284,9 +283,7 @@ def _launch(world, tmp_path, name, *flags, recipe=True):
 
     OmegaConf.save(OmegaConf.create(overrides), tmp_path / "recipe.yaml")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return start_run(args, tmp_path / f"{name}.log", env=env)
 
 
 def _wait_for(condition, process, timeout=120):
