@@ -74,8 +74,9 @@ def evaluate_policy(model, tokenizer, records: Sequence[dict], samples: int = 16
     import torch
 
     from megatron_gift.data.chains import classify_style
+    from megatron_gift.data.formatting import prompt_ids
     from megatron_gift.evaluation.metrics import pass_at_k_curve, style_diversity
-    from megatron_gift.evaluation.sampling import prompt_ids, sample, sequence_logprobs
+    from megatron_gift.evaluation.sampling import sample, sequence_logprobs
 
     check = checker_for(checker)
     generator = torch.Generator().manual_seed(seed)
@@ -136,8 +137,9 @@ def gift_token_diagnostics(reference, tokenizer, records: Sequence[dict],
     (``bins`` equal parts) and by kind (:func:`token_kinds`)."""
     import torch
 
+    from megatron_gift.data.formatting import prompt_ids
     from megatron_gift.evaluation.metrics import gift_target_mass
-    from megatron_gift.evaluation.sampling import prompt_ids, sequence_logprobs
+    from megatron_gift.evaluation.sampling import sequence_logprobs
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in records]

@@ -77,9 +77,10 @@ def _sample(data, index):
 
 @pytest.mark.parametrize("record,marked,templated", [
     ({"prompt": "Q: 1 + 2 = ?", "response": "3 . A: 3"},
-     "Q: 1 + 2 = ? [ 3 . A: 3 <eos> ]", False),
+     "<bos> Q: 1 + 2 = ? [ 3 . A: 3 <eos> ]", False),
     ({"text": "1 + 2 = 3"}, "<bos> [ 1 + 2 = 3 <eos> ]", False),
-    ({"messages": CHAT}, "1 + 2 [ 3 <eos> ] 3 * 2 [ 6 <eos> ]", False),
+    ({"messages": CHAT}, "<bos> 1 + 2 [ 3 <eos> ] 3 * 2 [ 6 <eos> ]", False),
+    ({"prompt": CHAT[:3], "response": "6"}, "<bos> 1 + 2 3 <eos> 3 * 2 [ 6 <eos> ]", False),
     ({"prompt": "1 + 2", "response": "3"}, "<bos> Q: 1 + 2 A: [ 3 <eos> ]", True),
     ({"messages": CHAT}, "<bos> Q: 1 + 2 A: [ 3 <eos> ] Q: 3 * 2 A: [ 6 <eos> ]", True),
     ({"messages": [{"role": "system", "content": "0"}] + CHAT[:2]},
@@ -92,6 +93,26 @@ def test_tokens_and_loss_mask(tmp_path, tokenizer, chat_tokenizer, record, marke
     data = SFTDataset(_jsonl(tmp_path / "d.jsonl", [record]), tok, 32,
                       text_field="text" if "text" in record else None)
     assert _sample(data, 0) == _marked(tok, marked)
+
+
+def test_demonstrations_start_as_the_pretraining_text_did(tmp_path, tokenizer):
+    """Without a template a prompt/response record is the same token sequence as its raw text
+    (bos first), so a base pretrained on text judges demonstrations in a context it knows; the
+    two differ only in the loss mask. A tokenizer without bos (Qwen2's) starts with no token."""
+    from megatron_gift.data.formatting import prompt_ids
+
+    prompt, response = "Q: ( 1 + 2 ) * 3 = ?", "3 * 3 = 9 . A: 9"
+    text = SFTDataset(_jsonl(tmp_path / "t.jsonl", [{"text": f"{prompt} {response}"}]),
+                      tokenizer, 32, text_field="text")
+    demo = SFTDataset(_jsonl(tmp_path / "d.jsonl", [{"prompt": prompt, "response": response}]),
+                      tokenizer, 32)
+    (text_ids, _), (demo_ids, demo_mask) = _sample(text, 0), _sample(demo, 0)
+    assert demo_ids == text_ids and demo_ids[0] == tokenizer.bos_token_id
+    context = prompt_ids(tokenizer, prompt)
+    assert demo_ids[:len(context)] == context and not any(demo_mask[:len(context)])
+    no_bos = AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)
+    no_bos.bos_token = None
+    assert prompt_ids(no_bos, prompt) == context[1:]
 
 
 def test_batch_shifts_labels_and_pads(tmp_path, chat_tokenizer):
@@ -218,14 +239,15 @@ def test_overlong_records_are_cut_or_rejected(tmp_path, tokenizer):
     path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: 1 + 2 = ?", "response": "3 . A: 3"},
                                          {"prompt": "Q:", "response": "1"}])
     cut = SFTDataset(path, tokenizer, seq_length=5, overlong="truncate")
-    assert cut.truncated == 1 and _sample(cut, 0) == _marked(tokenizer, "Q: 1 + 2 = ?")
-    with pytest.raises(ValueError, match=r"d.jsonl:1: 11 tokens exceed seq_length \+ 1 = 6"):
+    assert cut.truncated == 1 and _sample(cut, 0) == _marked(tokenizer, "<bos> Q: 1 + 2 =")
+    with pytest.raises(ValueError, match=r"d.jsonl:1: 12 tokens exceed seq_length \+ 1 = 6"):
         SFTDataset(path, tokenizer, seq_length=5, overlong="reject")
 
 
 def _packing_records():
-    # Input positions (tokens - 1): 2, 4, 3, 7. Best-fit decreasing into 8 positions puts the
-    # 7 alone, the 4 in a new sequence, the 3 beside the 4 (4 left), the 2 in a third one.
+    # Input positions (bos + prompt + response + eos, less 1): 3, 5, 4, 8. Best-fit decreasing
+    # into 8 positions puts the 8 alone, the 5 in a new sequence, the 4 in a third (it does not
+    # fit beside the 5), and the 3 beside the 5, the tightest fit.
     return [{"prompt": "1", "response": "2"}, {"prompt": "3 + 4", "response": "7"},
             {"prompt": "5", "response": "6 6"}, {"prompt": "9 9 9 9 9 9", "response": "1"}]
 
@@ -236,21 +258,23 @@ def test_packing_tokens_labels_positions_segments_and_mask(tmp_path, tokenizer):
     path = _jsonl(tmp_path / "d.jsonl", _packing_records())
     data = SFTDataset(path, tokenizer, 8, pack=True)
     assert (len(data), data.num_samples) == (3, 4)
-    batch = data.batch([1, 0])
+    batch = data.batch([0, 1])
     w = lambda text: _words(tokenizer, text)  # noqa: E731
     pad, eos, x = tokenizer.pad_token_id, tokenizer.eos_token_id, -100
-    assert batch["tokens"].tolist() == [w("3 + 4 7 5 6 6") + [pad], w("1 2") + [pad] * 6]
-    assert batch["labels"].tolist() == [[x, x] + w("7") + [eos] + w("6 6") + [eos, x],
-                                        w("2") + [eos] + [x] * 6]
+    assert batch["tokens"].tolist() == [w("<bos> 1 2 <bos> 3 + 4 7"), w("<bos> 5 6 6") + [pad] * 4]
+    assert batch["labels"].tolist() == [[x] + w("2") + [eos, x, x, x] + w("7") + [eos],
+                                        [x] + w("6 6") + [eos] + [x] * 4]
     assert batch["loss_mask"].sum().item() == 7  # the real loss tokens, padding excluded
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3], list(range(8))]
-    assert batch["segment_ids"].tolist() == [[1, 1, 1, 1, 2, 2, 2, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
-    allowed = ["10000000", "11000000", "11100000", "11110000",
-               "00001000", "00001100", "00001110", "00000001"]
-    blocked = [[c == "0" for c in row] for row in allowed]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], list(range(8))]
+    assert batch["segment_ids"].tolist() == [[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 0, 0, 0, 0]]
+    allowed = [["10000000", "11000000", "11100000", "00010000",
+                "00011000", "00011100", "00011110", "00011111"],
+               ["10000000", "11000000", "11100000", "11110000",  # padding sees only padding
+                "00001000", "00001100", "00001110", "00001111"]]
+    blocked = [[[c == "0" for c in row] for row in rows] for rows in allowed]
     mask = causal_attention_mask(batch)
     assert mask.shape == (2, 1, 8, 8) and mask.dtype == torch.bool
-    assert mask[0, 0].tolist() == blocked
+    assert mask[:, 0].tolist() == blocked
     unpacked = SFTDataset(path, tokenizer, 8)
     assert causal_attention_mask(unpacked.batch([0]))[0, 0].tolist() == [
         [k > q for k in range(8)] for q in range(8)]
@@ -395,22 +419,22 @@ def test_packed_seq_params_of_the_thd_format_follow_the_samples(tmp_path, tokeni
     from megatron_gift.engine.pipeline import packed_seq_params
 
     data = SFTDataset(_jsonl(tmp_path / "d.jsonl", _packing_records()), tokenizer, 8, pack=True)
-    batch = data.batch([1, 0, 2])
+    batch = data.batch([0, 1, 2])
     segments = batch["segment_ids"]
     params = packed_seq_params(segments)
     assert params.qkv_format == "thd"
     cu = params.cu_seqlens_q.tolist()
     assert params.cu_seqlens_q.dtype == torch.int32 and params.cu_seqlens_kv.tolist() == cu
-    assert segments.tolist() == [[1, 1, 1, 1, 2, 2, 2, 0], [1, 1, 0, 0, 0, 0, 0, 0],
-                                 [1, 1, 1, 1, 1, 1, 1, 0]]
+    assert segments.tolist() == [[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 0, 0, 0, 0],
+                                 [1, 1, 1, 1, 1, 1, 1, 1]]
     expected, position = [], 0
     for row in segments.tolist():
         for k, segment in enumerate(row):
             if k == 0 or segment != row[k - 1]:
                 expected.append(position + k)
         position += len(row)
-    assert cu == expected + [3 * 8] == [0, 4, 7, 8, 10, 16, 23, 24]
-    assert params.max_seqlen_q == params.max_seqlen_kv == 7
+    assert cu == expected + [3 * 8] == [0, 3, 8, 12, 16, 24]
+    assert params.max_seqlen_q == params.max_seqlen_kv == 8
     # every sequence is one sample (or one row's padding): a single segment id, in one row
     flat = segments.reshape(-1)
     for start, end in zip(cu, cu[1:]):
@@ -456,12 +480,12 @@ def test_the_thd_forward_step_flattens_the_micro_batch_and_keeps_the_loss(tmp_pa
     with torch.no_grad():
         for thd in (False, True):
             step = forward_step_func(20.0, 0.0, causal_attention_mask, vocab, thd=thd)
-            logits, loss_func = step(iter([data.batch([1, 0])]), TokenWise())
+            logits, loss_func = step(iter([data.batch([0, 1])]), TokenWise())
             results.append(loss_func(logits))
     (masked_sum, masked_n, masked), (thd_sum, thd_n, thd_report) = results
     assert seen[0][0] == (2, 8) and not seen[0][1] and seen[0][2] is None
     assert seen[1][0] == (1, 16) and seen[1][1]
-    assert seen[1][2].cu_seqlens_q.tolist() == [0, 4, 7, 8, 10, 16]
+    assert seen[1][2].cu_seqlens_q.tolist() == [0, 3, 8, 12, 16]
     assert int(thd_n) == int(masked_n) == 7
     torch.testing.assert_close(thd_sum, masked_sum)
     for key in masked:

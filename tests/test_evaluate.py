@@ -98,8 +98,8 @@ def test_token_kinds():
 
 
 def test_sampled_log_probs_match_a_scoring_pass(tiny_world):
-    from megatron_gift.evaluation.sampling import (load_policy, prompt_ids, sample,
-                                                   sequence_logprobs)
+    from megatron_gift.data.formatting import prompt_ids
+    from megatron_gift.evaluation.sampling import load_policy, sample, sequence_logprobs
 
     model, tokenizer = load_policy(tiny_world["base"])
     prompts = [prompt_ids(tokenizer, "Q: ( 1 + 2 ) * 3 = ?"), prompt_ids(tokenizer, "Q: 1 + 2 = ?")]
@@ -137,6 +137,7 @@ def test_evaluate_command_on_a_trained_checkpoint(tiny_world, tmp_path, capsys):
 
 def test_evaluate_counts_right_answers(tiny_world, tmp_path):
     """A model that always answers right scores 1, one that never does 0 (the checker is live)."""
+    from megatron_gift.data.formatting import prompt_ids
     from megatron_gift.evaluate import evaluate_policy
     from megatron_gift.evaluation.sampling import load_policy
 
@@ -148,8 +149,7 @@ def test_evaluate_counts_right_answers(tiny_world, tmp_path):
         config = model.config
 
         def forward(self, input_ids, attention_mask, position_ids, **_):
-            steps = attention_mask.shape[1] - len(tokenizer(records[0]["prompt"],
-                                                             add_special_tokens=False)["input_ids"])
+            steps = attention_mask.shape[1] - len(prompt_ids(tokenizer, records[0]["prompt"]))
             logits = torch.full((*input_ids.shape, len(tokenizer)), -1e9)
             logits[:, -1, answer[min(steps, len(answer) - 1)]] = 0
             return type("Out", (), {"logits": logits, "past_key_values": None})()

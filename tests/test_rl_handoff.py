@@ -212,7 +212,8 @@ def test_trl_grpo_rewards_sampled_answers_and_updates_the_model(tmp_path):
     all_rewards = []
     for (prompts, completions, answer, rewards), mean in zip(calls, logged):
         assert len(completions) == prompts_per_step * generations
-        assert all(isinstance(c, str) and c.strip() for c in completions)
+        assert all(isinstance(c, str) for c in completions)  # one may be eos at once: ""
+        assert any(c.strip() for c in completions)
         for prompt, completion, ref, r in zip(prompts, completions, answer, rewards):
             assert ref == truth[prompt]
             stated = re.findall(r"A:\s*([-\d ]+)\s*$", completion)

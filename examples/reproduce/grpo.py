@@ -14,7 +14,8 @@ import torch
 
 from megatron_gift.data.chains import chain_problem
 from megatron_gift.data.synthetic import answer_of
-from megatron_gift.evaluation.sampling import prompt_ids, sample, sequence_logprobs
+from megatron_gift.data.formatting import prompt_ids
+from megatron_gift.evaluation.sampling import sample, sequence_logprobs
 
 
 @dataclass

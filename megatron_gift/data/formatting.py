@@ -9,8 +9,10 @@ With a chat template (``tokenizer.chat_template``), as in the official GIFT code
   it (with the generation prompt) and the render up to it; both must be token prefixes of the
   whole conversation, or the template cannot be split into turns and the record is refused.
 
-Without a template, turns are concatenated as they are (``prompt + response + eos``; chat
-assistant turns each end with eos). Raw text is ``bos + text + eos`` with the loss on all.
+Without a template, every sequence starts with the tokenizer's bos token (when it has one),
+as raw text does and as the base model saw its pretraining text: ``bos + prompt + response +
+eos``, chat turns concatenated as they are after one bos (assistant turns each end with eos),
+raw text ``bos + text + eos`` with the loss on all but the bos. A template writes its own start.
 """
 
 from typing import TYPE_CHECKING
@@ -31,23 +33,35 @@ def encode(example: Example,
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos_token; responses and texts must end with one")
     if example.text is not None:
-        ids = [tokenizer.bos_token_id] * (tokenizer.bos_token_id is not None)
-        ids += _ids(tokenizer, example.text) + [tokenizer.eos_token_id]
+        ids = _start(tokenizer) + _ids(tokenizer, example.text) + [tokenizer.eos_token_id]
         return ids, [False] + [True] * (len(ids) - 1)
     if example.messages is not None:
         if tokenizer.chat_template:
             return _templated_chat(tokenizer, example.messages)
-        return _concatenated_chat(tokenizer, example.messages)
-    prompt = example.prompt
+        ids, mask = _concatenated_chat(tokenizer, example.messages)
+        start = _start(tokenizer)
+        return start + ids, [False] * len(start) + mask
+    context = prompt_ids(tokenizer, example.prompt)
+    response_ids = _ids(tokenizer, example.response) + [tokenizer.eos_token_id]
+    return context + response_ids, [False] * len(context) + [True] * len(response_ids)
+
+
+def prompt_ids(tokenizer: "PreTrainedTokenizerBase", prompt: "str | list[dict]") -> list[int]:
+    """The token ids a response follows: the chat template's render with the generation prompt
+    when the tokenizer has a template, else ``bos`` (when it has one) and the prompt's tokens
+    (a prompt list of turns concatenated as they are). Sampling uses it too, so a policy is
+    asked exactly as it was trained."""
     if tokenizer.chat_template:
         turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        prompt_ids = _render(tokenizer, turns, generation_prompt=True)
-    elif isinstance(prompt, str):
-        prompt_ids = _ids(tokenizer, prompt)
-    else:
-        prompt_ids = _concatenated_chat(tokenizer, prompt)[0]
-    response_ids = _ids(tokenizer, example.response) + [tokenizer.eos_token_id]
-    return prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids)
+        return _render(tokenizer, turns, generation_prompt=True)
+    if isinstance(prompt, str):
+        return _start(tokenizer) + _ids(tokenizer, prompt)
+    return _start(tokenizer) + _concatenated_chat(tokenizer, prompt)[0]
+
+
+def _start(tokenizer) -> list[int]:
+    """``[bos]``, or nothing for a tokenizer without one (Qwen2's)."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
 def _templated_chat(tokenizer, messages):

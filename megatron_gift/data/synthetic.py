@@ -69,8 +69,10 @@ def write_demonstrations(path: str, num_samples: int, seed: int,
 
 
 def build_tokenizer() -> "PreTrainedTokenizerFast":
-    """The world's word-level tokenizer as a ``transformers.PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """The world's word-level tokenizer as a ``transformers.PreTrainedTokenizerFast``. Like
+    Llama's, it puts bos before a text when asked for special tokens (``tokenizer(text)``), so
+    tools that encode prompts that way (TRL) start them as the trainer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS)}
@@ -78,6 +80,8 @@ def build_tokenizer() -> "PreTrainedTokenizerFast":
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True)])
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
                                    unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
 

@@ -1,9 +1,9 @@
 """Load a checkpoint as a ``transformers`` causal LM, sample from it, and score sequences.
 
-Prompts are encoded as the trainer encodes prompt/response records (:mod:`megatron_gift.data.
-formatting`): the chat template's generation prompt when the tokenizer has one, else the plain
-prompt tokens; a completion ends at eos. Sampling is ancestral at temperature 1 over the whole
-vocabulary (no top-k/top-p), with the KV cache; batches are left-padded.
+Prompts are token ids encoded as the trainer encodes prompt/response records
+(:func:`megatron_gift.data.formatting.prompt_ids`); a completion ends at eos. Sampling is
+ancestral at temperature 1 over the whole vocabulary (no top-k/top-p), with the KV cache;
+batches are left-padded.
 """
 
 import os
@@ -44,15 +44,6 @@ def load_policy(path: str, export_dir: Optional[str] = None):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
     return model, tokenizer
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt's token ids as the trainer puts them before a response."""
-    if tokenizer.chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False))
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 def _left_pad(sequences: Sequence[Sequence[int]], pad: int):
