@@ -12,7 +12,9 @@ task (``megatron_gift.data.synthetic``); ``--data`` takes a parquet or JSONL fil
 
 Reward (verifiable, per completion): 1.0 when the final answer it states equals the reference,
 else 0.0 -- the text after the last ``A:`` for the arithmetic task, ``math_verify`` equivalence
-for ``--data``. Prompts get the tokenizer's chat template when it has one, else are plain text.
+for ``--data``. Prompts get the tokenizer's chat template when it has one, else are plain text,
+which TRL encodes with the tokenizer's special tokens: bos first where the tokenizer adds one
+(Llama's and the bundled tokenizer do), as the trainer starts a template-less record.
 The mean reward of each step is printed; the model is saved under ``--output-dir``.
 """
 
