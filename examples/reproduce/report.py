@@ -45,8 +45,9 @@ DESIGN = """\
 * **Seeds**: one base model (as the paper); a seed sets the post-training data order and the RL
   prompts and samples. Intervals are 95% Student-t over seeds; GIFT - SFT is paired by seed.
   With 3 seeds the t quantile is 4.30, so only large effects reach significance.
-* Prompts are encoded without a bos token at every stage (the trainer's prompt/response format),
-  so the base is pretrained on prompt/response records too (loss on the solution).
+* Prompts are encoded at every stage as the trainer encodes prompt/response records
+  (`megatron_gift.data.formatting.prompt_ids`), so the base is pretrained on prompt/response
+  records too (loss on the solution).
 """
 
 

@@ -83,7 +83,7 @@ def prepare_data(work, settings):
     p, d = paths(work), settings["data"]
     os.makedirs(p["data"], exist_ok=True)
     # Pretraining solutions as prompt/response records (loss on the solution): the base sees
-    # questions exactly as post-training, RL and evaluation show them (no bos before "Q:").
+    # questions exactly as post-training, RL and evaluation show them (one encoding: prompt_ids).
     with open(p["corpus"], "w") as f:
         import random
 
