@@ -12,14 +12,15 @@ pipeline stage, worst first, it prints the bytes per GPU of the student's weight
 optimizer state, the frozen reference's weights, the activations the schedule keeps in flight,
 the pipeline buffers (the reference's half included) and the loss buffers, then whether the
 worst stage fits in 90% of the GPU's memory (the rest is left to the CUDA context, NCCL and the
-allocator) and, if not, the cheapest change that does: sequence parallelism, selective
-recompute, the distributed optimizer with more data parallelism, more pipeline stages, full
-recompute (each checked by planning it). The model is Megatron-Core with Transformer Engine's
+allocator) and, if not, the cheapest layout that does: the fewest GPUs over tensor, pipeline
+and data parallel sizes with sequence parallelism, the distributed optimizer and recompute
+(each checked by planning it). The model is Megatron-Core with Transformer Engine's
 layers, as GPU runs use them; see ``megatron_gift/core/memory.py`` for what is counted.
 """
 
 import argparse
 import json
+import math
 import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -33,6 +34,11 @@ _ROWS = (("student weights", "student_weights"), ("gradients", "gradients"),
          ("optimizer", "optimizer"), ("reference weights", "reference_weights"),
          ("activations", "activations"), ("pipeline buffers", "pipeline_buffers"),
          ("loss buffers", "loss_buffers"), ("total", "total"))
+# Exit status of a plan that does not fit (a bad input exits with errors.USER_ERROR_EXIT, 2).
+DOES_NOT_FIT_EXIT = 1
+EXIT_STATUS = ("Exit status: 0 when the plan fits; 1 when it does not (the plan is printed all\n"
+               "the same, with the cheapest layout that fits); 2 on a bad input (one line\n"
+               "'error: ...').")
 
 
 def _own_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -55,6 +61,7 @@ def _print_help() -> None:
     parser.usage = (f"{PROG} [--config RECIPE.yaml] [--flag VALUE ...] [section.key=value ...] "
                     "[--gpu-memory-gib GIB] [--num-gpus N] [--json]")
     parser.description = __doc__
+    parser.epilog = f"{parser.epilog}\n\n{EXIT_STATUS}"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     planner = parser.add_argument_group("planner")
     for action in _own_parser()._actions:
@@ -116,13 +123,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from megatron_gift.core import memory
     from megatron_gift.errors import UserError
 
-    if own.gpu_memory_gib <= 0:
-        raise UserError(f"--gpu-memory-gib must be positive, got {own.gpu_memory_gib}")
+    if not math.isfinite(own.gpu_memory_gib) or own.gpu_memory_gib <= 0:
+        raise UserError(f"--gpu-memory-gib must be a positive finite number of GiB, got "
+                        f"{own.gpu_memory_gib} (e.g. --gpu-memory-gib 80 for an H100 80GB)")
     quiet_third_party()
     config = parse_config(rest)
     run = memory.run_from_config(config, own.num_gpus)
     result = memory.plan(run, int(own.gpu_memory_gib * memory.GIB))
     print(json.dumps(result.as_dict(), indent=1) if own.json else as_text(result))
+    if not result.fits:
+        sys.exit(DOES_NOT_FIT_EXIT)
 
 
 if __name__ == "__main__":

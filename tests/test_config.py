@@ -130,6 +130,58 @@ def test_recipe_cycles_and_missing_parents_are_named(tmp_path):
         parse_config(["--config", str(tmp_path / "nowhere.yaml")])
 
 
+def _recipe_error(path):
+    """The message of the ConfigError that loading the recipe at ``path`` raises."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(["--config", str(path)])
+    return str(raised.value)
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_line_and_column(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  train_iters: 3\n bad: [1\n")
+    message = _recipe_error(recipe)
+    assert "\n" not in message
+    assert message == (f"recipe {recipe} is not valid YAML: line 3, column 2: did not find "
+                       "expected key (while parsing a block mapping at line 1, column 1)")
+    recipe.write_text("gift:\n  beta: 5.0\n  beta: 6.0\n")
+    assert _recipe_error(recipe) == (
+        f"recipe {recipe} is not valid YAML: line 3, column 3: found duplicate key beta "
+        "(while constructing a mapping at line 2, column 3)")
+
+
+def test_a_yaml_error_in_an_inherited_recipe_names_it_and_its_child(tmp_path):
+    (tmp_path / "base.yaml").write_text("training: {train_iters: 3\n")
+    (tmp_path / "run.yaml").write_text("defaults: base.yaml\n")
+    message = _recipe_error(tmp_path / "run.yaml")
+    assert "\n" not in message
+    assert re.fullmatch(re.escape(f"recipe {tmp_path / 'base.yaml'} (named in defaults: of "
+                                  f"{tmp_path / 'run.yaml'}) is not valid YAML: line 2, column 1: ")
+                        + r".+ \(while parsing a flow mapping at line 1, column 11\)", message)
+
+
+@pytest.mark.parametrize("text,found", [("- training\n- gift\n", "a list at line 1, column 1"),
+                                        ("train_iters\n", "the value 'train_iters' at line 1, "
+                                                          "column 1"),
+                                        ("42\n", "the value '42' at line 1, column 1")])
+def test_a_recipe_that_is_not_a_mapping_says_so(tmp_path, text, found):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    assert _recipe_error(recipe) == (f"recipe {recipe}: expected sections (a mapping such as "
+                                     f"'training:' on its own line) at the top, got {found}")
+
+
+def test_a_recipe_that_is_not_utf8_names_the_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"training:\n  train_iters: 3 # caf\xe9\n")
+    assert _recipe_error(recipe) == (f"recipe {recipe}, line 2: byte 0xe9 is not UTF-8; save the "
+                                     "recipe as UTF-8")
+    recipe.write_bytes(b"\xef\xbb\xbftraining:\n  train_iters: 3\n")  # a UTF-8 BOM is fine
+    assert parse_config(["--config", str(recipe)]).training.train_iters == 3
+    recipe.write_text("")  # an empty recipe changes nothing
+    assert parse_config(["--config", str(recipe)]) == parse_config([])
+
+
 def test_the_bundled_recipes_parse_and_inherit():
     recipes = os.path.join(REPO, "examples", "recipes")
     gift = parse_config(["--config", os.path.join(recipes, "tiny_cpu.yaml")])

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from megatron_gift.data import synthetic
 from megatron_gift.config import parse_config
 from megatron_gift.data.dataset import SFTDataset, micro_batch_indices
+from megatron_gift.errors import UserError
 from parallel_harness import model_parallel, run_distributed, set_full_weights, tiny_gpt, tiny_gpt_config
 
 # Role markers are words of the bundled vocabulary: system "where", user "Q:", assistant "A:".
@@ -204,6 +205,35 @@ def test_malformed_records_are_rejected_or_skipped_by_line(tmp_path, tokenizer, 
     data = SFTDataset(str(path), tokenizer, 16, text_field=text_field, malformed="skip")
     assert (data.num_records, data.num_samples, data.skipped) == (3, 2, 1)
     assert len(data.skipped_examples) == 1 and data.skipped_examples[0].startswith(f"{path}:3: ")
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_named_by_line_and_skipped_with_malformed_skip(
+        tmp_path, tokenizer):
+    """The bad line comes after more good lines than one buffered read holds: the line number
+    is still exact."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(GOOD.encode() * 300 + b'{"prompt": "caf\xe9", "response": "1"}\n'
+                     + GOOD.encode())
+    with pytest.raises(UserError) as raised:
+        SFTDataset(str(path), tokenizer, 16)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message == (f"{path}:301: not UTF-8 text (byte 0xe9 at byte 16 of the line); save "
+                       "the file as UTF-8 (data.malformed=reject; set data.malformed=skip, flag "
+                       "--malformed skip, to leave such records out)")
+    data = SFTDataset(str(path), tokenizer, 16, malformed="skip")
+    assert (data.num_records, data.num_samples, data.skipped) == (302, 301, 1)
+    assert data.skipped_examples == [f"{path}:301: not UTF-8 text (byte 0xe9 at byte 16 of the "
+                                     "line); save the file as UTF-8"]
+
+
+def test_a_utf8_byte_order_mark_at_the_start_of_a_jsonl_file_is_accepted(tmp_path, tokenizer):
+    plain, marked = tmp_path / "plain.jsonl", tmp_path / "marked.jsonl"
+    plain.write_text(GOOD + '{"prompt": "Q: 1", "response": "2"}\n')
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    data, expected = SFTDataset(str(marked), tokenizer, 16), SFTDataset(str(plain), tokenizer, 16)
+    assert (data.num_records, data.num_samples, data.skipped) == (2, 2, 0)
+    assert [_sample(data, i) for i in range(2)] == [_sample(expected, i) for i in range(2)]
 
 
 def test_malformed_parquet_rows_are_named_by_row(tmp_path, tokenizer):

@@ -11,6 +11,7 @@ thing. Plus the command, its errors and the suggestions, and every shipped recip
 import builtins
 import dataclasses
 import glob
+import itertools
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import pytest
 
 from megatron_gift.config import parse_config
 from megatron_gift.core import memory
+from megatron_gift.plan import DOES_NOT_FIT_EXIT
 from megatron_gift.plan import main as plan_main
 from parallel_harness import run_distributed
 
@@ -87,13 +89,23 @@ def test_json_holds_the_layout_the_parameters_and_every_part_of_every_stage(caps
 
 def test_text_shows_each_stage_and_says_what_would_fit(capsys):
     code, out, _ = _command(capsys, *LLAMA_70B, "--num-gpus", "32")
-    assert code == 0
+    assert code == DOES_NOT_FIT_EXIT == 1  # the table all the same, and a status scripts can test
     assert re.search(r"GiB per GPU\s+stage 0\s+stage 1\s+stage 2\s+stage 3", out)
     for label in ("student weights", "gradients", "optimizer", "reference weights",
                   "activations", "pipeline buffers", "loss buffers", "total"):
         assert re.search(rf"^{label}\s+[\d.]+", out, re.M), label
     assert "does not fit: stage 0 needs" in out
     assert "suggestion: --sequence-parallel (then" in out
+
+
+def test_a_plan_that_does_not_fit_exits_1_after_its_json_and_help_says_so(capsys):
+    code, out, err = _command(capsys, *LLAMA_70B, "--num-gpus", "32", "--json")
+    assert code == 1 and err == ""
+    assert json.loads(out)["fits"] is False
+    code, out, _ = _command(capsys, "--help")
+    assert code == 0
+    assert re.search(r"Exit status: 0 when the plan fits; 1 when it does not .*2 on a bad\s+input",
+                     " ".join(out.split()))
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -107,7 +119,11 @@ def test_text_shows_each_stage_and_says_what_would_fit(capsys):
     ([*LLAMA_70B, "--num-gpus", "64", "--micro-batch-size", "3"],
      r"training.global_batch_size=8 is not a multiple of micro_batch_size x data-parallel "
      r"size = 3 x 2 \(--global-batch-size, --micro-batch-size, --num-gpus\)"),
-    ([*LLAMA_70B, "--gpu-memory-gib", "0"], r"--gpu-memory-gib must be positive, got 0.0"),
+    ([*LLAMA_70B, "--gpu-memory-gib", "0"],
+     r"--gpu-memory-gib must be a positive finite number of GiB, got 0.0 \(e.g. "),
+    ([*LLAMA_70B, "--gpu-memory-gib", "-80"], r"--gpu-memory-gib must be .*, got -80.0"),
+    ([*LLAMA_70B, "--gpu-memory-gib", "nan"], r"--gpu-memory-gib must be .*, got nan"),
+    ([*LLAMA_70B, "--gpu-memory-gib", "inf"], r"--gpu-memory-gib must be .*, got inf"),
     ([*LLAMA_70B, "--sequence-parallel", "--tensor-model-parallel-size", "1"],
      r"parallel.sequence_parallel \(--sequence-parallel\) needs"),
 ])
@@ -143,16 +159,63 @@ def test_the_suggestion_is_the_cheapest_change_that_fits_checked_by_planning_it(
     assert result.suggestion.startswith("--sequence-parallel (then ")
     assert result.suggested_run == dataclasses.replace(run, sequence_parallel=True)
     assert memory.plan(result.suggested_run).fits
-    # Every cheaper candidate was tried and does not fit.
-    candidates = memory._candidates(run)
-    position = [c[1] for c in candidates].index(result.suggested_run)
-    for _, cheaper, _ in candidates[:position]:
-        assert not memory.plan(cheaper, suggest=False).fits
+    # Every cheaper layout does not fit.
+    cost = memory.suggestion_cost(run, result.suggested_run)
+    cheaper = [c for c in memory.layouts(run) if memory.suggestion_cost(run, c) < cost]
+    assert cheaper
+    for layout in cheaper:
+        assert not memory.plan(layout, suggest=False).fits
     # Without TP there is no sequence parallelism to offer: the next rung is taken.
     tp1 = _run([*LLAMA_70B, "--tensor-model-parallel-size", "1", "--seq-length", "8192",
                 "--pipeline-model-parallel-size", "8"], 64)
     assert not memory.plan(tp1).fits
     assert "--sequence-parallel" not in memory.plan(tp1).suggestion
+
+
+def _oracle_layouts(run, most_gpus):
+    """Every TP (1, 2, 4, 8) x PP (dividing the layers) x DP (dividing the global batch) layout
+    on at most ``most_gpus`` GPUs, with or without SP, the distributed optimizer and selective
+    or full recompute: the planner's search space, enumerated here on its own."""
+    recomputes = [(None, None, None), ("selective", None, None), ("full", "uniform", 1)]
+    for tp, pp, dp in itertools.product((1, 2, 4, 8), range(1, run.num_layers + 1),
+                                        range(1, run.global_batch_size + 1)):
+        if (run.num_layers % pp or run.global_batch_size % (run.micro_batch_size * dp)
+                or tp * pp * dp * run.context_parallel > most_gpus):
+            continue
+        for sp, distributed, (granularity, method, layers) in itertools.product(
+                (False, True) if tp > 1 else (False,), (False, True), recomputes):
+            yield dataclasses.replace(
+                run, tensor_parallel=tp, pipeline_parallel=pp, data_parallel=dp,
+                sequence_parallel=sp, distributed_optimizer=distributed,
+                recompute_granularity=granularity, recompute_method=method,
+                recompute_num_layers=layers)
+
+
+def test_the_suggestion_is_the_layout_that_fits_on_the_fewest_gpus():
+    """Llama-3.1-70B at TP8 PP1 on 8 GPUs: TP8 PP4 DP2 fits on 64 GPUs, so a suggestion of more
+    is not the cheapest; no layout on fewer GPUs than the suggestion's fits, and none on as many
+    fits with less recompute, or as much and less model parallelism (TP x PP)."""
+    config = parse_config(["--config", os.path.join(RECIPES, "llama3.1-70b-gift.yaml"),
+                           "--pipeline-model-parallel-size", "1"])
+    run = memory.run_from_config(config, 8)
+    assert memory.plan(dataclasses.replace(run, pipeline_parallel=4, data_parallel=2)).fits
+    result = memory.plan(run)
+    assert not result.fits
+    suggested = result.suggested_run
+    assert suggested is not None and suggested.num_gpus <= 64
+    assert memory.plan(suggested, suggest=False).fits
+    assert f"--num-gpus {suggested.num_gpus} " in result.suggestion
+    order = (None, "selective", "full")
+
+    def rank(layout):
+        return (order.index(layout.recompute_granularity),
+                layout.tensor_parallel * layout.pipeline_parallel)
+
+    layouts = list(_oracle_layouts(run, suggested.num_gpus))
+    assert len(layouts) > 100
+    for layout in layouts:
+        if layout.num_gpus < suggested.num_gpus or rank(layout) < rank(suggested):
+            assert not memory.plan(layout, suggest=False).fits, layout
 
 
 def test_a_run_nothing_rescues_says_so():

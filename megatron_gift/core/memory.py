@@ -475,14 +475,18 @@ def interleaved_chunks_in_flight(run: Run, rank: int) -> list[int]:
         return (chunks - 1 - c if backward else c), group * pp + within % pp
 
     held: set[tuple[int, int]] = set()
-    most = [0] * chunks
+    count, most = [0] * chunks, [0] * chunks
     backwards = 0
     for k in range(total):
-        held.add(chunk(k, backward=False))
-        for c in range(chunks):
-            most[c] = max(most[c], sum(1 for held_c, _ in held if held_c == c))
+        forward = chunk(k, backward=False)
+        held.add(forward)
+        count[forward[0]] += 1
+        most[forward[0]] = max(most[forward[0]], count[forward[0]])
         if k >= warmup:
-            held.discard(chunk(backwards, backward=True))
+            backward = chunk(backwards, backward=True)
+            if backward in held:
+                held.remove(backward)
+                count[backward[0]] -= 1
             backwards += 1
     return most
 
@@ -564,8 +568,8 @@ def plan_stage(run: Run, rank: int) -> StagePlan:
 
 def plan(run: Run, gpu_memory_bytes: int = 80 * GIB, suggest: bool = True) -> Plan:
     """The plan of ``run``: stages worst first; when the worst does not fit in
-    :data:`USABLE_FRACTION` of ``gpu_memory_bytes``, the cheapest change that does
-    (re-planned), if ``suggest``."""
+    :data:`USABLE_FRACTION` of ``gpu_memory_bytes``, the cheapest layout that does
+    (:func:`suggestion_cost`, re-planned), if ``suggest``."""
     stages = sorted((plan_stage(run, r) for r in range(run.pipeline_parallel)),
                     key=lambda s: (-s.bytes["total"], s.pipeline_rank))
     result = Plan(run, total_parameters(run), stages, gpu_memory_bytes,
@@ -575,84 +579,144 @@ def plan(run: Run, gpu_memory_bytes: int = 80 * GIB, suggest: bool = True) -> Pl
     return result
 
 
-def _worst_total(run: Run) -> int:
-    return max(plan_stage(run, r).bytes["total"] for r in range(run.pipeline_parallel))
+def _worst_total(run: Run, above: float = math.inf) -> int:
+    """The worst stage's total bytes, or the first total found above ``above`` (then the
+    stages are not all planned): the first and last stage, usually the worst, go first."""
+    last = run.pipeline_parallel - 1
+    worst = 0
+    for rank in (0, *range(last, 0, -1)):
+        worst = max(worst, plan_stage(run, rank).bytes["total"])
+        if worst > above:
+            break
+    return worst
 
 
-def _candidates(run: Run) -> list[tuple[tuple, Run, list[str]]]:
-    """``(cost, run, flags)`` of every combination of the changes, cheapest first by the most
-    expensive change in it: sequence parallel < selective recompute < distributed optimizer
-    (with DP x1, x2, x4, x8) < PP x2, x4 (more GPUs) < full recompute."""
-    options = {
-        "sp": [False, True] if run.tensor_parallel > 1 and not run.sequence_parallel
-        and run.seq_length % run.tensor_parallel == 0 else [False],
-        "selective": [False, True] if run.recompute_granularity is None else [False],
-        "dp": [0] + [k for k in (1, 2, 4, 8) if k > 1 or (run.data_parallel > 1
-                                                         and not run.distributed_optimizer)],
-        "pp": [1, 2, 4],
-        "full": [False, True] if run.recompute_granularity != "full" else [False],
-    }
+# ----------------------------------------------------------------------------------------------
+# Suggestions: the layout that fits on the fewest GPUs
+
+# Tensor parallelism is searched up to the GPUs of one node (or the run's own, if larger).
+NODE_GPUS = 8
+# Extra compute of each recompute granularity, in the order the suggestion prefers them.
+RECOMPUTE_ORDER = (None, "selective", "full")
+
+
+def tensor_parallel_options(run: Run) -> list[int]:
+    """TP sizes searched: powers of two up to :data:`NODE_GPUS` and the run's own, those that
+    divide the attention heads, the query groups and the FFN width (as Megatron-Core needs)."""
+    sizes = {run.tensor_parallel, *(1 << k for k in range(NODE_GPUS.bit_length()))}
+    return sorted(t for t in sizes if t <= max(NODE_GPUS, run.tensor_parallel)
+                  and not (run.num_attention_heads % t or run.num_query_groups % t
+                           or run.ffn_hidden_size % t))
+
+
+def pipeline_parallel_options(run: Run) -> list[int]:
+    """PP sizes searched: those that split the layers evenly over PP x VPP stages (with VPP,
+    kept as the run has it, at least 2)."""
+    return [p for p in range(1, run.num_layers + 1)
+            if run.num_layers % (p * run.chunks) == 0 and (p > 1 or run.virtual_pipeline is None)]
+
+
+def data_parallel_options(run: Run) -> list[int]:
+    """DP sizes searched: those that divide the global batch into whole micro-batches."""
+    step = run.global_batch_size // run.micro_batch_size
+    return [d for d in range(1, step + 1)
+            if run.global_batch_size % (run.micro_batch_size * d) == 0]
+
+
+def _recompute_options(run: Run) -> list[dict[str, Any]]:
+    """The run's own recompute and every coarser one (full: uniform, 1 layer per group)."""
+    own = {"recompute_granularity": run.recompute_granularity,
+           "recompute_method": run.recompute_method,
+           "recompute_num_layers": run.recompute_num_layers}
+    options = [own]
+    if run.recompute_granularity is None:
+        options.append({"recompute_granularity": "selective", "recompute_method": None,
+                        "recompute_num_layers": None})
+    full = {"recompute_granularity": "full", "recompute_method": "uniform",
+            "recompute_num_layers": 1}
+    if own != full:
+        options.append(full)
+    return options
+
+
+def layouts(run: Run) -> list[Run]:
+    """Every run the suggestion searches: TP (:func:`tensor_parallel_options`) x PP
+    (:func:`pipeline_parallel_options`) x DP (:func:`data_parallel_options`) on at least the
+    run's GPUs (those it is given), each with sequence parallelism, the distributed optimizer
+    and recompute as the run has them or turned on. CP, VPP, the micro-batch and the sequence
+    stay as they are."""
     found = []
-    for full in options["full"]:
-        for pp in options["pp"]:
-            for dp in options["dp"]:
-                for selective in options["selective"]:
-                    for sp in options["sp"]:
-                        if selective and full:
-                            continue
-                        changed = _changed(run, sp, selective, dp, pp, full)
-                        if changed is None:
-                            continue
-                        new, flags = changed
-                        cost = (full, pp, dp, selective, sp)
-                        found.append((cost, new, flags))
-    found.sort(key=lambda c: c[0])
-    return found[1:] if found and found[0][0] == (False, 1, 0, False, False) else found
+    cp = run.context_parallel
+    for tp in tensor_parallel_options(run):
+        sp_options = ({run.sequence_parallel, True}
+                      if tp > 1 and run.seq_length % tp == 0 else {False})
+        for pp in pipeline_parallel_options(run):
+            for dp in data_parallel_options(run):
+                if tp * pp * cp * dp < run.num_gpus:
+                    continue
+                for sp in sorted(sp_options):
+                    for distributed in sorted({run.distributed_optimizer, True}):
+                        for recompute in _recompute_options(run):
+                            found.append(replace(
+                                run, tensor_parallel=tp, pipeline_parallel=pp, data_parallel=dp,
+                                sequence_parallel=sp, distributed_optimizer=distributed,
+                                **recompute))
+    return found
 
 
-def _changed(run: Run, sp: bool, selective: bool, dp: int, pp: int,
-             full: bool) -> Optional[tuple[Run, list[str]]]:
-    """``run`` with the changes, and their flags; None where the layout does not divide."""
+def suggestion_flags(run: Run, new: Run) -> list[str]:
+    """The flags that turn ``run`` into ``new``."""
     flags = []
-    new = run
-    if sp:
-        new = replace(new, sequence_parallel=True)
-        flags.append("--sequence-parallel")
-    if selective:
-        new = replace(new, recompute_granularity="selective")
-        flags.append("--recompute-granularity selective")
-    if full:
-        new = replace(new, recompute_granularity="full", recompute_method="uniform",
-                      recompute_num_layers=1)
-        flags.append("--recompute-granularity full --recompute-method uniform "
-                     "--recompute-num-layers 1")
-    if dp:
-        new = replace(new, distributed_optimizer=True, data_parallel=run.data_parallel * dp)
-        if not run.distributed_optimizer:
-            flags.append("--use-distributed-optimizer")
-    if pp > 1:
-        stages = run.pipeline_parallel * pp * run.chunks
-        if run.num_layers % stages:
-            return None
-        new = replace(new, pipeline_parallel=run.pipeline_parallel * pp)
+    if new.tensor_parallel != run.tensor_parallel:
+        flags.append(f"--tensor-model-parallel-size {new.tensor_parallel}")
+    if new.pipeline_parallel != run.pipeline_parallel:
         flags.append(f"--pipeline-model-parallel-size {new.pipeline_parallel}")
-    if new.global_batch_size % (new.micro_batch_size * new.data_parallel):
-        return None
-    if new.num_gpus != run.num_gpus:
+    if (new.num_gpus, new.data_parallel) != (run.num_gpus, run.data_parallel):
         flags.append(f"--num-gpus {new.num_gpus} (data parallel {new.data_parallel})")
-    return new, flags
+    if new.sequence_parallel != run.sequence_parallel:
+        flags.append("--sequence-parallel" if new.sequence_parallel else "--no-sequence-parallel")
+    if new.distributed_optimizer != run.distributed_optimizer:
+        flags.append("--use-distributed-optimizer")
+    recompute = ("recompute_granularity", "recompute_method", "recompute_num_layers")
+    if [getattr(new, k) for k in recompute] == [getattr(run, k) for k in recompute]:
+        return flags
+    if new.recompute_granularity == "selective":
+        flags.append("--recompute-granularity selective")
+    else:
+        flags.append(f"--recompute-granularity full --recompute-method {new.recompute_method} "
+                     f"--recompute-num-layers {new.recompute_num_layers}")
+    return flags
+
+
+def suggestion_cost(run: Run, new: Run) -> tuple:
+    """How the suggestion ranks the layouts that fit, cheapest first: fewest GPUs (full
+    recompute's third more compute on half the GPUs still takes fewer GPU-hours); then the
+    least recompute (none < selective < full: extra compute on every GPU); then the least
+    model parallelism TP x PP (less communication and fewer pipeline bubbles at the same GPU
+    count); then the fewest changed flags."""
+    return (new.num_gpus, RECOMPUTE_ORDER.index(new.recompute_granularity),
+            new.tensor_parallel * new.pipeline_parallel, len(suggestion_flags(run, new)),
+            new.tensor_parallel, new.pipeline_parallel)
 
 
 def _suggest(run: Run, gpu_memory_bytes: int) -> tuple[str, Optional[Run]]:
+    """The cheapest layout of :func:`layouts` that fits (by :func:`suggestion_cost`), planned,
+    as its flags; else the one that needs the least memory, said not to fit."""
     usable = gpu_memory_bytes * USABLE_FRACTION
-    best = None
-    for _, candidate, flags in _candidates(run):
-        total = _worst_total(candidate)
-        if total <= usable:
-            return (f"{' '.join(flags)} (then {total / GIB:.1f} GiB on the worst GPU)", candidate)
-        if best is None or total < best[0]:
-            best = (total, flags)
-    if best is None:
+    candidates = sorted((c for c in layouts(run) if c != run),
+                        key=lambda c: suggestion_cost(run, c))
+    if not candidates:
         return "no change of the layout is possible here", None
-    return (f"no change tried fits; the least memory, {best[0] / GIB:.1f} GiB on the worst GPU, "
-            f"takes {' '.join(best[1])}: shorten --seq-length or --micro-batch-size", None)
+    for candidate in candidates:
+        total = _worst_total(candidate, above=usable)
+        if total <= usable:
+            flags = " ".join(suggestion_flags(run, candidate))
+            return f"{flags} (then {total / GIB:.1f} GiB on the worst GPU)", candidate
+    least, least_total = candidates[0], math.inf
+    for candidate in candidates:
+        total = _worst_total(candidate, above=least_total)
+        if total < least_total:
+            least, least_total = candidate, total
+    flags = " ".join(suggestion_flags(run, least))
+    return (f"no change tried fits; the least memory, {least_total / GIB:.1f} GiB on the worst "
+            f"GPU, takes {flags}: shorten --seq-length or --micro-batch-size", None)

@@ -22,7 +22,7 @@ from megatron_gift.platform.once import build_once
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-_FORMAT = 2  # bump when the stored layout or the encoding of a record changes
+_FORMAT = 3  # bump when the stored layout, the encoding of a record or the records read change
 
 
 def cached_table(cache_dir: str, name: str, key: dict[str, Any],

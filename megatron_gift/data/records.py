@@ -7,12 +7,14 @@ record into one of three kinds of :class:`Example`, each with the place it came 
 * prompt/response: ``Example(prompt=..., response=...)``; the prompt is a string or, as in
   verl, a list of messages.
 
-A record that fits none of them (bad JSON, a missing or empty field, a wrong type, a chat with
-no assistant turn) comes out as a :class:`Malformed` with the reason; the caller decides
-whether to reject or skip it. Places are ``path:line`` for JSONL (1-based) and ``path row N``
-for Parquet and ``datasets`` (0-based, as ``dataset[N]``).
+A record that fits none of them (a JSONL line that is not UTF-8 or not JSON, a missing or empty
+field, a wrong type, a chat with no assistant turn) comes out as a :class:`Malformed` with the
+reason; the caller decides whether to reject or skip it. JSONL is UTF-8, a byte-order mark at
+its start allowed. Places are ``path:line`` for JSONL (1-based) and ``path row N`` for Parquet
+and ``datasets`` (0-based, as ``dataset[N]``).
 """
 
+import codecs
 import json
 import os
 from dataclasses import dataclass
@@ -77,8 +79,19 @@ def _read(path, split):
 
 
 def _jsonl_lines(path):
-    with open(path) as f:
-        for line, text in enumerate(f, start=1):
+    """``(place, record or Malformed)`` of each non-blank line, each decoded on its own, so
+    that a line that is not UTF-8 is one malformed record."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            if line == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield f"{path}:{line}", Malformed(
+                    f"not UTF-8 text (byte 0x{raw[error.start]:02x} at byte {error.start + 1} of "
+                    "the line); save the file as UTF-8")
+                continue
             if not text.strip():
                 continue
             try:
