@@ -25,10 +25,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from omegaconf import DictConfig
 
 from megatron_gift.core.model import unwrap
-from megatron_gift.core.paths import TRACKER, iteration_dir, latest_checkpoint  # noqa: F401
+from megatron_gift.core.paths import (TRACKER, is_complete, iteration_dir,  # noqa: F401
+                                      iterations, latest_checkpoint)
 from megatron_gift.errors import MissingFileError, UserError
 
 if TYPE_CHECKING:
+    from megatron_gift.config.schema import Model
     from megatron.core.optimizer import MegatronOptimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -89,6 +91,67 @@ def _write_results_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+def damage(directory: str) -> Optional[str]:
+    """What is wrong with the iteration ``directory`` (``"iter_0000004/__0_0.distcp is
+    truncated"``), or None when every file its index names is there at its full size. Reads
+    only the index (``.metadata``) and file sizes, so it is cheap at any model size."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    name = os.path.basename(os.path.normpath(directory))
+    if not os.path.isdir(directory):
+        return f"{name} is missing"
+    if not is_complete(directory):
+        return f"{name} is incomplete (no metadata.json or .metadata: its save did not finish)"
+    try:
+        index = FileSystemReader(directory).read_metadata()
+    except Exception as error:  # any unreadable index is damage, whatever torch raises
+        return f"{name}/.metadata is unreadable ({type(error).__name__})"
+    needed: dict[str, int] = {}
+    for info in index.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for relative, size in sorted(needed.items()):
+        path = os.path.join(directory, relative)
+        if not os.path.isfile(path):
+            return f"{name}/{relative} is missing"
+        if os.path.getsize(path) < size:
+            return f"{name}/{relative} is truncated ({os.path.getsize(path)} of {size} bytes)"
+    return None
+
+
+def newest_intact(root: str, below: Optional[int] = None) -> Optional[str]:
+    """The newest iteration directory under ``root`` (older than ``below`` if given) that
+    :func:`damage` finds nothing wrong with, or None."""
+    for iteration in reversed(iterations(root)):
+        directory = iteration_dir(root, iteration)
+        if (below is None or iteration < below) and damage(directory) is None:
+            return directory
+    return None
+
+
+def refuse_damaged(directory: str) -> None:
+    """Raise a UserError naming what is wrong with the iteration ``directory`` and the newest
+    intact checkpoint to ``--load`` instead; return when it is intact."""
+    what = damage(directory)
+    if what is None:
+        return
+    root = os.path.dirname(os.path.abspath(directory))
+    number = os.path.basename(os.path.normpath(directory)).removeprefix("iter_")
+    older = newest_intact(root, below=int(number) if number.isdigit() else None)
+    way = (f"the newest intact one is {older}: resume from it with --load {older}" if older
+           else "no older intact checkpoint is left there")
+    raise UserError(f"checkpoint {directory} is damaged: {what}; {way}")
+
+
+def _load_tensors(state: dict, directory: str) -> dict:
+    """``dist_checkpointing.load`` that reports a damaged checkpoint in one line."""
+    try:
+        return dist_checkpointing.load(state, directory)
+    except Exception:
+        refuse_damaged(directory)
+        raise
+
+
 def run_facts(directory: str) -> dict[str, Any]:
     """The run facts (config, architecture, layout, ...) saved with ``directory``."""
     return common_state(directory)["run"]
@@ -98,7 +161,11 @@ def common_state(directory: str) -> dict[str, Any]:
     """Everything an iteration directory holds besides tensors: ``iteration``,
     ``consumed_samples``, ``run`` (the facts above), Megatron-LM's ``args``, and for a training
     checkpoint ``opt_param_scheduler``. Needs no process group."""
-    return dist_checkpointing.load_common_state_dict(directory)
+    try:
+        return dist_checkpointing.load_common_state_dict(directory)
+    except Exception:
+        refuse_damaged(directory)
+        raise
 
 
 def is_weights_only(common: dict[str, Any]) -> bool:
@@ -123,7 +190,7 @@ def load_checkpoint(directory: str, chunks: Sequence[torch.nn.Module],
     same_layout = common["run"]["layout"] == layout()
     if same_layout:
         state["rng_state"] = _rng_object()
-    loaded = dist_checkpointing.load(state, directory)
+    loaded = _load_tensors(state, directory)
     for k, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_model_key(k, len(chunks))])
     if new_schedule:
@@ -152,15 +219,15 @@ def load_model_weights(path: str, chunks: Sequence[torch.nn.Module],
     if differing:
         details = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in differing.items())
         raise UserError(f"checkpoint {directory} does not match the model: {details}")
-    loaded = dist_checkpointing.load(_model_state(chunks), directory)
+    loaded = _load_tensors(_model_state(chunks), directory)
     for k, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_model_key(k, len(chunks))])
     return directory
 
 
-def architecture(model_config: DictConfig, padded_vocab_size: int) -> dict[str, Any]:
+def architecture(model_config: "DictConfig | Model", padded_vocab_size: int) -> dict[str, Any]:
     """The facts a checkpoint must share with the model it is loaded into."""
-    facts = {key: model_config.get(key) for key in ARCHITECTURE_KEYS}
+    facts = {key: getattr(model_config, key) for key in ARCHITECTURE_KEYS}
     facts["padded_vocab_size"] = padded_vocab_size
     return facts
 

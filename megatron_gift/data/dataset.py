@@ -43,7 +43,9 @@ class SFTDataset:
 
     ``len()`` counts sequences. ``num_records``, ``num_samples``, ``truncated`` (samples cut to
     ``seq_length + 1`` tokens), ``skipped`` (malformed records left out) and
-    ``skipped_examples`` (the first few, ``"place: reason"``) describe what was read;
+    ``skipped_examples`` (the first few, ``"place: reason"``), ``emptied`` (samples that
+    truncation left without a loss token) and ``longest_prompt`` (tokens before the first loss
+    token, longest over the emptied samples) describe what was read;
     ``cache_path`` is the cache file and ``built`` whether this process wrote it.
     """
 
@@ -55,7 +57,7 @@ class SFTDataset:
                                      ("malformed", malformed, MALFORMED)):
             if value not in choices:
                 raise UserError(f"data.{name} must be one of {choices}, got {value!r}")
-        self.seq_length, self.pack = seq_length, bool(pack)
+        self.path, self.seq_length, self.pack = path, seq_length, bool(pack)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         fields = Fields(prompt_field, response_field, messages_field, text_field)
         options = {"split": split, "seq_length": seq_length, "overlong": overlong,
@@ -68,6 +70,7 @@ class SFTDataset:
         info = json.loads(table.schema.metadata[b"megatron_gift"])
         self.num_records, self.truncated = info["records"], info["truncated"]
         self.skipped, self.skipped_examples = info["skipped"], info["skipped_examples"]
+        self.emptied, self.longest_prompt = info["emptied"], info["longest_prompt"]
         ids, mask = (table.column(k).combine_chunks() for k in ("input_ids", "loss_mask"))
         self._offsets, self._ids, self._mask = (
             ids.offsets.to_numpy(), ids.values.to_numpy(), mask.values.to_numpy())
@@ -138,6 +141,7 @@ def _tokenize(path, tokenizer, fields, *, split, seq_length, overlong, malformed
     lists, ``sequence`` (the number of the sequence each sample goes to), rows in sequence
     order; counts in the schema metadata."""
     samples, skipped, truncated, records = [], [], 0, 0
+    emptied, longest_prompt = 0, 0
     for place, example in read_examples(path, fields, split):
         records += 1
         if not isinstance(example, Malformed):
@@ -149,8 +153,9 @@ def _tokenize(path, tokenizer, fields, *, split, seq_length, overlong, malformed
                 raise UserError(f"{place}: {error}") from None
         if isinstance(example, Malformed):
             if malformed == "reject":
-                raise UserError(f"{place}: {example} (data.malformed=reject; set it to skip "
-                                 "to leave such records out)")
+                raise UserError(f"{place}: {example} (data.malformed=reject; set "
+                                 "data.malformed=skip, flag --malformed skip, to leave such "
+                                 "records out)")
             skipped.append(f"{place}: {example}")
             continue
         ids, mask = example
@@ -158,6 +163,9 @@ def _tokenize(path, tokenizer, fields, *, split, seq_length, overlong, malformed
             if overlong == "reject":
                 raise UserError(f"{place}: {len(ids)} tokens exceed seq_length + 1 = "
                                  f"{seq_length + 1} (data.overlong=reject; use truncate to cut)")
+            if any(mask[1:]) and not any(mask[1: seq_length + 1]):
+                emptied += 1
+                longest_prompt = max(longest_prompt, list(mask[1:]).index(True) + 1)
             ids, mask = ids[: seq_length + 1], mask[: seq_length + 1]
             truncated += 1
         samples.append((ids, mask))
@@ -167,7 +175,8 @@ def _tokenize(path, tokenizer, fields, *, split, seq_length, overlong, malformed
     bins = (pack_samples([len(ids) - 1 for ids, _ in samples], seq_length) if pack
             else [[i] for i in range(len(samples))])
     order = [i for b in bins for i in b]
-    info = {"records": records, "truncated": truncated, "skipped": len(skipped),
+    info = {"records": records, "truncated": truncated, "emptied": emptied,
+            "longest_prompt": longest_prompt, "skipped": len(skipped),
             "skipped_examples": skipped[:_REPORTED_SKIPS]}
     return pa.table({
         "input_ids": _lists([samples[i][0] for i in order], np.int32),

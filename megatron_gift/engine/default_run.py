@@ -51,10 +51,12 @@ def gift_overrides(run_dir: str) -> dict:
         "training": {"train_iters": 60, "micro_batch_size": 8, "global_batch_size": 16,
                      "eval_interval": 20, "eval_iters": 2},
         "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "lr_decay_style": "constant"},
+        # --save and --load the same directory: a second start continues the run (or says
+        # it finished); metrics and TensorBoard go under it (run_spec's defaults).
         "checkpoint": {"pretrained_checkpoint": os.path.join(run_dir, "base"),
-                       "save": os.path.join(run_dir, "gift"), "save_interval": 20},
-        "logging": {"metrics_file": os.path.join(run_dir, "gift_metrics.jsonl"),
-                    "tensorboard_dir": os.path.join(run_dir, "tensorboard"), "log_interval": 1},
+                       "save": os.path.join(run_dir, "gift"), "load": os.path.join(run_dir, "gift"),
+                       "save_interval": 20},
+        "logging": {"log_interval": 1},
     }
 
 

@@ -2,20 +2,24 @@
 
 * ``--load DIR`` holding a saved run: that run continues. Its stored config (data, batch,
   sequence length, model, optimizer, ...) is the starting point; a recipe, flags and overrides
-  given now apply over it, and the keys that differ from the saved run are reported.
+  given now apply over it, and the keys that differ from the saved run are reported. Where it
+  writes is not inherited: the run's own directory (or ``--save``, a branch) decides
+  (:func:`megatron_gift.engine.run_spec.inherited_config`).
 * ``--config`` or ``--train-path``: the job they describe.
 * neither: the embedded default job (:mod:`megatron_gift.engine.default_run`).
 """
 
 import logging
+import os
 from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_gift.config import parse_config
-from megatron_gift.core.paths import latest_checkpoint
+from megatron_gift.core.paths import run_root
 from megatron_gift.engine import default_run
-from megatron_gift.errors import UserError
+from megatron_gift.engine.run_spec import inherited_config, resume_point
+from megatron_gift.engine.run_spec import saved_config as stored_config
 from megatron_gift.platform.te import refuse_fp8_without_te
 
 log = logging.getLogger(__name__)
@@ -25,17 +29,18 @@ def job_config(argv: Sequence[str]) -> DictConfig:
     """The validated config of the job ``argv`` names (see the module docstring); prepares the
     embedded default job's data and base model when that is the job."""
     argv = list(argv)
-    load = parse_config(argv).checkpoint.load
-    saved = saved_config(load)
+    given = parse_config(argv).checkpoint
+    saved = saved_config(given.load, given.save)
     if saved is not None:
-        config = parse_config(argv, defaults=saved)
+        run_dir = os.path.abspath(given.save or run_root(given.load))
+        config = parse_config(argv, defaults=inherited_config(saved, run_dir))
         changed = changed_keys(saved, config)
-        log.info(f"continuing the run saved in {load}"
+        log.info(f"continuing the run saved in {given.load}"
                  + (f"; changed from it: {', '.join(changed)}" if changed else ""))
         return config
     if _names_its_job(argv):
         return parse_config(argv)
-    if load:
+    if given.load:
         from megatron_gift.engine.sources import check_paths
 
         check_paths(parse_config(argv))  # a --load with nothing to continue: say so
@@ -45,33 +50,26 @@ def job_config(argv: Sequence[str]) -> DictConfig:
     return config
 
 
-def saved_config(load: Optional[str]) -> Optional[dict]:
-    """The config stored with the newest checkpoint under ``load``, or None when there is none
-    yet (a first run with ``--load`` set to its own ``--save``). Raises UserError for a
-    weights-only checkpoint, which starts a run but cannot continue one."""
-    directory = latest_checkpoint(load)
-    if directory is None:
-        return None
-    from megatron_gift.core.checkpoint import common_state, is_weights_only
-
-    common = common_state(directory)
-    if is_weights_only(common):
-        source = common.get("run", {}).get("converted_from")
-        origin = f" (converted from {source})" if source else ""
-        raise UserError(f"--load {load}: {directory} holds weights only{origin}, no training state "
-                        f"to resume; pass it as --pretrained-checkpoint {load}")
-    return common["run"]["config"]
+def saved_config(load: Optional[str], save: Optional[str] = None) -> Optional[dict]:
+    """The config stored with the checkpoint ``--load`` continues (with ``--save``, for a job
+    that resumes itself; :func:`~megatron_gift.engine.run_spec.resume_point`), or None when
+    there is none yet. Raises UserError for a weights-only checkpoint."""
+    directory = resume_point(load, save, announce=False)
+    return None if directory is None else stored_config(directory)
 
 
 def changed_keys(saved: dict, config: DictConfig) -> list[str]:
-    """``section.key`` of every value ``config`` holds differently from ``saved``."""
+    """``section.key`` of every value ``config`` holds differently from ``saved`` (where the
+    run writes is not a change: it is where the run lies)."""
     now = OmegaConf.to_container(config)
     changed = []
     for section, values in now.items():
         for key, value in values.items():
             if key in saved.get(section, {}) and saved[section][key] != value:
                 changed.append(f"{section}.{key}")
-    return [k for k in changed if k != "checkpoint.load"]
+    placement = ("checkpoint.load", "checkpoint.save", "logging.metrics_file",
+                 "logging.tensorboard_dir")
+    return [k for k in changed if k not in placement]
 
 
 def _names_its_job(argv: Sequence[str]) -> bool:

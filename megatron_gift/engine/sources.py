@@ -42,7 +42,8 @@ def check_paths(config: DictConfig) -> None:
                 f"{flag} {path}: neither a Megatron checkpoint ({checkpoint.TRACKER} or "
                 "metadata.json) nor a Hugging Face model directory (config.json)")
     load = saved.load
-    if load and checkpoint.latest_checkpoint(load) is None and not _same_path(load, saved.save):
+    if load and checkpoint.latest_checkpoint(load) is None and not checkpoint.iterations(load) \
+            and not _same_path(load, saved.save):
         raise MissingFileError(
             f"--load {load}: no checkpoint there ({checkpoint.TRACKER} or metadata.json). "
             "Give the save directory of the run to continue; --pretrained-checkpoint for "
@@ -53,11 +54,12 @@ def _same_path(a: Optional[str], b: Optional[str]) -> bool:
     return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
-def resolve_model(config: DictConfig, tokenizer_size: int) -> DictConfig:
-    """Fill the ``model`` section from the HF config of the pretrained checkpoint (else of the
-    run being resumed) and make ``vocab_size`` and ``kv_channels`` concrete (in place);
-    returns ``config``."""
-    assets = hf_assets(model_source(config))
+def resolve_model(config: DictConfig, tokenizer_size: int,
+                  assets: Optional[str] = None) -> DictConfig:
+    """Fill the ``model`` section from the HF config in ``assets`` (default: the pretrained
+    checkpoint's, else the resumed run's) and make ``vocab_size`` and ``kv_channels``
+    concrete (in place); returns ``config``."""
+    assets = assets or hf_assets(model_source(config))
     model = config.model
     if assets is not None:
         model.update(model_section_from_hf(assets))
@@ -93,19 +95,20 @@ def megatron_checkpoint(source: Optional[str], converter: str = "auto",
     return source
 
 
-def conversion(config: DictConfig, reference_source: Optional[str]) -> dict:
+def conversion(config: DictConfig, reference_source: Optional[str],
+               recorded: Optional[dict] = None) -> dict:
     """``{"converted_from": [HF directories], "converter": "builtin" | "bridge"}`` for the run's
     Hugging Face sources (the pretrained checkpoint, the reference), settled before any work:
     ``--converter bridge`` without Megatron-Bridge fails here. A resumed run keeps its record.
-    Empty when no source is an HF directory."""
+    ``recorded``: the run facts of the checkpoint resumed. Empty when no source is an HF
+    directory."""
     hf_sources = [s for s in dict.fromkeys([config.checkpoint.pretrained_checkpoint,
                                             reference_source])
                   if s is not None and is_hf_directory(s)]
     if hf_sources:
         return {"converted_from": hf_sources,
                 "converter": convert.pick_converter(config.checkpoint.converter)}
-    resumed = checkpoint.latest_checkpoint(config.checkpoint.load)
-    recorded = checkpoint.run_facts(resumed) if resumed else {}
+    recorded = recorded or {}
     return {key: recorded[key] for key in ("converted_from", "converter")
             if recorded.get(key) is not None}
 

@@ -4,15 +4,14 @@ checkpoints, signals.
 ``train(config)`` runs one job under ``torchrun`` (or as a single process): tensor/pipeline/
 data parallel as configured, Megatron's DDP, optimizer and LR schedule, the co-located frozen
 reference (none when ``beta = inf``), checkpoints that resume exactly and reshard, and a clean
-save-and-exit on SIGTERM or Ctrl-C (:mod:`.signals`). :func:`setup` builds a :class:`Job` stage by stage:
+save-and-exit on SIGTERM or Ctrl-C (:mod:`.signals`). The run is first settled into a
+:class:`~megatron_gift.engine.run_spec.RunSpec` (resume point, save directory, sources and
+their fingerprints, the complete model section), before the lock is taken or anything is
+built; :func:`setup` then builds a :class:`Job` from it, stage by stage:
 
-1. ``_init_parallel_state``   Megatron's TP/PP/DP groups, seeds; ``_check_resume``: a run to
-                              continue holds training state, its schedule is unchanged (or
-                              ``--override-opt-param-scheduler``)
-2. ``_reference_source``      where the reference comes from, checked against the student's
-                              source before anything is converted, built or written; the
-                              converter for HF sources (``--converter``)
-3. ``_load_data``             tokenizer, the model section completed from the sources, data sets
+1. ``_init_parallel_state``   Megatron's TP/PP/DP groups, seeds
+2. (conversion)               HF sources converted once into the cache (``--converter``)
+3. ``_load_data``             the data sets, tokenised with the run's tokenizer
 4. ``_build_models``          student chunks (+ reference chunks) on this rank's device
 5. ``_build_optimizer``       DDP wrappers, Megatron's optimizer and LR scheduler
 6. ``_restore_student``       resume a run, or load pretrained weights
@@ -39,33 +38,28 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_gift.config import from_container, is_sft
+from megatron_gift.config import is_sft
+from megatron_gift.config.schema import JobConfig, Training
 from megatron_gift.core import checkpoint, model as models
 from megatron_gift.data.dataset import SFTDataset, micro_batch_indices
 from megatron_gift.engine import pipeline, sources
-from megatron_gift.engine.job import saved_config
 from megatron_gift.engine.metrics import MetricsLogger
+from megatron_gift.engine.run_spec import RunSpec, portable_config, resolve
 from megatron_gift.engine.signals import StopOnSignal
 from megatron_gift.errors import UserError
-from megatron_gift.hf.architecture import hf_assets
-from megatron_gift.loss.passes import triton_can_run
 from megatron_gift.platform import console, te
-from megatron_gift.platform.distributed import (init_distributed, local_device,
-                                                world_size_from_env)
+from megatron_gift.platform.distributed import init_distributed, local_device
 from megatron_gift.platform.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 REPORTED = ("loss", "student_entropy", "target_mass", "student_label_prob")
-# What a resumed run may change only with --override-opt-param-scheduler.
-SCHEDULE_KEYS = ("optimizer.lr", "optimizer.min_lr", "optimizer.lr_warmup_iters",
-                 "optimizer.lr_decay_style", "training.train_iters")
 
 
 @dataclass
 class Job:
     """Everything a step needs, built once by :func:`setup`."""
 
-    config: DictConfig
+    spec: RunSpec
     tf_config: object  # megatron.core TransformerConfig
     chunks: list  # GiftModel per virtual stage
     ddp_chunks: list  # the DDP-wrapped students
@@ -75,19 +69,30 @@ class Job:
     valid_data: Optional[SFTDataset]
     iteration: int
     consumed_samples: int
-    reference_source: Optional[str]
-    conversion: dict  # the HF sources converted and the converter: sources.conversion
     micro_batches: int
-    vocab_size: int  # the real vocab; the model's is padded
+
+    @property
+    def config(self) -> JobConfig:
+        return self.spec.config
+
+    @property
+    def vocab_size(self) -> int:
+        """The real vocab; the model's is padded."""
+        return self.spec.config.model.vocab_size
 
 
 def train(config: DictConfig) -> int:
     """Run the job described by ``config`` (validated, from :mod:`megatron_gift.config`);
-    returns the last iteration. Raises UserError for a bad layout before any work."""
+    returns the last iteration. Raises UserError for a bad input before any work."""
     console.setup_logging(config.logging.log_level)
     console.quiet_third_party()
-    _check_before_start(config)
-    lock = RunLock(config.checkpoint.save) if config.checkpoint.save else None
+    spec = resolve(config)
+    if spec.finished:
+        log.info(f"the run in {spec.save} already finished: iteration {spec.start_iteration} of "
+                 f"{spec.config.training.train_iters}; nothing to do (to train further, raise "
+                 "--train-iters with --override-opt-param-scheduler)")
+        return spec.start_iteration
+    lock = RunLock(spec.save) if spec.save else None
     stop = StopOnSignal(on_exit_at_once=lock.release if lock else lambda: None)
     try:
         init_distributed()
@@ -96,7 +101,8 @@ def train(config: DictConfig) -> int:
         if lock is not None:
             _lock_save_dir(lock)
         log.info(console.describe_implementation())
-        job = setup(config)
+        log.info(spec.describe_places())
+        job = setup(spec)
         return run(job, stop)
     finally:
         stop.restore()
@@ -121,31 +127,31 @@ def _lock_save_dir(lock: RunLock) -> None:
         raise UserError(refusal[0])
 
 
-def setup(config: DictConfig) -> Job:
+def setup(spec: RunSpec) -> Job:
     """Parallel state, data, student (+ reference), optimizer; resumes or loads weights."""
+    config = spec.config
     _init_parallel_state(config)
     micro_batches = _micro_batches(config)
-    _check_resume(config)
-    reference_source = None if is_sft(config) else _reference_source(config)
-    conversion = sources.conversion(config, reference_source)
-    config, train_data, valid_data = _load_data(config)
-    tf_config, vocab, students, references = _build_models(config)
+    converter = config.checkpoint.converter
+    student_weights = sources.megatron_checkpoint(spec.student_source, converter)
+    reference_weights = sources.megatron_checkpoint(spec.reference_source, converter)
+    train_data, valid_data = _load_data(config, spec.tokenizer)
+    tf_config, vocab, students, references = _build_models(config, loads=bool(
+        spec.resume_from or spec.student_source))
     ddp_chunks, optimizer, scheduler = _build_optimizer(config, tf_config, students)
     arch = checkpoint.architecture(config.model, vocab)
-    iteration, consumed = _restore_student(config, ddp_chunks, optimizer, scheduler, arch)
+    iteration, consumed = _restore_student(spec, student_weights, ddp_chunks, optimizer,
+                                           scheduler, arch)
     if references is not None:
-        checkpoint.load_model_weights(
-            sources.megatron_checkpoint(reference_source, config.checkpoint.converter),
-            references, arch)
+        checkpoint.load_model_weights(reference_weights, references, arch)
     _connect_schedule(tf_config, ddp_chunks, optimizer)
     chunks = [models.GiftModel(s, r)
               for s, r in zip(ddp_chunks, references or [None] * len(ddp_chunks))]
-    return Job(config, tf_config, chunks, ddp_chunks, optimizer, scheduler, train_data, valid_data,
-               iteration, consumed, reference_source, conversion, micro_batches,
-               config.model.vocab_size)
+    return Job(spec, tf_config, chunks, ddp_chunks, optimizer, scheduler, train_data, valid_data,
+               iteration, consumed, micro_batches)
 
 
-def _init_parallel_state(config: DictConfig) -> None:
+def _init_parallel_state(config: JobConfig) -> None:
     parallel = config.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -161,7 +167,7 @@ def _init_parallel_state(config: DictConfig) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def _micro_batches(config: DictConfig) -> int:
+def _micro_batches(config: JobConfig) -> int:
     """Micro-batches per step on each data-parallel rank."""
     training = config.training
     dp = parallel_state.get_data_parallel_world_size()
@@ -173,10 +179,8 @@ def _micro_batches(config: DictConfig) -> int:
     return training.global_batch_size // (training.micro_batch_size * dp)
 
 
-def _load_data(config: DictConfig) -> tuple[DictConfig, SFTDataset, Optional[SFTDataset]]:
-    """The tokenizer, the model section completed from the run's sources, and the data sets."""
-    tokenizer = _load_tokenizer(config.model.tokenizer or hf_assets(sources.model_source(config)))
-    config = sources.resolve_model(config, len(tokenizer))
+def _load_data(config: JobConfig, tokenizer) -> tuple[SFTDataset, Optional[SFTDataset]]:
+    """The training and validation data sets, tokenised with the run's ``tokenizer``."""
     train_data = _dataset(config, config.data.train_path, tokenizer)
     valid_data = (_dataset(config, config.data.valid_path, tokenizer)
                   if config.data.valid_path else None)
@@ -184,9 +188,29 @@ def _load_data(config: DictConfig) -> tuple[DictConfig, SFTDataset, Optional[SFT
         if data is None:
             continue
         _check_token_ids(data, config.model.vocab_size)
+        _check_loss_tokens(data, config.model.seq_length)
         for line in _data_report(name, data, config.model.seq_length):
             log.info(line)
-    return config, train_data, valid_data
+    return train_data, valid_data
+
+
+EMPTIED_WARNING_SHARE = 0.05  # of the samples, truncated to no loss token: one warning line
+
+
+def _check_loss_tokens(data: SFTDataset, seq_length: int) -> None:
+    """Samples that truncation left without a loss token (a prompt as long as the sequence)
+    train nothing: all of them is refused, more than :data:`EMPTIED_WARNING_SHARE` warned."""
+    if not data.emptied:
+        return
+    what = (f"{data.emptied} of {data.num_samples} samples in {data.path} keep no response "
+            f"token after truncation to seq_length + 1 = {seq_length + 1} tokens (the longest "
+            f"prompt has {data.longest_prompt} tokens)")
+    fix = ("raise --seq-length, shorten the prompts, or set --overlong reject to refuse "
+           "overlong samples")
+    if data.emptied == data.num_samples:
+        raise UserError(f"{what}: nothing would be trained; {fix}")
+    if data.emptied > EMPTIED_WARNING_SHARE * data.num_samples:
+        log.warning(f"{what}: they train nothing; {fix}")
 
 
 def _check_token_ids(data: SFTDataset, vocab_size: int) -> None:
@@ -199,14 +223,13 @@ def _check_token_ids(data: SFTDataset, vocab_size: int) -> None:
                         "cache file")
 
 
-def _build_models(config: DictConfig) -> tuple[object, int, list, Optional[list]]:
-    """``(TransformerConfig, padded vocab, student chunks, reference chunks or None)``."""
+def _build_models(config: JobConfig, loads: bool) -> tuple[object, int, list, Optional[list]]:
+    """``(TransformerConfig, padded vocab, student chunks, reference chunks or None)``;
+    ``loads``: the student's weights are loaded next (resumed or pretrained)."""
     params_dtype = torch.bfloat16 if config.training.bf16 else torch.float32
     # Weights that are loaded next are not initialised first: the reference's always, the
     # student's when it resumes or starts from a pretrained checkpoint.
-    student_loads = bool(config.checkpoint.pretrained_checkpoint
-                         or checkpoint.latest_checkpoint(config.checkpoint.load))
-    tf_config = models.transformer_config(config, params_dtype, initialize=not student_loads)
+    tf_config = models.transformer_config(config, params_dtype, initialize=not loads)
     vocab = models.padded_vocab_size(config.model.vocab_size, config)
     device = local_device()
     students = models.build_chunks(config, tf_config, vocab, device)
@@ -225,7 +248,7 @@ def _build_models(config: DictConfig) -> tuple[object, int, list, Optional[list]
     return tf_config, vocab, students, references
 
 
-def _build_optimizer(config: DictConfig, tf_config, students: list) -> tuple[list, object, object]:
+def _build_optimizer(config: JobConfig, tf_config, students: list) -> tuple[list, object, object]:
     """DDP-wrapped students, Megatron's optimizer over them, and its LR scheduler."""
     parallel = config.parallel
     ddp_config = DistributedDataParallelConfig(
@@ -242,58 +265,22 @@ def _build_optimizer(config: DictConfig, tf_config, students: list) -> tuple[lis
     return ddp_chunks, optimizer, _scheduler(config, optimizer)
 
 
-def _check_resume(config: DictConfig) -> None:
-    """On resume: ``--load`` must hold a training checkpoint (not weights only), and a changed
-    learning-rate schedule is refused unless the run says to take it (Megatron-Core would keep
-    the checkpoint's schedule, and not find its param groups under a new lr)."""
-    saved = saved_config(config.checkpoint.load)
-    if saved is None or config.optimizer.override_opt_param_scheduler:
-        return
-    saved = from_container(saved)
-    changed = [f"{key} {OmegaConf.select(saved, key)} -> {OmegaConf.select(config, key)}"
-               for key in SCHEDULE_KEYS
-               if OmegaConf.select(saved, key) != OmegaConf.select(config, key)]
-    if changed:
-        raise UserError(f"resuming {config.checkpoint.load} with a changed schedule "
-                        f"({'; '.join(changed)}): pass --override-opt-param-scheduler to take "
-                        "the new values, or drop the changes to continue the saved schedule")
-
-
-def _reference_source(config: DictConfig) -> str:
-    """The frozen reference's source: ``--reference-load``, else the resumed run's, else the
-    pretrained checkpoint (never the run's own checkpoint: the reference is the base model).
-    Refused when it differs from the student's source in dtype, vocab or architecture (read
-    from configs, before any conversion)."""
-    resumed = checkpoint.latest_checkpoint(config.checkpoint.load)
-    recorded = checkpoint.run_facts(resumed).get("reference_source") if resumed else None
-    pretrained = config.checkpoint.pretrained_checkpoint
-    source = config.gift.reference_load or recorded or pretrained
-    if source is None:
-        raise UserError("GIFT with finite beta needs a reference: set --reference-load or "
-                        "--pretrained-checkpoint (or --gift-beta inf for plain SFT)")
-    sources.check_reference_matches(pretrained, source)
-    return source
-
-
-def _restore_student(config: DictConfig, ddp_chunks: list, optimizer, scheduler,
-                     arch: dict) -> tuple[int, int]:
-    """Resume from ``--load`` (everything) or load ``--pretrained-checkpoint`` (weights);
-    returns ``(iteration, consumed_samples)``."""
-    resume_from = checkpoint.latest_checkpoint(config.checkpoint.load)
-    if resume_from is not None:
-        log.info(f"resuming from {resume_from}")
+def _restore_student(spec: RunSpec, weights: Optional[str], ddp_chunks: list, optimizer,
+                     scheduler, arch: dict) -> tuple[int, int]:
+    """Resume ``spec.resume_from`` (everything) or load the initial ``weights`` (a Megatron
+    checkpoint); returns ``(iteration, consumed_samples)``."""
+    if spec.resume_from is not None:
+        log.info(f"resuming from {spec.resume_from}")
         iteration, consumed, _ = checkpoint.load_checkpoint(
-            resume_from, ddp_chunks, optimizer, scheduler,
-            new_schedule=config.optimizer.override_opt_param_scheduler)
+            spec.resume_from, ddp_chunks, optimizer, scheduler,
+            new_schedule=spec.config.optimizer.override_opt_param_scheduler)
         return iteration, consumed
-    pretrained = config.checkpoint.pretrained_checkpoint
-    if pretrained:
-        source = sources.megatron_checkpoint(pretrained, config.checkpoint.converter)
-        checkpoint.load_model_weights(source, [models.unwrap(c) for c in ddp_chunks], arch)
+    if weights:
+        checkpoint.load_model_weights(weights, [models.unwrap(c) for c in ddp_chunks], arch)
         for chunk in ddp_chunks:
             chunk.broadcast_params()
         optimizer.reload_model_params()
-        log.info(f"student initialised from {pretrained}")
+        log.info(f"student initialised from {spec.student_source}")
     return 0, 0
 
 
@@ -369,10 +356,10 @@ def _record_config(job: Job) -> None:
     directory = os.path.join(save, "configs")
     os.makedirs(directory, exist_ok=True)
     name = f"start-{job.iteration:07d}-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
-    OmegaConf.save(job.config, os.path.join(directory, name))
+    OmegaConf.save(OmegaConf.structured(job.config), os.path.join(directory, name))
 
 
-def _time_is_up(training: DictConfig, started: float) -> bool:
+def _time_is_up(training: Training, started: float) -> bool:
     """Whether this rank has trained ``exit_duration_in_mins`` (Megatron-LM's flag)."""
     minutes = training.exit_duration_in_mins
     return minutes is not None and time.monotonic() - started >= 60 * minutes
@@ -454,7 +441,7 @@ def _run_schedule(job: Job, batches: list, forward_only: bool, step) -> list:
         adjust_tensor_shapes_fn=adjust)
 
 
-def _packs_thd(config: DictConfig) -> bool:
+def _packs_thd(config: JobConfig) -> bool:
     """Packed data on Transformer Engine's layers: the "thd" format (TE ignores the local
     layers' block-diagonal mask); the local layers take the mask."""
     return config.data.pack and te.available()
@@ -481,55 +468,31 @@ def _reduce_reports(reports: list, keys: tuple, device: torch.device,
 
 
 def _save(job: Job) -> None:
-    config = job.config
-    run_facts = {"config": OmegaConf.to_container(config), "layout": checkpoint.layout(),
+    """Save the step; a write that fails (a full disk, a lost mount) is one line, and the
+    tracker keeps naming the last complete checkpoint."""
+    spec, config = job.spec, job.config
+    run_facts = {"config": portable_config(config), "layout": checkpoint.layout(),
                  "architecture": checkpoint.architecture(
                      config.model, models.unwrap(job.ddp_chunks[0]).vocab_size),
-                 "reference_source": job.reference_source, **job.conversion}
-    checkpoint.save_checkpoint(config.checkpoint.save, job.iteration, job.ddp_chunks,
-                               job.optimizer, job.scheduler, job.consumed_samples, run_facts)
-    if dist.get_rank() == 0:
-        sources.copy_assets(sources.model_source(config), config.checkpoint.save)
+                 "reference_source": spec.reference_source, "fingerprints": spec.fingerprints,
+                 **spec.conversion}
+    save = config.checkpoint.save
+    try:
+        checkpoint.save_checkpoint(save, job.iteration, job.ddp_chunks, job.optimizer,
+                                   job.scheduler, job.consumed_samples, run_facts)
+        if dist.get_rank() == 0:
+            sources.copy_assets(sources.model_source(config), save)
+    except OSError as error:
+        kept = checkpoint.latest_checkpoint(save)
+        raise UserError(f"saving iteration {job.iteration} to {save} failed: "
+                        f"{error.strerror or error}; "
+                        + (f"the newest complete checkpoint is still {kept}: free the space "
+                           f"and resume with --load {save}" if kept else
+                           "no complete checkpoint was written: free the space and start "
+                           "again")) from None
 
 
-def _check_before_start(config: DictConfig) -> None:
-    """Facts that need no process group: every path the run reads is there, the layout fits
-    the world, the device can run it."""
-    te.refuse_fp8_without_te(config)
-    sources.check_paths(config)
-    parallel, cuda = config.parallel, torch.cuda.is_available()
-    if parallel.use_distributed_optimizer and not cuda:
-        raise UserError("parallel.use_distributed_optimizer needs CUDA: Megatron-Core's "
-                        "DistributedOptimizer accepts only CUDA parameters "
-                        "(drop --use-distributed-optimizer)")
-    if parallel.context_parallel_size > 1 and not (cuda and te.available()):
-        raise UserError(f"parallel.context_parallel_size={parallel.context_parallel_size} needs "
-                        "Transformer Engine's attention on CUDA, which this machine lacks "
-                        "(--context-parallel-size 1)")
-    if config.gift.loss_implementation == "triton":
-        why_not = triton_can_run(torch.device("cuda" if cuda else "cpu"))
-        if why_not:
-            raise UserError(f"gift.loss_implementation=triton cannot run here: {why_not} "
-                            "(--gift-loss-implementation auto)")
-    world = world_size_from_env()
-    tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                  parallel.context_parallel_size)
-    if world % (tp * pp * cp):
-        raise UserError(f"world size {world} is not divisible by tensor x pipeline x context "
-                        f"parallel size = {tp} x {pp} x {cp} (--tensor-model-parallel-size, "
-                        "--pipeline-model-parallel-size, --context-parallel-size, "
-                        "torchrun --nproc-per-node)")
-
-
-def _load_tokenizer(path: Optional[str]):
-    from transformers import AutoTokenizer
-
-    from megatron_gift.data.synthetic import TOKENIZER_DIR
-
-    return AutoTokenizer.from_pretrained(path or TOKENIZER_DIR)
-
-
-def _dataset(config: DictConfig, path: Optional[str], tokenizer) -> SFTDataset:
+def _dataset(config: JobConfig, path: Optional[str], tokenizer) -> SFTDataset:
     if path is None:
         raise UserError("data.train_path (--train-path) is required")
     data = config.data
@@ -554,7 +517,7 @@ def _data_report(name: str, data: SFTDataset, seq_length: int) -> list[str]:
     return lines
 
 
-def _optimizer_config(config: DictConfig, params_dtype: torch.dtype) -> OptimizerConfig:
+def _optimizer_config(config: JobConfig, params_dtype: torch.dtype) -> OptimizerConfig:
     opt = config.optimizer
     return OptimizerConfig(
         optimizer=opt.optimizer, lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
@@ -563,7 +526,7 @@ def _optimizer_config(config: DictConfig, params_dtype: torch.dtype) -> Optimize
         use_distributed_optimizer=config.parallel.use_distributed_optimizer)
 
 
-def _scheduler(config: DictConfig, optimizer) -> OptimizerParamScheduler:
+def _scheduler(config: JobConfig, optimizer) -> OptimizerParamScheduler:
     opt, iters = config.optimizer, config.training.train_iters
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0 if opt.lr_warmup_iters else opt.lr, max_lr=opt.lr,
@@ -578,7 +541,7 @@ def _describe(job: Job) -> str:
     config, p = job.config, job.config.parallel
     mode = "SFT (beta=inf, no reference)" if is_sft(config) else (
         f"GIFT beta={config.gift.beta} lambda={config.gift.smooth_lambda}, reference "
-        f"{job.reference_source}")
+        f"{job.spec.reference_source}")
     vpp = p.virtual_pipeline_model_parallel_size
     return (f"{mode}; TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size}"
             f"{f' VPP={vpp}' if vpp else ''} DP={parallel_state.get_data_parallel_world_size()}; "
