@@ -600,3 +600,31 @@ def test_a_data_error_on_two_ranks_leaves_nothing_in_the_cache(tmp_path):
     with pytest.raises(Exception, match="d.jsonl:1"):
         train_on_ranks(overrides, world_size=2)
     assert not (tmp_path / "c").exists() or os.listdir(tmp_path / "c") == []
+
+
+def test_samples_truncated_to_no_response_token_are_refused_or_warned(tmp_path, tokenizer,
+                                                                      monkeypatch):
+    """Prompts as long as the sequence leave nothing to learn after truncation: all of them is
+    refused before training (file, count, longest prompt, the flags to change), a share above
+    5% gets one warning line."""
+    from megatron_gift.engine import trainer
+
+    warnings = []
+    monkeypatch.setattr(trainer.log, "warning", warnings.append)
+    long_prompt = " ".join(["1 + 2"] * 12)  # 36 words + bos: longer than seq_length + 1 = 17
+    records = [{"prompt": long_prompt, "response": "3"}] * 4
+    path = _jsonl(tmp_path / "long.jsonl", records)
+    data = SFTDataset(path, tokenizer, 16)
+    assert (data.emptied, data.longest_prompt, data.truncated) == (4, 37, 4)
+    with pytest.raises(UserError, match=f"4 of 4 samples in {path} keep no response token after "
+                                        "truncation to seq_length \\+ 1 = 17 tokens \\(the "
+                                        "longest prompt has 37 tokens\\): nothing would be "
+                                        "trained; raise --seq-length"):
+        trainer._check_loss_tokens(data, 16)
+    short = [{"prompt": "1 + 2", "response": "3"}]
+    trainer._check_loss_tokens(SFTDataset(_jsonl(tmp_path / "mixed.jsonl", records[:1] + short * 9),
+                                          tokenizer, 16), 16)
+    assert len(warnings) == 1 and "1 of 10 samples" in warnings[0]
+    trainer._check_loss_tokens(SFTDataset(_jsonl(tmp_path / "few.jsonl", records[:1] + short * 30),
+                                          tokenizer, 16), 16)
+    assert len(warnings) == 1  # 1 in 31 is under 5%: no line

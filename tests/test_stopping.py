@@ -200,3 +200,40 @@ def test_saving_starts_no_process(tmp_path):
     are synchronous and keep their results in process."""
     run_distributed(1, _save_twice_in_one_process, str(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / TRACKER).read_text() == "2"
+
+
+def _children(pid):
+    """The pids of ``pid``'s child processes (Linux /proc)."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return children
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_whose_launcher_is_killed_stop_with_a_complete_checkpoint(tiny_world, tmp_path):
+    """``kill -9`` of torchrun forwards nothing: its workers notice their parent is gone, stop
+    after the step they are in and save it whole, instead of training on in the background."""
+    recipe = _recipe(tiny_world, tmp_path)
+    launcher = _torchrun(recipe, tmp_path, "--save-interval", "1000")
+    _wait_for(lambda: _iterations_logged(tmp_path / "metrics.jsonl") >= 3, launcher)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 120
+    while any(map(_alive, workers)):
+        assert time.time() < deadline, "the workers trained on after their launcher died"
+        time.sleep(0.1)
+    saved = _saved_iteration(tmp_path)
+    assert saved >= 3 and saved == _last_logged_iteration(tmp_path)
+    assert saved < 100000
+    assert "stopped by the launcher exiting after iteration" in (tmp_path / "torchrun.log").read_text()

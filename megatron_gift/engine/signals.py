@@ -14,6 +14,10 @@ first Ctrl-C while training  the same: finish the step, save it, exit        0
 a second Ctrl-C              exit at once, without saving                    130
 ===========================  ==============================================  ===========
 
+A launcher that dies without forwarding anything (``kill -9`` of torchrun) is noticed too: a
+worker started by torchrun whose parent process is gone stops as on SIGTERM, after the step it
+is in, with a complete checkpoint (no worker trains on in the background).
+
 The signal may reach every rank (SLURM, a terminal's Ctrl-C) or only the launcher (``kill``,
 ``docker stop``, Kubernetes): torchrun forwards SIGTERM and SIGINT to its workers. A terminal's
 Ctrl-C therefore arrives twice at each worker (from the terminal and from torchrun): a SIGINT
@@ -53,6 +57,8 @@ class StopOnSignal:
         self._first_at = 0.0
         self._on_exit_at_once = on_exit_at_once
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        # torchrun's workers are its children: a new parent means the launcher is gone.
+        self._launcher = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
 
     def start_training(self, device: torch.device) -> None:
         """From now on a signal means: save at the end of the step. ``device``: where the
@@ -63,15 +69,22 @@ class StopOnSignal:
 
     def requested(self, time_is_up: bool = False) -> Optional[str]:
         """Why every rank stops now: the name of the stop signal any rank received
-        (``"SIGTERM"``), else ``"the exit duration"`` when ``time_is_up`` on any rank, else None.
-        One MAX all-reduce."""
-        flags = torch.tensor([self.signum or 0, int(time_is_up)], dtype=torch.int32,
-                             device=self.device)
+        (``"SIGTERM"``), else ``"the launcher exiting"`` when any rank lost its launcher, else
+        ``"the exit duration"`` when ``time_is_up`` on any rank, else None. One MAX
+        all-reduce."""
+        flags = torch.tensor([self.signum or 0, int(self.launcher_gone()), int(time_is_up)],
+                             dtype=torch.int32, device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        received, time_up = (int(v) for v in flags.tolist())
+        received, orphaned, time_up = (int(v) for v in flags.tolist())
         if received:
             return signal.Signals(received).name
+        if orphaned:
+            return "the launcher exiting"
         return "the exit duration" if time_up else None
+
+    def launcher_gone(self) -> bool:
+        """True when this worker's torchrun launcher has died (it has another parent now)."""
+        return self._launcher is not None and os.getppid() != self._launcher
 
     def restore(self) -> None:
         """Put back the handlers that were installed before."""
