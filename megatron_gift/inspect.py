@@ -28,10 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 def describe(path: str) -> dict[str, Any]:
     """The facts of the newest checkpoint under ``path`` as a plain dict."""
     from megatron_gift.core.checkpoint import common_state, is_weights_only
-    from megatron_gift.core.paths import TRACKER, latest_checkpoint
+    from megatron_gift.core.paths import TRACKER
+    from megatron_gift.engine.run_spec import resume_point
     from megatron_gift.errors import MissingFileError
 
-    directory = latest_checkpoint(path)
+    directory = resume_point(path, path, announce=False)  # the checkpoint a resume would take
     if directory is None:
         raise MissingFileError(f"{path}: no checkpoint ({TRACKER} or metadata.json)")
     common = common_state(directory)
@@ -43,6 +44,7 @@ def describe(path: str) -> dict[str, Any]:
             "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                        "data_parallel_size": dp},
             "reference_source": run.get("reference_source"),
+            "fingerprints": run.get("fingerprints"),
             "converted_from": run.get("converted_from"), "converter": run.get("converter"),
             "architecture": run.get("architecture"), "config": run.get("config")}
 
@@ -60,6 +62,9 @@ def as_text(facts: dict[str, Any]) -> str:
              "(loads at any layout)"]
     if facts["reference_source"]:
         lines.append(f"reference         {facts['reference_source']}")
+    if facts["fingerprints"]:
+        lines.append("fingerprints      " + ", ".join(
+            f"{k} {v}" for k, v in facts["fingerprints"].items() if v is not None))
     if facts["converted_from"]:
         converted = facts["converted_from"]
         converted = ", ".join(converted) if isinstance(converted, list) else converted

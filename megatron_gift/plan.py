@@ -7,7 +7,8 @@
     python -m megatron_gift.plan --num-layers 32 --hidden-size 4096 ... --gpu-memory-gib 141
 
 takes the training command's recipe, flags and ``section.key=value`` overrides, builds nothing
-and reads no model or data file (the recipe's model section carries the architecture). For each
+and reads no weights or data: the architecture is the model section, completed from the base's
+HF config.json as training completes it (``--pretrained-checkpoint HF_DIR``). For each
 pipeline stage, worst first, it prints the bytes per GPU of the student's weights, gradients and
 optimizer state, the frozen reference's weights, the activations the schedule keeps in flight,
 the pipeline buffers (the reference's half included) and the loss buffers, then whether the
@@ -127,7 +128,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise UserError(f"--gpu-memory-gib must be a positive finite number of GiB, got "
                         f"{own.gpu_memory_gib} (e.g. --gpu-memory-gib 80 for an H100 80GB)")
     quiet_third_party()
-    config = parse_config(rest)
+    from megatron_gift.engine.run_spec import complete_model_section
+
+    config = complete_model_section(parse_config(rest))
     run = memory.run_from_config(config, own.num_gpus)
     result = memory.plan(run, int(own.gpu_memory_gib * memory.GIB))
     print(json.dumps(result.as_dict(), indent=1) if own.json else as_text(result))

@@ -666,3 +666,23 @@ def test_every_shipped_recipe_validates_and_fits_by_its_own_planner():
             assert config.gift.smooth_lambda == (0.01 if "llama" in path else 0.0)
             assert gpus in ((8,) if re.search(r"-[78]b-", path) else (32, 64))
             assert config.checkpoint.pretrained_checkpoint.startswith("/models/")
+
+
+def test_the_architecture_is_read_from_a_hugging_face_base_as_training_reads_it(tmp_path, capsys):
+    """``--pretrained-checkpoint HF_DIR`` gives the planner the base's architecture (counted
+    as transformers counts its parameters); a model flag that contradicts it is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from test_hf_conversion import make_hf_model
+
+    make_hf_model(tmp_path / "hf", "llama")
+    code, out, _ = _command(capsys, "--pretrained-checkpoint", str(tmp_path / "hf"),
+                            "--seq-length", "32", "--json")
+    assert code == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    expected = sum(p.numel() for p in hf.parameters())
+    planned = json.loads(out)["parameters"]["student_total"]
+    assert abs(planned - expected) <= 128 * 64 * 2  # the vocab padded to a multiple of 128
+    code, _, err = _command(capsys, "--pretrained-checkpoint", str(tmp_path / "hf"),
+                            "--num-layers", "3")
+    assert code == 2 and "model.num_layers=3 (--num-layers) contradicts the base model's 2" in err

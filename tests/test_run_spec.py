@@ -263,3 +263,13 @@ def test_a_copy_resumed_from_another_directory_leaves_the_original_alone(run, tm
     assert not any(elsewhere.iterdir())
     with open(copy / "metrics.jsonl") as f:
         assert [json.loads(line)["iteration"] for line in f] == [1, 2, 3]
+
+
+def test_inspect_shows_the_checkpoint_a_resume_would_take_and_its_fingerprints(run):
+    from megatron_gift.inspect import as_text, describe
+
+    os.remove(run / "latest_checkpointed_iteration.txt")
+    facts = describe(str(run))
+    assert facts["directory"] == str(run / "iter_0000002") and facts["iteration"] == 2
+    assert set(facts["fingerprints"]) == {"base", "reference", "tokenizer", "vocab"}
+    assert "fingerprints      base " in as_text(facts)

@@ -136,6 +136,19 @@ def resolve(config: DictConfig) -> RunSpec:
                    fingerprints=fingerprints)
 
 
+def complete_model_section(config: DictConfig) -> DictConfig:
+    """``config`` with its model section completed from the HF config of its base (or of the
+    run ``--load`` continues), as :func:`resolve` completes it, reading no weights and no data:
+    for the memory planner. Without HF assets the model section is returned as given."""
+    config = _absolute_paths(config)
+    resume_from = resume_point(config.checkpoint.load, config.checkpoint.save, announce=False)
+    assets = _model_assets(config, resume_from)
+    if assets is None:
+        return config
+    tokenizer = load_tokenizer(config.model.tokenizer or assets)
+    return _complete_model(config, len(tokenizer), assets)
+
+
 def resume_point(load: Optional[str], save: Optional[str], announce: bool = True) -> Optional[str]:
     """The intact iteration directory that ``--load`` continues, or None for a new run.
 
