@@ -233,15 +233,24 @@ def test_a_damaged_checkpoint_is_named_with_the_newest_intact_one(run, damage):
     assert spec.start_iteration == 1 and spec.save == str(run)
 
 
-@pytest.mark.parametrize("place", ["file", "read-only"])
-def test_a_save_directory_that_cannot_be_written_is_named(tiny_world, tmp_path, finished,
-                                                          place):
-    save = tmp_path / "a-file" if place == "file" else "/sys/megatron_gift_run"
+@pytest.mark.parametrize("place", ["file", "read-only", "read-only cache"])
+def test_a_save_directory_or_cache_that_cannot_be_written_is_named(tiny_world, tmp_path,
+                                                                   finished, place):
+    """/sys refuses new files even to root (permissions alone would not tell)."""
+    save, cache = tmp_path / "new", tmp_path / "cache"
     if place == "file":
         save.write_text("")
-    what = "is a file, not a directory" if place == "file" else "cannot be written"
-    with pytest.raises(UserError, match=f"--save {save} {what}"):
-        _resolve(["--config", _recipe(tmp_path, tiny_world, finished / "base"), "--save", save])
+    elif place == "read-only":
+        save = "/sys/megatron_gift_run"
+    else:
+        cache = "/sys/megatron_gift_cache"
+    expected = {"file": f"--save {save} is a file, not a directory: give another --save",
+                "read-only": f"--save {save} cannot be written \\(Permission denied\\)",
+                "read-only cache": f"the data cache {cache} cannot be written \\(Permission "
+                                   "denied\\): set --cache-dir or MEGATRON_GIFT_CACHE"}[place]
+    with pytest.raises(UserError, match=expected):
+        _resolve(["--config", _recipe(tmp_path, tiny_world, finished / "base"), "--save", save,
+                  "--cache-dir", cache])
 
 
 @pytest.mark.slow
@@ -273,3 +282,28 @@ def test_inspect_shows_the_checkpoint_a_resume_would_take_and_its_fingerprints(r
     assert facts["directory"] == str(run / "iter_0000002") and facts["iteration"] == 2
     assert set(facts["fingerprints"]) == {"base", "reference", "tokenizer", "vocab"}
     assert "fingerprints      base " in as_text(facts)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.1 MB tmpfs: room for one checkpoint of the tiny run, not two (needs root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_the_tracker_keeps_the_last_complete_checkpoint(
+        tiny_world, finished, small_disk):
+    save = small_disk / "run"
+    overrides = _overrides(tiny_world, finished / "base", save=str(save), save_interval=1)
+    with pytest.raises(Exception, match=f"saving iteration 2 to {save} failed: the file system "
+                                        f"is full .*the newest complete checkpoint is still "
+                                        f"{save}/iter_0000001: free the space and resume with "
+                                        f"--load {save}"):
+        train_on_ranks(overrides)
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "1"

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +38,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_gift.config import is_sft
 from megatron_gift.config.schema import JobConfig, Training
@@ -482,14 +484,30 @@ def _save(job: Job) -> None:
                                    job.scheduler, job.consumed_samples, run_facts)
         if dist.get_rank() == 0:
             sources.copy_assets(sources.model_source(config), save)
-    except OSError as error:
+    except (Exception, CheckpointException) as error:  # the latter is a BaseException
+        why = _why_save_failed(save, error)
+        if why is None:
+            raise
         kept = checkpoint.latest_checkpoint(save)
-        raise UserError(f"saving iteration {job.iteration} to {save} failed: "
-                        f"{error.strerror or error}; "
+        raise UserError(f"saving iteration {job.iteration} to {save} failed: {why}; "
                         + (f"the newest complete checkpoint is still {kept}: free the space "
                            f"and resume with --load {save}" if kept else
                            "no complete checkpoint was written: free the space and start "
                            "again")) from None
+
+
+def _why_save_failed(save: str, error: BaseException) -> Optional[str]:
+    """What the file system did to a save (an OSError, or a full disk behind the exception
+    torch.distributed.checkpoint wraps its writers' failures in), or None for anything else."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    free = shutil.disk_usage(save).free
+    newest = checkpoint.latest_checkpoint(save)
+    needed = sum(os.path.getsize(os.path.join(newest, name)) for name in os.listdir(newest)) \
+        if newest else 1 << 20
+    if free < needed:
+        return f"the file system is full ({free} bytes free, a checkpoint takes {needed})"
+    return None
 
 
 def _dataset(config: JobConfig, path: Optional[str], tokenizer) -> SFTDataset:
