@@ -115,9 +115,10 @@ def resolve(config: DictConfig) -> RunSpec:
     config = _with_run_paths(config)
     _refuse_overwrite(config, resume_from)
     _check_writable(config)
-    recorded = checkpoint.run_facts(resume_from) if resume_from else {}
+    common = checkpoint.common_state(resume_from) if resume_from else {}
+    recorded = common.get("run", {})
     if resume_from:
-        _check_schedule(config, recorded["config"])
+        _check_schedule(config, saved_config(resume_from, common))
     student_source = None if resume_from else config.checkpoint.pretrained_checkpoint
     reference_source = None if is_sft(config) else _reference_source(config, recorded)
     assets = _model_assets(config, resume_from)
@@ -130,7 +131,7 @@ def resolve(config: DictConfig) -> RunSpec:
     config = _complete_model(config, len(tokenizer), assets)
     _check_reference_tokenizer(reference_source, tokenizer, config)
     return RunSpec(config=OmegaConf.to_object(config), resume_from=resume_from,
-                   start_iteration=_iteration_of(resume_from), student_source=student_source,
+                   start_iteration=common.get("iteration", 0), student_source=student_source,
                    reference_source=reference_source, tokenizer=tokenizer,
                    conversion=sources.conversion(config, reference_source, recorded),
                    fingerprints=fingerprints)
@@ -183,10 +184,11 @@ def _untracked_resume_point(load: str, save: Optional[str], announce: bool) -> O
                     f"--load {load})")
 
 
-def saved_config(directory: str) -> dict:
-    """The config a training checkpoint recorded, for a resumed run to start from. Raises
-    UserError for a weights-only checkpoint, which starts a run but cannot continue one."""
-    common = checkpoint.common_state(directory)
+def saved_config(directory: str, common: Optional[dict] = None) -> dict:
+    """The config the training checkpoint ``directory`` recorded (``common``: its common state,
+    when read already), for a resumed run to start from. Raises UserError for a weights-only
+    checkpoint, which starts a run but cannot continue one."""
+    common = common or checkpoint.common_state(directory)
     if checkpoint.is_weights_only(common):
         source = common.get("run", {}).get("converted_from")
         origin = f" (converted from {source})" if source else ""
@@ -406,12 +408,6 @@ def _check_reference_tokenizer(reference_source: Optional[str], tokenizer,
                         f"student's ({config.model.tokenizer}): its vocab or special tokens "
                         "differ, so its probabilities are of other tokens; use a reference with "
                         "the student's tokenizer")
-
-
-def _iteration_of(directory: Optional[str]) -> int:
-    if directory is None:
-        return 0
-    return int(checkpoint.common_state(directory)["iteration"])
 
 
 def _is_inside(path: str, directory: str) -> bool:

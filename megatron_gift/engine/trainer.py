@@ -225,7 +225,7 @@ def _check_token_ids(data: SFTDataset, vocab_size: int) -> None:
                         "cache file")
 
 
-def _build_models(config: JobConfig, loads: bool) -> tuple[object, int, list, Optional[list]]:
+def _build_models(config: JobConfig, loads: bool = False) -> tuple[object, int, list, Optional[list]]:
     """``(TransformerConfig, padded vocab, student chunks, reference chunks or None)``;
     ``loads``: the student's weights are loaded next (resumed or pretrained)."""
     params_dtype = torch.bfloat16 if config.training.bf16 else torch.float32
