@@ -15,11 +15,12 @@ answers without importing torch.
 import argparse
 from typing import Optional, Sequence
 
-from megatron_gift.platform.console import entry_point, quiet_third_party
+from megatron_gift.platform.console import entry_point, plain_text, quiet_third_party
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m megatron_gift.convert", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m megatron_gift.convert",
+                                     description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     to_megatron = commands.add_parser("hf-to-megatron", help="HF directory -> Megatron checkpoint")

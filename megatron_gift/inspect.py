@@ -14,11 +14,12 @@ import argparse
 import json
 from typing import Any, Optional, Sequence
 
-from megatron_gift.platform.console import entry_point, quiet_third_party
+from megatron_gift.platform.console import entry_point, plain_text, quiet_third_party
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m megatron_gift.inspect", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m megatron_gift.inspect",
+                                     description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint root (newest iteration) or iter_* directory")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of text")

@@ -24,13 +24,14 @@ import argparse
 import os
 from typing import Optional, Sequence
 
-from megatron_gift.platform.console import entry_point
+from megatron_gift.platform.console import entry_point, plain_text, quiet_third_party
 from megatron_gift.rl import nemo_aligner
 from megatron_gift.rl.handoff import BASE_CONFIGS, CONTAINER, write_nemo_rl_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m megatron_gift.rl_handoff", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m megatron_gift.rl_handoff",
+                                     description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="target", required=True)
     nemo = sub.add_parser("nemo-rl", help="write a NeMo RL GRPO config (Megatron backend)")
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 @entry_point
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
+    quiet_third_party()
     if args.target == "nemo-aligner":
         lines = nemo_aligner.write_nemo_aligner(
             args.checkpoint, args.hf, args.out, args.algorithm, args.tp, args.pp, args.num_nodes,

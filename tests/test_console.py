@@ -1,9 +1,12 @@
 """The console: rank-0 logging, filtered third-party noise, one-line user errors that torchrun
 names as the root cause, unexpected errors with their traceback."""
 
+import argparse
+import importlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -112,3 +115,37 @@ def test_torchrun_reports_a_user_error_once_and_as_the_root_cause(tmp_path):
     root_cause = result.stderr[result.stderr.index("Root Cause"):]
     assert "exitcode  : 2" in root_cause and f"traceback : {message}" in root_cause
     assert "megatron_gift" not in "".join(line for line in lines if line.strip().startswith("File"))
+
+
+def test_plain_text_drops_rest_markup():
+    text = ("``python -m x``: see :func:`megatron_gift.a.b`, :mod:`~megatron_gift.rl.handoff`,\n"
+            ":class:`the plan <megatron_gift.core.memory.Plan>` and :py:data:`X`::\n"
+            "\n"
+            "    x --flag\n"
+            "\n"
+            "::\n"
+            "\n"
+            "    y\n")
+    assert console.plain_text(text) == (
+        "python -m x: see megatron_gift.a.b, handoff,\n"
+        "the plan and X:\n"
+        "\n"
+        "    x --flag\n"
+        "\n"
+        "    y\n")
+    assert console.plain_text(None) == ""
+
+
+RST_MARKUP = re.compile(r"``|:[a-z]+(:[a-z]+)?:`")
+
+
+@pytest.mark.parametrize("module", ["evaluate", "rl_handoff", "convert", "inspect"])
+def test_help_shows_no_rest_markup(module):
+    command = importlib.import_module(f"megatron_gift.{module}")
+    parser = command.build_parser()
+    helps = [parser.format_help()] + [
+        sub.format_help() for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction) for sub in action.choices.values()]
+    for text in helps:
+        assert RST_MARKUP.search(text) is None, text
+    assert console.plain_text(command.__doc__).splitlines()[0] in helps[0]

@@ -4,7 +4,12 @@ reproduction study's arithmetic-chain world."""
 import itertools
 import json
 import math
+import os
 import random
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -162,13 +167,28 @@ def test_evaluate_counts_right_answers(tiny_world, tmp_path):
 
 
 def test_evaluate_refuses_missing_files_and_fields(tmp_path):
+    """A record without the prompt or answer field is named by file, line and flag."""
+    from megatron_gift.errors import UserError
     from megatron_gift.evaluate import read_records
 
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         read_records(str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "Q"}) + "\n")
-    with pytest.raises(SystemExit, match="no field"):
+    bad.write_text(json.dumps({"prompt": "Q: 1 + 1 = ?", "answer": "2"}) + "\n\n"
+                   + json.dumps({"prompt": "Q: 1 + 2 = ?", "solution": "3"}) + "\n")
+    with pytest.raises(UserError, match=re.escape(
+            f"--data {bad}, line 3: no field 'answer' (name the field with --answer-field; "
+            "the record has 'prompt', 'solution')")):
+        read_records(str(bad))
+    with pytest.raises(UserError, match=re.escape(f"--data {bad}, line 1: no field 'question' "
+                                                  "(name the field with --prompt-field")):
+        read_records(str(bad), prompt_field="question")
+    assert len(read_records(str(bad), limit=1)) == 1  # the bad record is past the limit
+    bad.write_text('{"prompt": "Q: 1 + 1 = ?", "answer": "2"}\n{"prompt": \n')
+    with pytest.raises(UserError, match=re.escape(f"--data {bad}, line 2: not JSON")):
+        read_records(str(bad))
+    bad.write_text("")
+    with pytest.raises(UserError, match="no records"):
         read_records(str(bad))
 
 
@@ -178,3 +198,175 @@ def test_checkers():
     answer, math_ = checker_for("answer"), checker_for("math")
     assert answer("3 + 4 = 7 . A: 1 4", "14") and not answer("A: 15", "14") and not answer("14", "14")
     assert math_("so the answer is $\\frac{1}{2}$", "0.5") and not math_("the answer is 3", "0.5")
+
+
+# The command line, on a scripted policy (no checkpoint is loaded).
+
+WORLD_RECORD = {"prompt": "Q: ( 1 + 2 ) * 3 = ?", "answer": "9"}
+
+
+class Scripted(torch.nn.Module):
+    """Emits ``text`` and eos whatever the prompt (a left-padded batch, through the KV cache)."""
+
+    def __init__(self, tokenizer, text):
+        super().__init__()
+        self.script = (tokenizer(text, add_special_tokens=False)["input_ids"]
+                       + [tokenizer.eos_token_id])
+        self.vocab = len(tokenizer)
+
+    def forward(self, input_ids, attention_mask, past_key_values=None, **_):
+        step = 0 if past_key_values is None else past_key_values + 1
+        logits = torch.full((*input_ids.shape, self.vocab), -1e9)
+        logits[:, -1, self.script[min(step, len(self.script) - 1)]] = 0
+        return SimpleNamespace(logits=logits, past_key_values=step)
+
+
+@pytest.fixture
+def scripted_command(tmp_path, monkeypatch):
+    """``run(records, *flags, text=...)``: the evaluate command over ``records`` (written as
+    JSONL) with a policy that always answers ``text``; ``--load`` is an existing directory."""
+    from transformers import AutoTokenizer
+
+    from megatron_gift.data import synthetic
+    from megatron_gift.evaluate import main
+    from megatron_gift.evaluation import sampling
+
+    monkeypatch.delenv("RANK", raising=False)
+    tokenizer = AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)
+    data = tmp_path / "data.jsonl"
+
+    def run(records, *flags, text="1 + 2 = 3 , 3 * 3 = 9 . A: 9"):
+        monkeypatch.setattr(sampling, "load_policy",
+                            lambda path: (Scripted(tokenizer, text), tokenizer))
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        main(["--load", str(tmp_path), "--data", str(data), *flags])
+
+    return run
+
+
+def _refused(capsys, run, *argv, records=(WORLD_RECORD,)) -> str:
+    """The one line a refused command prints; it exits with USER_ERROR_EXIT."""
+    from megatron_gift.errors import USER_ERROR_EXIT
+
+    with pytest.raises(SystemExit) as stop:
+        run(list(records), *argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == USER_ERROR_EXIT == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("flag, value", [("--limit", "0"), ("--samples", "0"),
+                                         ("--max-new-tokens", "0"), ("--batch-size", "-4")])
+def test_non_positive_counts_are_refused_in_one_line(scripted_command, capsys, flag, value):
+    assert _refused(capsys, scripted_command, flag, value) == (
+        f"error: {flag} must be >= 1, got {value}")
+
+
+def test_beta_without_reference_is_refused(scripted_command, capsys):
+    assert _refused(capsys, scripted_command, "--beta", "5") == (
+        "error: --beta needs --reference (the GIFT diagnostics score the demonstrations under "
+        "the reference model)")
+    scripted_command([WORLD_RECORD])  # without --beta the default betas go unused, silently
+    assert "pass@1 1.000" in capsys.readouterr().out
+
+
+def test_bad_inputs_exit_2_with_one_line(scripted_command, capsys, tmp_path):
+    missing = tmp_path / "missing"
+    err = _refused(capsys, scripted_command, "--reference", str(missing))
+    assert err == f"error: --reference {missing}: no such file or directory"
+    assert "--answer-field" in _refused(capsys, scripted_command, records=[{"prompt": "Q"}])
+    assert "--samples: invalid int value: 'many'" in _refused(capsys, scripted_command,
+                                                              "--samples", "many")
+    assert "unrecognized arguments: --sampels 4" in _refused(capsys, scripted_command,
+                                                             "--sampels", "4")
+    from megatron_gift.evaluate import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--load", str(missing), "--data", str(missing)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: --load {missing}: no such file or directory\n"
+    with pytest.raises(SystemExit) as stop:
+        main(["--load", str(tmp_path), "--data", str(missing)])
+    assert (stop.value.code, capsys.readouterr().err) == (
+        2, f"error: --data {missing}: no such file\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["--data", str(missing)])
+    assert (stop.value.code, capsys.readouterr().err) == (
+        2, "error: the following arguments are required: --load (see --help)\n")
+
+
+def test_styles_are_reported_for_the_arithmetic_world_only(scripted_command, capsys, tmp_path):
+    out = tmp_path / "result.json"
+    scripted_command([WORLD_RECORD], "--samples", "2", "--out", str(out))
+    printed = capsys.readouterr().out
+    assert 'styles {"stepwise": 1.0}' in printed
+    assert json.loads(out.read_text())["styles"]["shares"] == {"stepwise": 1.0}
+    other = {"prompt": "What is one plus two?", "answer": "3"}
+    scripted_command([other], "--samples", "2", "--out", str(out), text="1 + 2 = 3 . A: 3")
+    printed = capsys.readouterr().out
+    assert "pass@1 1.000" in printed and "styles {" not in printed
+    assert "styles" not in json.loads(out.read_text())
+
+
+def _tiny_random_llama():
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from megatron_gift.data import synthetic
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_temperature_0_is_greedy_decoding():
+    """Every sample of a prompt is the argmax decoding (one sequence at a time, no cache)."""
+    from megatron_gift.data.formatting import prompt_ids
+    from megatron_gift.evaluation.sampling import sample
+
+    model, tokenizer = _tiny_random_llama()
+    prompts = [prompt_ids(tokenizer, "Q: ( 1 + 2 ) * 3 = ?"), prompt_ids(tokenizer, "Q: 1 + 2 = ?")]
+    out = sample(model, tokenizer, prompts * 3, 10, torch.Generator().manual_seed(0),
+                 temperature=0)
+    for i, prompt in enumerate(prompts):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(10):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+                if ids[-1] == tokenizer.eos_token_id:
+                    break
+        greedy = ids[len(prompt):]
+        assert out.tokens[i] == out.tokens[i + 2] == out.tokens[i + 4] == greedy
+    assert all(v == 0 for row in out.logprobs + out.entropies for v in row)
+    again = sample(model, tokenizer, prompts, 10, torch.Generator().manual_seed(1), temperature=0)
+    assert again.tokens == out.tokens[:2]
+
+
+def test_temperature_flag(scripted_command, capsys, tmp_path):
+    out = tmp_path / "result.json"
+    scripted_command([WORLD_RECORD], "--samples", "2", "--temperature", "0", "--out", str(out))
+    assert "1 prompts x 2 samples at temperature 0 (greedy): pass@1 1.000" in (
+        capsys.readouterr().out)
+    assert json.loads(out.read_text())["temperature"] == 0
+    assert _refused(capsys, scripted_command, "--temperature", "-0.5") == (
+        "error: --temperature must be >= 0 (0: greedy decoding), got -0.5")
+
+
+def test_evaluate_command_prints_no_upstream_warnings(tiny_world):
+    """The command filters the known Transformer Engine/Apex/deprecation warnings (as the
+    training launcher does) while it exports and loads a Megatron checkpoint."""
+    from megatron_gift.platform import console
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_gift.evaluate", "--load", tiny_world["base"], "--data",
+         tiny_world["valid"], "--samples", "1", "--limit", "1", "--max-new-tokens", "4"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 prompts x 1 samples: pass@1" in result.stdout
+    noise = [p for p, _ in console.KNOWN_WARNINGS] + list(console.QUIET_MESSAGES)
+    assert [p for p in noise if p in result.stderr] == [], result.stderr[-3000:]

@@ -18,9 +18,12 @@ TOKENS = [1, 5, 9, 12, 3, 7, 30, 2]
 
 
 def _run(*argv):
-    result = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True)
+    """The finished command (its stdout, stderr); warning filters are not inherited."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    result = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return result
 
 
 def _tiny_hf(path, family):
@@ -46,15 +49,16 @@ def _tiny_hf(path, family):
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def export(request, tmp_path_factory):
-    """``(save root, export dir)``: a converted tiny model and its NeMo-Aligner export."""
+    """``(save root, export dir, the hand-off command's result, family)``: a converted tiny
+    model and its NeMo-Aligner export."""
     root = tmp_path_factory.mktemp(request.param)
     _tiny_hf(root / "hf", request.param)
     _run("-m", "megatron_gift.convert", "hf-to-megatron", "--hf", root / "hf", "--out",
          root / "save", "--converter", "builtin")
     out = root / "aligner"
-    printed = _run("-m", "megatron_gift.rl_handoff", "nemo-aligner", "--checkpoint",
+    handoff = _run("-m", "megatron_gift.rl_handoff", "nemo-aligner", "--checkpoint",
                    root / "save", "--out", out, "--tp", "2", "--num-nodes", "2", "--tar")
-    return root / "save", out, printed, request.param
+    return root / "save", out, handoff, request.param
 
 
 def test_model_config_is_a_nemo_megatron_gpt_config(export):
@@ -72,7 +76,7 @@ def test_model_config_is_a_nemo_megatron_gpt_config(export):
     assert (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size) == (2, 1)
     assert (cfg.precision, cfg.megatron_amp_O2) == ("bf16", True)
     tokenizer = out / "model.nemo" / "tokenizer"
-    assert cfg.tokenizer.library == "huggingface" and cfg.tokenizer.type == str(tokenizer)
+    assert cfg.tokenizer.library == "huggingface" and cfg.tokenizer.type == "nemo:tokenizer"
     assert (tokenizer / "tokenizer.json").is_file()
     assert not any(p.name.endswith(".safetensors") for p in tokenizer.iterdir())
     # Megatron-Core 0.10's reader: its metadata.json fields and a common.pt.
@@ -111,7 +115,8 @@ def test_weights_carry_the_model_prefix_and_te_extra_states(export):
 
 
 def test_actor_config_overrides_the_recipe(export):
-    _, out, printed, _ = export
+    _, out, handoff, _ = export
+    printed = handoff.stdout
     actor = OmegaConf.load(out / "reinforce.yaml")
     assert list(actor.defaults) == ["gpt_reinforce_actor", "_self_"]
     assert actor.hydra.searchpath == ["file:///opt/NeMo-Aligner/examples/nlp/gpt/conf"]
@@ -142,6 +147,59 @@ def test_actor_config_overrides_the_recipe(export):
     assert f"--config-path={out} --config-name=reinforce" in sbatch
     assert f"sbatch {out}/reinforce.sbatch" in printed
     assert "train_gpt_reinforce_actor.py" in printed
+
+
+def test_model_config_names_the_tokenizer_inside_the_archive(export):
+    """No path of the machine that wrote it; ``nemo:tokenizer`` is packed in the directory and
+    the archive, and the actor config points NeMo's ``AutoTokenizer`` at it."""
+    from transformers import AutoTokenizer
+
+    save, out, _, _ = export
+    model_dir = out / "model.nemo"
+    text = (model_dir / "model_config.yaml").read_text()
+    for path in {str(out), str(save), str(save.parent), os.path.expanduser("~"), os.getcwd()}:
+        assert path not in text
+    values = OmegaConf.to_container(OmegaConf.load(model_dir / "model_config.yaml"))
+    strings = []
+    _strings(values, strings)
+    assert [v for v in strings if v.startswith("/")] == []
+    named = values["tokenizer"]["type"]
+    assert named.startswith("nemo:")
+    packed = model_dir / named[len("nemo:"):]
+    assert (packed / "tokenizer.json").is_file() and (packed / "tokenizer_config.json").is_file()
+    import tarfile
+
+    with tarfile.open(out / "model.nemo.tar") as archive:
+        assert f"./{named[len('nemo:'):]}/tokenizer.json" in archive.getnames()
+    # Aligner merges the actor's model section over model_config.yaml.
+    merged = OmegaConf.merge(values, OmegaConf.load(out / "reinforce.yaml").model)
+    assert merged.tokenizer.type == str(packed) and merged.tokenizer.library == "huggingface"
+    loaded = AutoTokenizer.from_pretrained(merged.tokenizer.type,
+                                           use_fast=merged.tokenizer.use_fast)
+    source = AutoTokenizer.from_pretrained(save / "hf")
+    assert loaded.get_vocab() == source.get_vocab()
+    assert loaded("Q: 1 + 2 = ?")["input_ids"] == source("Q: 1 + 2 = ?")["input_ids"]
+
+
+def _strings(value, found):
+    if isinstance(value, dict):
+        for item in value.values():
+            _strings(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _strings(item, found)
+    elif isinstance(value, str):
+        found.append(value)
+
+
+def test_handoff_prints_no_upstream_warnings(export):
+    """The command filters the known Transformer Engine/Apex/deprecation noise while it builds
+    and saves the model (as the training launcher does)."""
+    from megatron_gift.platform import console
+
+    _, _, handoff, _ = export
+    noise = [p for p, _ in console.KNOWN_WARNINGS] + list(console.QUIET_MESSAGES)
+    assert [p for p in noise if p in handoff.stderr] == [], handoff.stderr[-3000:]
 
 
 def test_ppo_writes_the_ppo_actor(export, tmp_path):

@@ -2,10 +2,11 @@
 
 Prompts are token ids encoded as the trainer encodes prompt/response records
 (:func:`megatron_gift.data.formatting.prompt_ids`); a completion ends at eos. Sampling is
-ancestral at temperature 1 over the whole vocabulary (no top-k/top-p), with the KV cache;
-batches are left-padded.
+ancestral over the whole vocabulary (no top-k/top-p) at a temperature (1: the model's
+distribution; 0: greedy, the argmax), with the KV cache; batches are left-padded.
 """
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ import torch
 @dataclass
 class Samples:
     """Completions of a batch: token ids (eos included when it was reached), texts, and per
-    token the sampling log-probability and the policy's entropy (nats)."""
+    token the log-probability and entropy (nats) of the distribution it was drawn from (the
+    model's at temperature 1; at temperature 0 a point mass: 0 and 0)."""
 
     tokens: list[list[int]]
     texts: list[str]
@@ -59,7 +61,11 @@ def _left_pad(sequences: Sequence[Sequence[int]], pad: int):
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
            generator: Optional[torch.Generator] = None, temperature: float = 1.0) -> Samples:
-    """One completion per prompt (token-id lists; repeat a prompt for several samples)."""
+    """One completion per prompt (token-id lists; repeat a prompt for several samples), drawn
+    at ``temperature`` (>= 0; 0 is greedy decoding: every completion of a prompt is its argmax
+    one)."""
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
     vocab = len(tokenizer)
@@ -76,14 +82,12 @@ def sample(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: i
         out = model(input_ids=current, attention_mask=mask, position_ids=positions,
                     past_key_values=past, use_cache=True)
         past = out.past_key_values
-        logits = out.logits[:, -1, :vocab].float() / temperature
-        logp = torch.log_softmax(logits, dim=-1)
-        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        token, logp = _draw(out.logits[:, -1, :vocab].float(), temperature, generator)
         live = ~done
         token = torch.where(live, token, torch.full_like(token, pad))
         out_tokens[:, t] = token
         out_logp[:, t] = torch.where(live, logp.gather(1, token[:, None]).squeeze(1), 0.0)
-        out_ent[:, t] = torch.where(live, -(logp.exp() * logp).sum(-1), 0.0)
+        out_ent[:, t] = torch.where(live, torch.special.entr(logp.exp()).sum(-1), 0.0)
         lengths += live.long()
         done |= token == eos
         if done.all():
@@ -95,6 +99,17 @@ def sample(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: i
              for seq in tokens]
     return Samples(tokens, texts, [out_logp[i, :lengths[i]].tolist() for i in range(batch)],
                    [out_ent[i, :lengths[i]].tolist() for i in range(batch)])
+
+
+def _draw(logits: torch.Tensor, temperature: float,
+          generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens [B], log-probabilities [B, V] of the distribution they were drawn from)``."""
+    if temperature == 0:
+        token = logits.argmax(-1)
+        logp = torch.full_like(logits, -math.inf).scatter_(1, token[:, None], 0.0)
+        return token, logp
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1), logp
 
 
 def sequence_logprobs(model, prompts: Sequence[Sequence[int]],

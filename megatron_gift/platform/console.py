@@ -15,6 +15,7 @@
   are recorded for torchrun (``TORCHELASTIC_ERROR_FILE``), so the launcher's summary names the
   real error as the root cause. A run stopped by a signal while setting up
   (:class:`~megatron_gift.errors.Interrupted`) is one line too, and exits 128 + the signal.
+* :func:`plain_text`: a docstring as ``--help`` shows it, without reST markup.
 """
 
 import functools
@@ -23,7 +24,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 from megatron_gift.errors import USER_ERROR_EXIT, Interrupted, UserError
 
@@ -46,6 +47,12 @@ KNOWN_WARNINGS = (
 QUIET_LOGGERS = ("megatron", "torch.distributed.checkpoint")
 QUIET_MESSAGES = ("GPTModel IS DEPRECATED", "MCore's async save is deprecated")
 _quieted = []
+# reST markup that --help shows as plain text: ``literal``; :role:`target`, :role:`~a.b.target`,
+# :role:`title <target>`; a "::" opening a literal block, alone on its line or ending a sentence.
+_LITERAL = re.compile(r"``(.+?)``", re.DOTALL)
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`(~?)([^`<]*?)\s*(?:<[^`>]*>)?`")
+_LONE_BLOCK_MARKER = re.compile(r"^[ \t]*::[ \t]*\n(?:[ \t]*\n)?", re.MULTILINE)
+_TRAILING_BLOCK_MARKER = re.compile(r"(?<=\S)::[ \t]*$", re.MULTILINE)
 
 
 def global_rank() -> int:
@@ -87,6 +94,19 @@ def quiet_third_party() -> None:
         third_party.setLevel(logging.WARNING)
         third_party.addHandler(handler)
         third_party.propagate = False
+
+
+def plain_text(text: Optional[str]) -> str:
+    """A reST docstring as plain text for ``--help``: a literal or a role such as
+    ``:func:`x``` becomes its text (``:func:`~a.b``` becomes ``b``), and the ``::`` that opens
+    a literal block goes (alone on its line) or becomes ``:`` (ending a sentence)."""
+    def role(match: re.Match) -> str:
+        target = match.group(2)
+        return target.rsplit(".", 1)[-1] if match.group(1) else target
+
+    text = _ROLE.sub(role, text or "")
+    text = _TRAILING_BLOCK_MARKER.sub(":", _LONE_BLOCK_MARKER.sub("", text))
+    return _LITERAL.sub(r"\1", text)
 
 
 def quiet_gpu_advice() -> None:

@@ -11,7 +11,8 @@ writes::
     DIR/model.nemo/model_config.yaml   NeMo 1.x MegatronGPTModel config (mcore_gpt: True)
     DIR/model.nemo/model_weights/      model-only dist checkpoint, keys ``model.`` + Megatron-Core
                                        names, readable by Megatron-Core 0.10 and torch 2.4
-    DIR/model.nemo/tokenizer/          the HF tokenizer files (tokenizer.library: huggingface)
+    DIR/model.nemo/tokenizer/          the HF tokenizer files (tokenizer.library: huggingface,
+                                       named ``nemo:tokenizer``: a path inside the archive)
     DIR/model.nemo.tar                 with --tar: the same as a ``.nemo`` file
     DIR/reinforce.yaml | ppo_actor.yaml  the actor config: Aligner's recipe + this run
     DIR/reinforce.sbatch | ppo.sbatch  the heterogeneous SLURM job of Aligner's docs
@@ -23,6 +24,14 @@ What NeMo-Aligner 0.7.0 (Dockerfile: NeMo 633cb60 = v2.1.0, Megatron-LM core_r0.
   ``.nemo``; ``load_and_override_model_config`` merges the recipe's ``model:`` over
   ``model_config.yaml`` (so the recipe's sequence length, batch sizes and optimizer win, and the
   architecture, tokenizer and TP/PP written here stay unless the recipe names them).
+* NeMo ``MegatronBaseModel._build_tokenizer``: ``tokenizer.model``, ``vocab_file`` and
+  ``merge_file`` go through ``register_artifact``, which reads ``nemo:NAME`` as NAME inside the
+  restored archive or directory (``SaveRestoreConnector.register_artifact``); ``tokenizer.type``
+  goes to ``transformers.AutoTokenizer.from_pretrained`` as it is. ``model_config.yaml`` names
+  the packed tokenizer ``nemo:tokenizer`` (no path of the machine that wrote it), and the actor
+  config sets ``model.tokenizer.type`` to that directory where the job finds it, which Aligner
+  merges over ``model_config.yaml``. Restoring the archive elsewhere: set
+  ``model.tokenizer.type`` to its ``tokenizer/`` the same way.
 * NeMo ``NLPSaveRestoreConnector.restore_from`` (``nlp_overrides.py``): ``model_weights/`` must
   be a directory; it is loaded with ``MegatronGPTModel.sharded_state_dict()``, whose keys are
   ``model.`` + the ``GPTModel`` keys (``megatron_gpt_model.py``), through
@@ -66,6 +75,8 @@ ALIGNER_DIR = "/opt/NeMo-Aligner"  # where Aligner's Dockerfile clones it
 # checked: pass --container, e.g. an image built from Aligner v0.7.0's Dockerfile).
 CONTAINER = "nvcr.io/nvidia/nemo:24.12"
 MODEL_DIR = "model.nemo"
+TOKENIZER_DIR = "tokenizer"  # inside MODEL_DIR
+TOKENIZER_REF = f"nemo:{TOKENIZER_DIR}"  # how model_config.yaml names it
 # Transformer Engine modules of Megatron-Core 0.10's TE layer spec whose state dict holds an
 # ``_extra_state`` (FP8 metadata), per decoder layer.
 TE_EXTRA_STATES = ("self_attention.linear_qkv", "self_attention.linear_proj",
@@ -78,13 +89,14 @@ REWARD_PORT = 5555
 CRITIC_PORT = 5556
 
 
-def nemo_model_config(model: Any, padded_vocab: int, tokenizer_dir: str, tp: int, pp: int,
+def nemo_model_config(model: Any, padded_vocab: int, tokenizer: str, tp: int, pp: int,
                       seq_length: int) -> dict[str, Any]:
     """The NeMo 1.x ``MegatronGPTModel`` config (``model_config.yaml``) of a run's model section.
 
     ``model``: the run's ``model`` config section; ``padded_vocab``: the embedding rows of the
-    export (NeMo builds exactly these through ``override_vocab_size``); ``tokenizer_dir``:
-    absolute path of the HF tokenizer files; ``tp``/``pp``: the layout Aligner starts with;
+    export (NeMo builds exactly these through ``override_vocab_size``); ``tokenizer``: the HF
+    tokenizer directory as the config names it (``TOKENIZER_REF``, inside the archive);
+    ``tp``/``pp``: the layout Aligner starts with;
     ``seq_length``: tokens (``encoder_seq_length``, ``max_position_embeddings``).
     Raises ValueError for RoPE scaling NeMo 1.x cannot express.
     """
@@ -146,7 +158,7 @@ def nemo_model_config(model: Any, padded_vocab: int, tokenizer_dir: str, tp: int
         "scale_positional_embedding": bool(factor),
         "attention_type": "multihead",
         "share_embeddings_and_output_weights": not model.untie_embeddings_and_output_weights,
-        "tokenizer": {"library": "huggingface", "type": tokenizer_dir, "model": None,
+        "tokenizer": {"library": "huggingface", "type": tokenizer, "model": None,
                       "vocab_file": None, "merge_file": None, "delimiter": None,
                       "sentencepiece_legacy": False, "use_fast": True},
         "precision": "bf16",
@@ -174,7 +186,9 @@ def actor_config(algorithm: str, restore_path: str, aligner_dir: str, results_di
     RL settings after the GIFT paper's GRPO stage: group size 8 (REINFORCE's rollouts per
     prompt), KL penalty 0, constant learning rate 1e-6, 128 prompts per step and updates of 64
     prompts. The reward (REINFORCE) or the critic + reward (PPO) is a PyTriton server Aligner
-    queries at ``remote_rm`` / ``remote_critic_rm``; the SLURM job passes its host.
+    queries at ``remote_rm`` / ``remote_critic_rm``; the SLURM job passes its host. The
+    tokenizer is the export's (``restore_path``/tokenizer, which ``model_config.yaml`` names
+    ``nemo:tokenizer``).
     """
     recipe = ALGORITHMS[algorithm][0]
     group = 8 if algorithm == "reinforce" else 1
@@ -185,6 +199,7 @@ def actor_config(algorithm: str, restore_path: str, aligner_dir: str, results_di
         "global_batch_size": update_prompts * group, "micro_batch_size": 1,
         # NeMo's CosineAnnealing needs min_lr < lr; this keeps the rate at 1e-6 throughout.
         "optim": {"lr": 1.0e-6, "sched": {"warmup_steps": 0, "min_lr": 0.999e-6}},
+        "tokenizer": {"type": os.path.join(restore_path, TOKENIZER_DIR)},
         algorithm: {"num_rollout_samples": prompts,
                     "sampling_params": {"temperature": 1.0, "top_k": 0, "top_p": 1.0}},
     }
@@ -236,7 +251,7 @@ def write_nemo_aligner(checkpoint: str, hf_dir: Optional[str], out: str,
     check_tokenizer_files(hf_dir)
     out = os.path.abspath(out)
     model_dir = os.path.join(out, MODEL_DIR)
-    tokenizer_dir = os.path.join(model_dir, "tokenizer")
+    tokenizer_dir = os.path.join(model_dir, TOKENIZER_DIR)
     export_model(directory, model_dir, hf_dir, tp, pp)
     if tar:
         with tarfile.open(model_dir + ".tar", "w") as archive:
@@ -278,15 +293,14 @@ def export_model(directory: str, model_dir: str, hf_dir: str, tp: int, pp: int) 
     if os.path.exists(model_dir):
         shutil.rmtree(model_dir)
     os.makedirs(model_dir)
-    tokenizer_dir = os.path.join(model_dir, "tokenizer")
-    _copy_tokenizer(hf_dir, tokenizer_dir)
+    _copy_tokenizer(hf_dir, os.path.join(model_dir, TOKENIZER_DIR))
     with world_of_one():
         tf_config = models.transformer_config(config, dtype, initialize=False)
         tf_config.use_cpu_initialization = True
         vocab = models.padded_vocab_size(config.model.vocab_size, config)
         model = models.build_chunks(config, tf_config, vocab, torch.device("cpu"),
                                     local_spec=True)[0]
-        nemo = nemo_model_config(config.model, vocab, tokenizer_dir, tp, pp, seq_length)
+        nemo = nemo_model_config(config.model, vocab, TOKENIZER_REF, tp, pp, seq_length)
         ckpt.load_model_weights(directory, [model],
                                 ckpt.architecture(config.model, model.vocab_size))
         save_model_weights(model, weights)
