@@ -190,10 +190,12 @@ def _reference_stays_frozen(overrides):
     from megatron_gift.engine import trainer as training
     from megatron_gift.platform.distributed import init_distributed
 
-    training._check_before_start(parse_config([], defaults=overrides))
+    from megatron_gift.engine.run_spec import resolve
+
+    spec = resolve(parse_config([], defaults=overrides))
     init_distributed()
     try:
-        job = training.setup(parse_config([], defaults=overrides))
+        job = training.setup(spec)
         before = [{n: p.detach().clone() for n, p in c.reference.named_parameters()}
                   for c in job.chunks]
         training.run(job)
@@ -377,10 +379,10 @@ def test_reference_with_other_architecture_is_rejected(world, tmp_path):
 
 def test_load_alone_continues_the_saved_run(world, tmp_path):
     """``--load DIR`` with no recipe and no data continues the run saved there, with its data,
-    model and reference, and says which keys the command line changed."""
-    ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
-    first = _launch(world, tmp_path, "first", "--train-iters", "2", "--save", str(ckpt),
-                    "--metrics-file", str(metrics))
+    model and reference, into its own metrics file, and says which keys the command line
+    changed."""
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "ckpt" / "metrics.jsonl"
+    first = _launch(world, tmp_path, "first", "--train-iters", "2", "--save", str(ckpt))
     assert first.wait(timeout=300) == 0
     os.remove(tmp_path / "recipe.yaml")  # nothing but the checkpoint describes the run now
     second = _launch(world, tmp_path, "second", "--load", str(ckpt), "--train-iters", "3",
