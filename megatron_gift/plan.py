@@ -25,7 +25,7 @@ import math
 import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from megatron_gift.platform.console import entry_point, quiet_third_party
+from megatron_gift.platform.console import entry_point, plain_text, quiet_third_party
 
 if TYPE_CHECKING:
     from megatron_gift.core.memory import Plan
@@ -61,7 +61,7 @@ def _print_help() -> None:
     parser.prog = PROG
     parser.usage = (f"{PROG} [--config RECIPE.yaml] [--flag VALUE ...] [section.key=value ...] "
                     "[--gpu-memory-gib GIB] [--num-gpus N] [--json]")
-    parser.description = __doc__
+    parser.description = plain_text(__doc__)
     parser.epilog = f"{parser.epilog}\n\n{EXIT_STATUS}"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     planner = parser.add_argument_group("planner")

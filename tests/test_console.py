@@ -149,3 +149,13 @@ def test_help_shows_no_rest_markup(module):
     for text in helps:
         assert RST_MARKUP.search(text) is None, text
     assert console.plain_text(command.__doc__).splitlines()[0] in helps[0]
+
+
+def test_training_and_planner_help_show_no_rest_markup(capsys):
+    """The launcher's --help (every config section's description) and the planner's."""
+    from megatron_gift.config.cli import build_parser
+    from megatron_gift.plan import main as plan_main
+
+    assert RST_MARKUP.search(build_parser().format_help()) is None
+    plan_main(["--help"])
+    assert RST_MARKUP.search(capsys.readouterr().out) is None

@@ -30,7 +30,7 @@ def option(default: Any, help: str, choices: Optional[tuple[str, ...]] = None,
 @dataclass
 class Model:
     """The transformer (Llama-style: RoPE, RMSNorm, SwiGLU, GQA). From a Hugging Face base model
-    the architecture keys are read from its ``config.json``."""
+    the architecture keys are read from its config.json."""
 
     num_layers: int = option(4, "transformer layers")
     hidden_size: int = option(64, "hidden size h")
@@ -100,7 +100,7 @@ class Gift:
 
 @dataclass
 class Data:
-    """SFT data: JSONL, Parquet or a ``datasets.save_to_disk`` directory."""
+    """SFT data: JSONL, Parquet or a datasets.save_to_disk directory."""
 
     train_path: Optional[str] = option(None, "training data file or directory")
     valid_path: Optional[str] = option(None, "validation data (enables evaluation)")
@@ -146,7 +146,7 @@ class Training:
 
 @dataclass
 class Precision:
-    """FP8 through Transformer Engine (Megatron-Core's ``TransformerConfig`` fp8 fields): the
+    """FP8 through Transformer Engine (Megatron-Core's TransformerConfig fp8 fields): the
     transformer layers' GEMMs in FP8; the embedding, the output layer and the loss stay bf16/fp32.
     Needs Transformer Engine and --bf16."""
 
@@ -179,7 +179,7 @@ class Precision:
 
 @dataclass
 class Optimizer:
-    """Megatron-Core's optimizer and ``OptimizerParamScheduler``."""
+    """Megatron-Core's optimizer and OptimizerParamScheduler."""
 
     optimizer: str = option("adam", "the update rule", choices=("adam", "sgd"))
     lr: float = option(1e-3, "peak learning rate")
