@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf = commands.add_parser("megatron-to-hf", help="Megatron checkpoint -> HF directory")
     to_hf.add_argument("--load", required=True, help="checkpoint root (or iter_* directory)")
     to_hf.add_argument("--out", required=True, help="HF directory to write")
+    for command in (to_megatron, to_hf):
+        command.add_argument("--overwrite", action="store_true",
+                             help="replace a model already in --out (once the new one is "
+                                  "complete); without it such an --out is refused")
     return parser
 
 
@@ -38,13 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     quiet_third_party()
-    from megatron_gift.hf.convert import hf_to_megatron, megatron_to_hf
+    from megatron_gift.hf.convert import hf_to_megatron, megatron_to_hf, write_replacing
 
     if args.command == "hf-to-megatron":
-        directory, converter = hf_to_megatron(args.hf, args.out, args.converter)
-        print(f"converted {args.hf} -> {directory} ({converter} converter)")
+        converters = []
+
+        def convert(directory: str) -> str:
+            written, converter = hf_to_megatron(args.hf, directory, args.converter)
+            converters.append(converter)
+            return written
+
+        written = write_replacing(args.out, args.overwrite, convert)
+        print(f"converted {args.hf} -> {written} ({converters[0]} converter)")
     else:
-        print(f"exported {megatron_to_hf(args.load, args.out)}")
+        written = write_replacing(args.out, args.overwrite,
+                                  lambda directory: megatron_to_hf(args.load, directory))
+        print(f"exported {written}")
 
 
 if __name__ == "__main__":

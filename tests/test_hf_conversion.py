@@ -349,3 +349,30 @@ def test_two_jobs_converting_one_model_together_leave_one_complete_conversion(tm
     assert partial == [] and len(results) == 2 and results[0] == results[1]
     assert os.listdir(cache) == [os.path.basename(results[0])]  # no private leftovers
     assert (cache / os.path.basename(results[0]) / "iter_0000000" / "metadata.json").exists()
+
+
+def test_convert_over_an_existing_model_is_refused_unless_overwrite(tmp_path):
+    """A second conversion into the same --out changes nothing without --overwrite, and with
+    it replaces the old checkpoint whole (no stale iteration left); --out over other files is
+    always refused."""
+    make_hf_model(tmp_path / "hf", "llama")
+    out = tmp_path / "ckpt"
+    assert convert_cli("hf-to-megatron", "--hf", tmp_path / "hf", "--out", out).returncode == 0
+    (out / "iter_0000005").mkdir()  # a stale iteration a plain overwrite would leave behind
+    before = sorted(os.listdir(out))
+    again = convert_cli("hf-to-megatron", "--hf", tmp_path / "hf", "--out", out)
+    assert again.returncode == 2 and again.stderr.strip() == (
+        f"error: --out {out} holds a model already: pass --overwrite to replace it, or give "
+        "another --out")
+    assert sorted(os.listdir(out)) == before
+    replaced = convert_cli("hf-to-megatron", "--hf", tmp_path / "hf", "--out", out, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "iter_0000005" not in os.listdir(out) and (out / "iter_0000000").is_dir()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]  # no private directory left
+    exported = convert_cli("megatron-to-hf", "--load", out, "--out", tmp_path / "hf")
+    assert exported.returncode == 2 and "--out" in exported.stderr and "--overwrite" in exported.stderr
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    other = convert_cli("megatron-to-hf", "--load", out, "--out", tmp_path / "notes", "--overwrite")
+    assert other.returncode == 2 and "holds other files" in other.stderr
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"

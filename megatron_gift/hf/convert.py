@@ -45,7 +45,8 @@ from megatron_gift.errors import USER_ERROR_EXIT, MissingFileError, UserError
 from megatron_gift.platform import once
 from megatron_gift.platform.distributed import world_of_one
 from megatron_gift.hf.architecture import (ASSETS, check_tokenizer_files, hf_assets,
-                                           hf_config_from_model_section, model_section_from_hf)
+                                           hf_config_from_model_section, is_hf_directory,
+                                           model_section_from_hf)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 _LAYER_MAP = {  # Megatron name in layer i -> HF name in layer i (one-to-one tensors)
@@ -320,6 +321,40 @@ def _build(config, dtype):
     vocab = models.padded_vocab_size(config.model.vocab_size, config)
     # The name mapping is written for the local layers (TE checkpoints use the same keys).
     return models.build_chunks(config, tf_config, vocab, torch.device("cpu"), local_spec=True)[0]
+
+
+def write_replacing(out: str, overwrite: bool, write: Callable[[str], str]) -> str:
+    """Run ``write(directory)`` into a private directory beside ``out`` and move the result to
+    ``out``; returns ``write``'s path, moved to ``out``. An ``out`` that holds a checkpoint or
+    an HF model is refused unless ``overwrite`` (then replaced only once the new one is
+    complete); one that holds anything else is always refused: it is nobody's output here."""
+    ours = checkpoint.iterations(out) or os.path.isfile(os.path.join(out, checkpoint.TRACKER)) \
+        or is_hf_directory(out)
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        if not ours:
+            raise UserError(f"--out {out} exists and holds other files: give a new or empty "
+                            "directory")
+        if not overwrite:
+            raise UserError(f"--out {out} holds a model already: pass --overwrite to replace "
+                            "it, or give another --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    private = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.",
+                               suffix=".tmp", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(private, 0o777 & ~umask)  # as os.makedirs would make it, not mkdtemp's 0700
+    try:
+        written = write(private)
+    except BaseException:
+        shutil.rmtree(private, ignore_errors=True)
+        raise
+    old = f"{private.removesuffix('.tmp')}.old.tmp"  # private names end in .tmp
+    if os.path.exists(out):
+        os.rename(out, old)
+    os.rename(private, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return os.path.normpath(os.path.join(out, os.path.relpath(written, private)))
 
 
 def _run_facts(config, model, source, converter):
