@@ -237,3 +237,36 @@ def test_workers_whose_launcher_is_killed_stop_with_a_complete_checkpoint(tiny_w
     assert saved >= 3 and saved == _last_logged_iteration(tmp_path)
     assert saved < 100000
     assert "stopped by the launcher exiting after iteration" in (tmp_path / "torchrun.log").read_text()
+
+
+ONE_RANK_FAILS = textwrap.dedent("""
+    import runpy, sys, time
+    from megatron_gift.engine import trainer
+    from megatron_gift.errors import UserError
+    real_setup = trainer.setup
+    def setup(spec):  # rank 1 meets bad data; rank 0 is still setting up when it is stopped
+        import os
+        if os.environ["RANK"] == "1":
+            raise UserError("planted: a bad record that only rank 1 reads")
+        time.sleep(120)
+        return real_setup(spec)
+    trainer.setup = setup
+    sys.argv = ["examples/pretrain_gift.py", "--config", sys.argv[1]]
+    runpy.run_path("examples/pretrain_gift.py", run_name="__main__")
+""")
+
+
+def test_an_error_on_one_rank_is_shown_once_and_not_as_a_signal(tiny_world, tmp_path):
+    """Rank 1's error is the console's one line; rank 0, stopped by the launcher because of
+    it, does not report a signal."""
+    recipe = _recipe(tiny_world, tmp_path)
+    driver = tmp_path / "driver.py"
+    driver.write_text(ONE_RANK_FAILS)
+    launcher = _start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                       "--master-port", str(free_port()), str(driver), recipe],
+                      tmp_path, "torchrun")
+    assert launcher.wait(timeout=180) != 0
+    log = (tmp_path / "torchrun.log").read_text()
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: planted: a bad record that only rank 1 reads"], log[-3000:]
+    assert "while setting up" not in log

@@ -10,11 +10,13 @@
   :data:`QUIET_MESSAGES` (GPTModel's deprecation notice, MCore's async-save notice).
   :func:`describe_implementation` says in one line which layers and fallbacks are in use instead.
 * :func:`entry_point`: wraps a command's ``main``. A :class:`megatron_gift.errors.UserError` is
-  one line ``error: ...`` on stderr, from global rank 0 only, and exit status
+  one line ``error: ...`` on stderr, printed once per job and node, and exit status
   :data:`~megatron_gift.errors.USER_ERROR_EXIT`; any other exception keeps its traceback. Both
   are recorded for torchrun (``TORCHELASTIC_ERROR_FILE``), so the launcher's summary names the
   real error as the root cause. A run stopped by a signal while setting up
   (:class:`~megatron_gift.errors.Interrupted`) is one line too, and exits 128 + the signal.
+  In a job of several ranks the first rank on a node to hit a user error prints it, whichever
+  rank that is, and a rank stopped because of it says nothing more: the error shows once.
 * :func:`plain_text`: a docstring as ``--help`` shows it, without reST markup.
 """
 
@@ -152,12 +154,12 @@ def entry_point(main: Callable[..., object]) -> Callable[..., None]:
             main(*args, **kwargs)
         except UserError as error:
             _record_for_torchrun(error, user_error=True)
-            if global_rank() == 0 or getattr(error, "every_rank", False):
+            if _first_to_report() or getattr(error, "every_rank", False):
                 print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(USER_ERROR_EXIT)
         except Interrupted as stop:
-            if global_rank() == 0:
-                print(str(stop), file=sys.stderr, flush=True)
+            if global_rank() == 0 and not os.path.exists(_report_marker()):
+                print(str(stop), file=sys.stderr, flush=True)  # else: a rank's error says why
             sys.exit(stop.exit_status)
         except KeyboardInterrupt:
             sys.exit(130)
@@ -168,6 +170,35 @@ def entry_point(main: Callable[..., object]) -> Callable[..., None]:
             raise
 
     return wrapper
+
+
+def _first_to_report() -> bool:
+    """Whether this rank prints the user error it hit: the first rank of the job on this node
+    to hit one does (it need not be rank 0: a data error on one rank, whose launcher then stops
+    the others), the rest say nothing, so the console shows the error once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return True
+    try:
+        os.close(os.open(_report_marker(), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # no temporary directory: every rank 0 reports, as a lone rank would
+        return global_rank() == 0
+    return True
+
+
+def _report_marker() -> str:
+    """A file in the temporary directory naming this job's launch on this node (torchrun's
+    run id and port, SLURM's job and step, and the launcher's pid: the workers' parent)."""
+    import hashlib
+    import tempfile
+
+    env = os.environ
+    launch = ":".join([env.get("TORCHELASTIC_RUN_ID", ""), env.get("MASTER_PORT", ""),
+                       env.get("SLURM_JOB_ID", ""), env.get("SLURM_STEP_ID", ""),
+                       str(os.getppid())])
+    digest = hashlib.sha256(launch.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"megatron_gift-reported-{digest}")
 
 
 def _record_for_torchrun(error: BaseException, user_error: bool = False) -> None:
