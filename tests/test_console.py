@@ -63,15 +63,24 @@ def test_known_third_party_noise_is_filtered_and_the_rest_is_not(monkeypatch, ca
         logging.getLogger(name).propagate = True
 
 
-def test_a_user_error_is_one_line_on_rank0_and_exit_status_2(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("first", [0, 1])
+def test_a_user_error_is_one_line_from_the_first_rank_and_exit_status_2(monkeypatch, capsys,
+                                                                        tmp_path, first):
+    """In a job of two ranks the first to hit the error prints it (rank 0 or not), the other
+    stays silent."""
+    from parallel_harness import free_port
+
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # a job of its own
 
     @console.entry_point
     def main():
         raise ConfigError("gift.beta (--gift-beta) must be >= 0, got -1")
 
-    for rank, printed in ((0, "error: gift.beta (--gift-beta) must be >= 0, got -1\n"), (1, "")):
+    for rank, printed in ((first, "error: gift.beta (--gift-beta) must be >= 0, got -1\n"),
+                          (1 - first, "")):
         monkeypatch.setenv("RANK", str(rank))
         with pytest.raises(SystemExit) as exit_:
             main()
