@@ -88,6 +88,34 @@ def _model_tensors(directory):
             if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
 
 
+def _two_layouts_in_one_world(world, tmp):
+    """Rank body: TP=2, then PP=2, trained one after the other in the harness's world."""
+    import torch.distributed as dist
+
+    from megatron_gift.engine.trainer import train
+
+    for name, parallel in (("tp2", {"tensor_model_parallel_size": 2}),
+                           ("pp2", {"pipeline_model_parallel_size": 2})):
+        overrides = _overrides(world, parallel=parallel, optimizer=SGD,
+                               checkpoint={"pretrained_checkpoint": world["base"],
+                                           "save": os.path.join(tmp, name, "ckpt")},
+                               logging={"metrics_file": os.path.join(tmp, name, "metrics.jsonl"),
+                                        "progress": False})
+        train(parse_config([], defaults=overrides))
+        assert dist.is_initialized()  # the world train() joined is still there
+
+
+def test_two_layouts_train_one_after_the_other_in_one_world(world, single_process_run, tmp_path):
+    """The trainer joins the world it finds, sets its own model-parallel layout and leaves the
+    world as it was: two layouts in one world give the losses of separate launches (the
+    one-process launch, which every layout matches in the parity tests above)."""
+    run_distributed(2, _two_layouts_in_one_world, world, str(tmp_path))
+    expected, _ = single_process_run
+    for name in ("tp2", "pp2"):
+        torch.testing.assert_close(torch.tensor(_losses(tmp_path / name / "metrics.jsonl")),
+                                   torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def base_weights(world):
     return _model_tensors(os.path.join(world["base"], "iter_0000008"))

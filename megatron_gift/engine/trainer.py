@@ -4,7 +4,10 @@ checkpoints, signals.
 ``train(config)`` runs one job under ``torchrun`` (or as a single process): tensor/pipeline/
 data parallel as configured, Megatron's DDP, optimizer and LR schedule, the co-located frozen
 reference (none when ``beta = inf``), checkpoints that resume exactly and reshard, and a clean
-save-and-exit on SIGTERM or Ctrl-C (:mod:`.signals`). The run is first settled into a
+save-and-exit on SIGTERM or Ctrl-C (:mod:`.signals`). ``train`` is the process's main (it owns
+the lock, the signal handlers and a process group it had to make); :class:`Trainer` is the run
+itself, inside whatever world exists, so one world can train several runs in turn. The run is
+first settled into a
 :class:`~megatron_gift.engine.run_spec.RunSpec` (resume point, save directory, sources and
 their fingerprints, the complete model section), before the lock is taken or anything is
 built; :func:`setup` then builds a :class:`Job` from it, stage by stage:
@@ -50,6 +53,7 @@ from megatron_gift.engine.run_spec import RunSpec, portable_config, resolve
 from megatron_gift.engine.signals import StopOnSignal
 from megatron_gift.errors import UserError
 from megatron_gift.platform import console, te
+from megatron_gift.platform.cpu import enable_cpu_megatron
 from megatron_gift.platform.distributed import init_distributed, local_device
 from megatron_gift.platform.run_lock import RunLock
 
@@ -84,8 +88,10 @@ class Job:
 
 
 def train(config: DictConfig) -> int:
-    """Run the job described by ``config`` (validated, from :mod:`megatron_gift.config`);
-    returns the last iteration. Raises UserError for a bad input before any work."""
+    """Run the job described by ``config`` (validated, from :mod:`megatron_gift.config`) as this
+    process's job: settle it, take the lock on its save directory, join (or make, and then own)
+    the process group, train with a :class:`Trainer`, and tear down what it set up. Returns the
+    last iteration. Raises UserError for a bad input before any work."""
     console.setup_logging(config.logging.log_level)
     console.quiet_third_party()
     spec = resolve(config)
@@ -96,23 +102,58 @@ def train(config: DictConfig) -> int:
         return spec.start_iteration
     lock = RunLock(spec.save) if spec.save else None
     stop = StopOnSignal(on_exit_at_once=lock.release if lock else lambda: None)
+    owns_world = not dist.is_initialized()
     try:
-        init_distributed()
-        if not torch.cuda.is_available():
-            console.quiet_gpu_advice()
+        if owns_world:
+            init_distributed()
         if lock is not None:
             _lock_save_dir(lock)
         log.info(console.describe_implementation())
         log.info(spec.describe_places())
-        job = setup(spec)
-        return run(job, stop)
+        trainer = Trainer(spec)
+        try:
+            trainer.setup()
+            return trainer.run(stop)
+        finally:
+            trainer.close()
     finally:
         stop.restore()
         if lock is not None:
             lock.release()
+        if owns_world:
+            dist.destroy_process_group()
+
+
+class Trainer:
+    """One training run inside the current process group (set-up, run, close), as torchtitan
+    splits it: the world must exist (:func:`train` or a caller makes it), Megatron's
+    model-parallel state is set to this run's layout (replacing any other), and :meth:`close`
+    tears down only that state, never the world."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.job: Optional[Job] = None
+
+    def setup(self) -> Job:
+        """Build the run (:func:`setup`): parallel state, data, models, optimizer, weights."""
+        if not dist.is_initialized():
+            raise RuntimeError("Trainer.setup needs a process group: call train(), or "
+                               "megatron_gift.platform.distributed.init_distributed() first")
+        if not torch.cuda.is_available():
+            enable_cpu_megatron()  # idempotent; a world made elsewhere may not have it yet
+            console.quiet_gpu_advice()
+        self.job = setup(self.spec)
+        return self.job
+
+    def run(self, stop: Optional[StopOnSignal] = None) -> int:
+        """Train to ``train_iters`` or until ``stop`` (:func:`run`); the last iteration."""
+        return run(self.job, stop)
+
+    def close(self) -> None:
+        """Give back this run's model-parallel state (the process group stays)."""
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        self.job = None
 
 
 def _lock_save_dir(lock: RunLock) -> None:
@@ -154,7 +195,11 @@ def setup(spec: RunSpec) -> Job:
 
 
 def _init_parallel_state(config: JobConfig) -> None:
+    """Megatron's model-parallel groups for this run's layout (replacing any there are) and
+    the seeds."""
     parallel = config.parallel
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
