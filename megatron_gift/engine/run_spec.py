@@ -127,7 +127,7 @@ def resolve(config: DictConfig) -> RunSpec:
     if resume_from:
         _check_unchanged(resume_from, recorded.get("fingerprints"), fingerprints, {
             "base": config.checkpoint.pretrained_checkpoint, "reference": reference_source,
-            "tokenizer": config.model.tokenizer or "the bundled tokenizer"})
+            "tokenizer": config.model.tokenizer or assets or "the bundled tokenizer"})
     config = _complete_model(config, len(tokenizer), assets)
     _check_reference_tokenizer(reference_source, tokenizer, config)
     return RunSpec(config=OmegaConf.to_object(config), resume_from=resume_from,
