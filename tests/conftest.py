@@ -39,7 +39,7 @@ def private_cache(tmp_path_factory):
 def no_run_outlives_its_test():
     """Runs a test started as subprocesses (``parallel_harness.start_run``) end with it."""
     yield
-    from parallel_harness import stop_started_runs
+    from support.parallel_harness import stop_started_runs
 
     stop_started_runs()
 
@@ -47,7 +47,7 @@ def no_run_outlives_its_test():
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """Synthetic data and one tiny base checkpoint, built once and shared by the session."""
-    from parallel_harness import make_tiny_world
+    from support.parallel_harness import make_tiny_world
 
     return make_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
@@ -57,7 +57,7 @@ def world_of_one():
     """A one-rank gloo world with Megatron's parallel state (TP = PP = 1)."""
     from megatron.core import parallel_state
 
-    from parallel_harness import free_port
+    from support.parallel_harness import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
@@ -71,7 +71,7 @@ def slurm():
     """A throw-away two-node SLURM cluster on this machine (``tests/slurm_cluster.py``), Debian's
     packages installed first where this runs as root; skipped, with the reason, where SLURM
     cannot be had."""
-    from slurm_cluster import LocalSlurmCluster, ensure_slurm
+    from support.slurm_cluster import LocalSlurmCluster, ensure_slurm
 
     reason = ensure_slurm()
     if reason is not None:

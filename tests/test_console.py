@@ -68,7 +68,7 @@ def test_a_user_error_is_one_line_from_the_first_rank_and_exit_status_2(monkeypa
                                                                         tmp_path, first):
     """In a job of two ranks the first to hit the error prints it (rank 0 or not), the other
     stays silent."""
-    from parallel_harness import free_port
+    from support.parallel_harness import free_port
 
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))

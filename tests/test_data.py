@@ -19,7 +19,7 @@ from megatron_gift.data import synthetic
 from megatron_gift.config import parse_config
 from megatron_gift.data.dataset import SFTDataset, micro_batch_indices
 from megatron_gift.errors import UserError
-from parallel_harness import model_parallel, run_distributed, set_full_weights, tiny_gpt, tiny_gpt_config
+from support.parallel_harness import model_parallel, run_distributed, set_full_weights, tiny_gpt, tiny_gpt_config
 
 # Role markers are words of the bundled vocabulary: system "where", user "Q:", assistant "A:".
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
@@ -590,7 +590,7 @@ def test_a_data_error_on_two_ranks_leaves_nothing_in_the_cache(tmp_path):
     """A training job on two ranks fails with the record's error; the failure marker the
     waiting rank read is gone afterwards, also when the launcher stops the working rank while
     it shows the marker."""
-    from parallel_harness import TINY_MODEL, train_on_ranks
+    from support.parallel_harness import TINY_MODEL, train_on_ranks
 
     path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "1 + 1 ="}])  # no response
     overrides = {"model": dict(TINY_MODEL), "gift": {"beta": float("inf")},

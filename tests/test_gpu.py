@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_gift.loss import vocab_parallel_gift_loss
-from oracle import gift_loss_full_vocab
+from megatron_gift.loss.reference import gift_loss_full_vocab
 
 pytestmark = pytest.mark.gpu
 

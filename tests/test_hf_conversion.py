@@ -16,7 +16,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, Llama
                           MistralConfig, Qwen2Config)
 
 from megatron_gift.data import synthetic
-from parallel_harness import model_parallel, run_distributed
+from support.parallel_harness import model_parallel, run_distributed
 
 VOCAB = 300  # > the bundled tokenizer, not a multiple of 128: the model pads it to 384
 SEQ = 12

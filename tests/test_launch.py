@@ -12,7 +12,7 @@ import time
 import pytest
 
 from megatron_gift.platform.launcher_env import adopt_slurm_ranks, first_host
-from parallel_harness import TINY_MODEL, free_port, start_run, train_on_ranks
+from support.parallel_harness import TINY_MODEL, free_port, start_run, train_on_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

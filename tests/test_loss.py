@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_gift.loss import vocab_parallel_gift_loss
-from oracle import gift_loss_full_vocab, gift_stats_full_vocab
+from megatron_gift.loss.reference import gift_loss_full_vocab, gift_stats_full_vocab
 
 BETAS = [0.0, 0.5, 5.0, 20.0, 1e4, math.inf]
 LAMBDAS = [0.0, 0.01, 0.3, 1.0]

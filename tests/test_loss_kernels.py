@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megatron_gift.loss import vocab_parallel_gift_loss
-from oracle import gift_loss_full_vocab, gift_stats_full_vocab
-from parallel_harness import run_distributed
+from megatron_gift.loss.reference import gift_loss_full_vocab, gift_stats_full_vocab
+from support.parallel_harness import run_distributed
 
 pytest.importorskip("triton")
 
@@ -142,7 +142,7 @@ def test_fp64_logits_stay_eager_under_auto(interpreted):
 
 def _tp2_triton_matches_the_oracle():
     from megatron.core import parallel_state
-    from parallel_harness import model_parallel
+    from support.parallel_harness import model_parallel
 
     with model_parallel(tp=2):
         rank = parallel_state.get_tensor_model_parallel_rank()

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_gift.loss import vocab_parallel_gift_loss
-from oracle import gift_loss_full_vocab, gift_stats_full_vocab
-from parallel_harness import model_parallel, run_distributed
+from megatron_gift.loss.reference import gift_loss_full_vocab, gift_stats_full_vocab
+from support.parallel_harness import model_parallel, run_distributed
 
 pytestmark = [pytest.mark.distributed]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel_harness import (
+from support.parallel_harness import (
     causal_mask, full_tensor, gather_full_grads, model_parallel, run_distributed, set_full_weights,
     shard, tiny_gpt, tiny_gpt_config,
 )

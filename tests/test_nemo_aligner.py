@@ -264,15 +264,15 @@ def _source(save):
 @pytest.mark.slow
 def test_megatron_core_0_10_on_torch_2_4_loads_the_export(export, tmp_path):
     """NeMo's restore path on Aligner's stack: weights equal the source, logits match."""
-    import old_stack
-    from parallel_harness import free_port
+    from support import old_stack
+    from support.parallel_harness import free_port
 
     save, out, _, family = export
     python = old_stack.python()
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"tokens": TOKENS, "dtype": "float32"}))
     result = subprocess.run(
-        [python, os.path.join(TESTS, "old_stack_load_nemo.py"), out / "model.nemo", request,
+        [python, os.path.join(TESTS, "support", "old_stack_load_nemo.py"), out / "model.nemo", request,
          tmp_path / "loaded.pt"], capture_output=True, text=True,
         env={"PATH": os.environ["PATH"], "PORT": str(free_port()), "HOME": os.environ["HOME"]})
     assert result.returncode == 0, result.stderr[-4000:]

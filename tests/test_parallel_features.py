@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_gift.config import check_layer_split, parse_config
-from parallel_harness import run_distributed
+from support.parallel_harness import run_distributed
 
 
 @pytest.mark.parametrize("argv,message", [

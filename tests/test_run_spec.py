@@ -14,7 +14,7 @@ import pytest
 from megatron_gift.engine.job import job_config
 from megatron_gift.engine.run_spec import resolve
 from megatron_gift.errors import ConfigError, UserError
-from parallel_harness import TINY_MODEL, train_on_ranks
+from support.parallel_harness import TINY_MODEL, train_on_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

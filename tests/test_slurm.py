@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from parallel_harness import TINY_MODEL, free_port
+from support.parallel_harness import TINY_MODEL, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # the `slurm` fixture: conftest.py
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from parallel_harness import TINY_MODEL, free_port, run_distributed, start_run
+from support.parallel_harness import TINY_MODEL, free_port, run_distributed, start_run
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -183,7 +183,7 @@ def _save_twice_in_one_process(directory):
     from megatron.core import parallel_state
 
     from megatron_gift.core import checkpoint
-    from parallel_harness import tiny_gpt, tiny_gpt_config
+    from support.parallel_harness import tiny_gpt, tiny_gpt_config
 
     parallel_state.initialize_model_parallel()
     model = tiny_gpt(tiny_gpt_config(), vocab_size=64, seq_length=16)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from megatron_gift.config import parse_config
-from parallel_harness import TINY_MODEL, free_port, run_distributed, start_run, train_rank
-from parallel_harness import train_on_ranks as _train
+from support.parallel_harness import TINY_MODEL, free_port, run_distributed, start_run, train_rank
+from support.parallel_harness import train_on_ranks as _train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ Engine is installed) the TE layers and FP8: one summary table, exit status 1 whe
 
 Rows:
   loss oracle      every loss implementation that runs here (fused Triton, eager), fp32 and bf16,
-                   against the float64 full-vocab oracle (tests/oracle.py), V up to 152064, a
+                   against the float64 full-vocab oracle (megatron_gift/loss/reference.py), V up to 152064, a
                    padded vocab, labels in the reference's far tail
   loss speed       forward+backward against Megatron-Core's cross-entropy, side by side
                    (examples/benchmarks/loss.py): tokens 8192, V = 152064, 19008 (152064 / TP 8),
@@ -35,7 +35,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "examples", "benchmarks")]
+sys.path[:0] = [os.path.join(ROOT, "examples", "benchmarks")]
 
 
 @dataclass
@@ -65,7 +65,7 @@ def loss_oracle_rows(device: torch.device, quick: bool) -> list[Row]:
 
 
 def _oracle_errors(implementation, dtype, device, quick):
-    from oracle import gift_loss_full_vocab
+    from megatron_gift.loss.reference import gift_loss_full_vocab
 
     from megatron_gift.loss import vocab_parallel_gift_loss
 

@@ -1,4 +1,5 @@
-"""Independent full-vocab GIFT loss in plain torch (float64, autograd), the tests' oracle.
+"""Independent full-vocab GIFT loss in plain torch (float64, autograd): the reference the fused
+and eager losses are checked against, by the tests and by the GPU check.
 
 It follows the definition literally: smooth the reference in probability space, add beta to the
 label's log-probability, softmax, cross-entropy against the student's log-softmax.

@@ -53,7 +53,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-from parallel_harness import free_port
+from support.parallel_harness import free_port
 
 SLURM_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 NEEDED_PROGRAMS = ["sbatch", "slurmctld", "slurmd", "munged"]

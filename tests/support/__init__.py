@@ -1,0 +1,1 @@
+"""Test support: the multi-rank harness, the local SLURM cluster, the old NeMo stack."""
