@@ -1,5 +1,6 @@
 # make run   - set up .venv and run the main job on the embedded CPU default
-# make test  - set up .venv and run the whole test suite
+# make test  - set up .venv and run the whole test suite (every tier)
+# make test-unit | test-distributed | test-system - one tier (tests/README.md)
 # make benchmark - the loss and training-step benchmarks (ratios measured in one run)
 # make reproduce - the small-scale reproduction of the paper's claim (results/reproduction)
 # PYTHON=/path/to/python3.12 picks the interpreter; else python3.12 is searched for.
@@ -16,7 +17,7 @@ STAMP := $(VENV)/.installed
 PYTHON_CANDIDATES := $(PYTHON) python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
 	/usr/local/bin/python3.12 /usr/bin/python3.12
 
-.PHONY: run test benchmark reproduce venv
+.PHONY: run test test-unit test-distributed test-system benchmark reproduce venv
 
 venv: $(STAMP)
 
@@ -44,3 +45,6 @@ benchmark: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-unit test-distributed test-system: test-%: $(STAMP)
+	$(PY) -m pytest -m $*

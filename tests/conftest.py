@@ -3,9 +3,10 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+from support import tiers  # noqa: E402  (after the path insert)
 
 if not torch.cuda.is_available():
     # Triton's kernels (the GIFT loss's fused passes) run on CPU tensors in its interpreter; the
@@ -14,13 +15,29 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests need CUDA: skipped, with the reason, where there is none."""
-    if torch.cuda.is_available():
-        return
+    """Every test gets its tier (``unit`` where it is neither ``distributed`` nor ``system``);
+    ``gpu`` tests need CUDA: skipped, with the reason, where there is none."""
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:
-        if "gpu" in item.keywords:
+        if tiers.tier_of(item) == "unit":
+            item.add_marker(pytest.mark.unit)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from tiers.police(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from tiers.police(item)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Process launches per tier, beside ``--durations``: the suite's cost is its launches."""
+    terminalreporter.write_line(tiers.summary())
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,13 +74,12 @@ def world_of_one():
     """A one-rank gloo world with Megatron's parallel state (TP = PP = 1)."""
     from megatron.core import parallel_state
 
-    from support.parallel_harness import free_port
+    from support.parallel_harness import one_rank_world
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    with one_rank_world():
+        parallel_state.initialize_model_parallel()
+        yield
+        parallel_state.destroy_model_parallel()
 
 
 @pytest.fixture(scope="session")

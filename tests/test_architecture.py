@@ -97,6 +97,7 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
         os.remove(planted)
 
 
+@pytest.mark.system  # a fresh interpreter is the only one that has imported nothing
 @pytest.mark.parametrize("command", [
     [os.path.join("examples", "pretrain_gift.py"), "--help"],
     ["-m", "megatron_gift.convert", "--help"],

@@ -197,6 +197,7 @@ def test_schema_defaults_are_the_documented_ones():
     assert defaults.optimizer.min_lr == 0.0  # Megatron-LM's; a larger one would exceed small lrs
 
 
+@pytest.mark.system
 def test_launcher_reports_a_bad_flag_in_one_line():
     """A user error is one ``error:`` line and exit status 2, no traceback, no torch import."""
     result = subprocess.run([sys.executable, os.path.join(REPO, "examples", "pretrain_gift.py"),

@@ -105,7 +105,7 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch, tmp_path):
     assert "Traceback" in callstack and 'raise RuntimeError("a bug")' in callstack
 
 
-@pytest.mark.distributed
+@pytest.mark.system
 def test_torchrun_reports_a_user_error_once_and_as_the_root_cause(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     data = tmp_path / "d.jsonl"

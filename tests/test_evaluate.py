@@ -356,6 +356,7 @@ def test_temperature_flag(scripted_command, capsys, tmp_path):
         "error: --temperature must be >= 0 (0: greedy decoding), got -0.5")
 
 
+@pytest.mark.system
 def test_evaluate_command_prints_no_upstream_warnings(tiny_world):
     """The command filters the known Transformer Engine/Apex/deprecation warnings (as the
     training launcher does) while it exports and loads a Megatron checkpoint."""

@@ -16,6 +16,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, Llama
                           MistralConfig, Qwen2Config)
 
 from megatron_gift.data import synthetic
+from support.commands import run_main
 from support.parallel_harness import model_parallel, run_distributed
 
 VOCAB = 300  # > the bundled tokenizer, not a multiple of 128: the model pads it to 384
@@ -53,8 +54,10 @@ def make_hf_model(directory, family, dtype=torch.float32, seed=0):
 
 
 def convert_cli(*args):
-    return subprocess.run([sys.executable, "-m", "megatron_gift.convert", *map(str, args)],
-                          capture_output=True, text=True)
+    """``python -m megatron_gift.convert ARGS``, run in this process (see support/commands.py)."""
+    from megatron_gift.convert import main
+
+    return run_main(main, args)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -150,12 +153,15 @@ def test_bf16_round_trip_is_bit_identical(tmp_path):
         assert state[name].dtype == torch.bfloat16 and torch.equal(state[name], tensor), name
 
 
+@pytest.mark.system  # the real command, and a job's conversion runs it too
 def test_unsupported_architecture_is_named(tmp_path):
     from megatron_gift.errors import UserError
     from megatron_gift.hf.convert import cached_conversion
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
-    result = convert_cli("hf-to-megatron", "--hf", tmp_path, "--out", tmp_path / "out")
+    result = subprocess.run([sys.executable, "-m", "megatron_gift.convert", "hf-to-megatron",
+                             "--hf", tmp_path, "--out", tmp_path / "out"],
+                            capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "GPT2LMHeadModel" in result.stderr and "LlamaForCausalLM, Qwen2ForCausalLM" in result.stderr
@@ -211,7 +217,7 @@ def _gift_overrides(tmp_path, pretrained, **checkpoint):
             "logging": {"metrics_file": str(tmp_path / "metrics.jsonl"), "progress": False}}
 
 
-@pytest.mark.distributed
+@pytest.mark.system  # the job converts the HF directory (a program), on two ranks
 @pytest.mark.slow
 def test_gift_trains_from_a_hugging_face_directory_and_exports(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGATRON_GIFT_CACHE", str(tmp_path / "cache"))
@@ -245,6 +251,7 @@ def test_gift_trains_from_a_hugging_face_directory_and_exports(tmp_path, monkeyp
     assert (tmp_path / "gift" / "iter_0000004").is_dir()
 
 
+@pytest.mark.system  # the job converts both directories (a program), on a rank
 @pytest.mark.parametrize("mismatch", ["vocab_size", "dtype"])
 def test_reference_that_differs_from_the_student_is_refused_before_training(tmp_path, monkeypatch,
                                                                             mismatch):
@@ -267,6 +274,7 @@ def test_reference_that_differs_from_the_student_is_refused_before_training(tmp_
     assert not (tmp_path / "gift").exists()
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_a_model_trained_here_exports_as_llama_with_the_same_logits(tmp_path, tiny_world):
     """The session's tiny base, trained here from scratch, exports as a Llama."""
@@ -279,6 +287,7 @@ def test_a_model_trained_here_exports_as_llama_with_the_same_logits(tmp_path, ti
     run_distributed(1, _check_logits, tmp_path / "hf", base, 1, 1, vocab)
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_launcher_trains_from_a_hugging_face_directory_and_data_file(tmp_path):
     make_hf_model(tmp_path / "hf", "mistral")
@@ -327,6 +336,7 @@ def test_the_trainer_refuses_the_bridge_converter_without_bridge_before_any_work
     assert not (tmp_path / "gift").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.system  # each job's conversion is a program
 @pytest.mark.slow
 def test_two_jobs_converting_one_model_together_leave_one_complete_conversion(tmp_path):
     """A sweep started together: each converts privately, the first rename wins."""

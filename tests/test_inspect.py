@@ -4,8 +4,6 @@ a weights-only checkpoint is not a run to continue; metrics past the resumed ite
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,13 +11,16 @@ import torch
 from megatron_gift.engine.job import saved_config
 from megatron_gift.engine.metrics import drop_records_after
 from megatron_gift.errors import UserError
+from support.commands import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _inspect(*args):
-    return subprocess.run([sys.executable, "-m", "megatron_gift.inspect", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    """``python -m megatron_gift.inspect ARGS``, run in this process (support/commands.py)."""
+    from megatron_gift.inspect import main
+
+    return run_main(main, args)
 
 
 @pytest.fixture

@@ -12,12 +12,13 @@ import time
 import pytest
 
 from megatron_gift.platform.launcher_env import adopt_slurm_ranks, first_host
-from support.parallel_harness import TINY_MODEL, free_port, start_run, train_on_ranks
+from support.parallel_harness import TINY_MODEL, free_port, start_run, train_here
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_slurm_variables_become_torchruns():
+def test_slurm_variables_become_torchruns(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the list is parsed here
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
            "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_ID": "123456",
            "SLURM_JOB_NODELIST": "gpu[07-08]"}
@@ -26,7 +27,7 @@ def test_slurm_variables_become_torchruns():
                                 "MASTER_PORT")} == {
         "RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8",
         "MASTER_PORT": str(20000 + 123456 % 20000)}
-    assert env["MASTER_ADDR"] == "gpu07"  # scontrol's first host (or the same, parsed)
+    assert env["MASTER_ADDR"] == "gpu07"  # scontrol's, in tests/test_slurm.py
     assert not adopt_slurm_ranks(env)  # torchrun's variables, once set, win
     torchrun = {"RANK": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4"}
     assert not adopt_slurm_ranks(torchrun) and torchrun["RANK"] == "0"
@@ -39,6 +40,7 @@ def test_the_first_host_of_a_node_list(nodelist, first, monkeypatch):
     assert first_host(nodelist) == first
 
 
+@pytest.mark.system
 def test_a_rank_whose_peers_never_come_fails_in_bounded_time_naming_what_it_tried():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "TORCHELASTIC"))}
     env.update(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
@@ -74,7 +76,7 @@ def _logged(tmp_path):
                                                ({"exit_duration_in_mins": 1e-6}, 1)],
                          ids=["exit-interval", "exit-duration"])
 def test_exit_interval_and_duration_save_and_stop(tiny_world, tmp_path, training, stops_at):
-    train_on_ranks(_overrides(tiny_world, tmp_path, **training))
+    train_here(_overrides(tiny_world, tmp_path, **training))
     assert _logged(tmp_path) == list(range(1, stops_at + 1))
     assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text() == str(stops_at)
     [config] = os.listdir(tmp_path / "run" / "configs")  # this start's resolved config
@@ -93,7 +95,7 @@ def _agent(node_rank, port, recipe, tmp_path, name, nnodes=2, nproc=1):
 
 
 @pytest.mark.slow
-@pytest.mark.distributed
+@pytest.mark.system
 def test_two_torchrun_agents_as_two_nodes_train_like_one_agent(tiny_world, tmp_path):
     """Static rendezvous (--nnodes 2 --node-rank 0/1 --master-addr): the same losses as one
     agent with 2 processes."""

@@ -98,9 +98,11 @@ def test_parallel_layout_matches_single_process(single_process, tmp_path, tp, pp
 
 
 def _python(code):
+    """``code`` in a fresh interpreter (these tests are about what an import does)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
+@pytest.mark.system
 def test_import_does_not_patch_torch():
     result = _python(
         "import torch, megatron_gift, megatron_gift.loss, megatron_gift.platform.cpu\n"
@@ -109,6 +111,7 @@ def test_import_does_not_patch_torch():
     assert "untouched" in result.stdout, result.stderr
 
 
+@pytest.mark.system
 def test_no_patch_where_cuda_is_available():
     result = _python(
         "import torch; torch.cuda.is_available = lambda: True\n"
@@ -118,6 +121,7 @@ def test_no_patch_where_cuda_is_available():
     assert result.stdout.split() == ["[]", "True"], result.stderr
 
 
+@pytest.mark.system
 def test_refuses_unsupported_megatron_core():
     result = _python(
         "from megatron.core import package_info; package_info.__version__ = '0.20.1'\n"
@@ -127,6 +131,7 @@ def test_refuses_unsupported_megatron_core():
     assert "0.20.1" in result.stderr and "0.19" in result.stderr
 
 
+@pytest.mark.system
 def test_patches_are_applied_once():
     result = _python(
         "import torch, megatron_gift.platform.cpu as cpu\n"

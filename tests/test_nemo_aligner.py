@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 
 from megatron_gift.rl import nemo_aligner
 
+pytestmark = pytest.mark.system  # the converter and the NeMo-Aligner era stack, as programs
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 TOKENS = [1, 5, 9, 12, 3, 7, 30, 2]
 

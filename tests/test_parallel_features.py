@@ -71,6 +71,7 @@ def _share_on_this_rank(seq, path):
             json.dump(gathered, f)
 
 
+@pytest.mark.distributed
 def test_each_context_parallel_rank_keeps_its_zigzag_share(tmp_path):
     """CP=2, 8 tokens: chunks of 2, rank 0 keeps chunks 0 and 3, rank 1 chunks 1 and 2; labels
     and loss mask go with their tokens."""

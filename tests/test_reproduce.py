@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.system  # examples/reproduce/run.py, as a program
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

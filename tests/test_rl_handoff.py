@@ -235,7 +235,7 @@ def test_math_reward_checks_equivalence_and_file_fields_are_named(tmp_path):
     assert grpo.file_dataset(str(path), "problem", "solution")[0] == {"prompt": "1+1?", "answer": "2"}
 
 
-@pytest.mark.distributed
+@pytest.mark.system
 @pytest.mark.slow
 def test_the_default_jobs_gift_checkpoint_goes_to_nemo_rl_and_trains_with_trl(tmp_path, nemo_rl_dir):
     """The embedded default (stage 1, then 4 GIFT iterations), exported, handed to NeMo RL's

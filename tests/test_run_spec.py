@@ -14,7 +14,7 @@ import pytest
 from megatron_gift.engine.job import job_config
 from megatron_gift.engine.run_spec import resolve
 from megatron_gift.errors import ConfigError, UserError
-from support.parallel_harness import TINY_MODEL, train_on_ranks
+from support.parallel_harness import TINY_MODEL, train_here
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,8 +34,7 @@ def finished(tiny_world, tmp_path_factory):
     """A GIFT run of 2 iterations, checkpoints at 1 and 2, from a private copy of the base."""
     root = tmp_path_factory.mktemp("run_spec")
     shutil.copytree(tiny_world["base"], root / "base")
-    train_on_ranks(_overrides(tiny_world, root / "base", save=str(root / "run"),
-                              save_interval=1))
+    train_here(_overrides(tiny_world, root / "base", save=str(root / "run"), save_interval=1))
     return root
 
 
@@ -253,6 +252,7 @@ def test_a_save_directory_or_cache_that_cannot_be_written_is_named(tiny_world, t
                   "--cache-dir", cache])
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_a_copy_resumed_from_another_directory_leaves_the_original_alone(run, tmp_path):
     """End to end, as a user types it: the copy trains on, the original keeps its files."""
@@ -297,6 +297,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.system  # mount(8)
 def test_a_full_disk_is_one_line_and_the_tracker_keeps_the_last_complete_checkpoint(
         tiny_world, finished, small_disk):
     save = small_disk / "run"
@@ -305,5 +306,5 @@ def test_a_full_disk_is_one_line_and_the_tracker_keeps_the_last_complete_checkpo
                                         f"is full .*the newest complete checkpoint is still "
                                         f"{save}/iter_0000001: free the space and resume with "
                                         f"--load {save}"):
-        train_on_ranks(overrides)
+        train_here(overrides)
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "1"

@@ -12,7 +12,7 @@ import pytest
 
 from support.parallel_harness import TINY_MODEL, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # the `slurm` fixture: conftest.py
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # the `slurm` fixture: conftest.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(REPO, "examples", "slurm", "gift.sbatch")

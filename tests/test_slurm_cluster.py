@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # the `slurm` fixture: conftest.py
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # the `slurm` fixture: conftest.py
 
 
 def _script(path, body):

@@ -15,7 +15,7 @@ import pytest
 
 from support.parallel_harness import TINY_MODEL, free_port, run_distributed, start_run
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.system, pytest.mark.slow]  # torchrun and its signals, as programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACKER = "latest_checkpointed_iteration.txt"

@@ -324,6 +324,7 @@ def _wait_for(condition, process, timeout=120):
         time.sleep(0.2)
 
 
+@pytest.mark.system  # the launcher, as a program
 def test_sigkill_resumes_from_last_checkpoint_on_the_same_curve(world, tmp_path):
     flags = ["--train-iters", "30", "--save-interval", "5", "--lr-decay-style", "cosine"]
     straight = _launch(world, tmp_path, "straight", *flags, "--metrics-file",
@@ -353,6 +354,7 @@ def test_sigkill_resumes_from_last_checkpoint_on_the_same_curve(world, tmp_path)
         assert record["loss"] == pytest.approx(expected[record["iteration"]], rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.system  # the launcher, as a program
 def test_sigterm_saves_then_exits_cleanly(world, tmp_path):
     ckpt, metrics = str(tmp_path / "ckpt"), str(tmp_path / "metrics.jsonl")
     process = _launch(world, tmp_path, "sigterm", "--train-iters", "100000", "--save", ckpt,
@@ -405,6 +407,7 @@ def test_reference_with_other_architecture_is_rejected(world, tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.system  # the launcher, as a program
 def test_load_alone_continues_the_saved_run(world, tmp_path):
     """``--load DIR`` with no recipe and no data continues the run saved there, with its data,
     model and reference, into its own metrics file, and says which keys the command line

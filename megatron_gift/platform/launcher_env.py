@@ -16,6 +16,7 @@ MASTER_PORT        20000 + job id % 20000      its port, unless MASTER_PORT is s
 """
 
 import os
+import shutil
 import subprocess
 from typing import MutableMapping, Optional
 
@@ -42,6 +43,8 @@ def first_host(nodelist: str) -> str:
     ``scontrol show hostnames``; ``127.0.0.1`` for an empty list."""
     if not nodelist:
         return "127.0.0.1"
+    if shutil.which("scontrol") is None:
+        return _first_of_simple_list(nodelist)
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
                              text=True, timeout=30, check=True).stdout.split()

@@ -59,6 +59,28 @@ def train_rank(argv, overrides):
     train(parse_config(argv, defaults=overrides))
 
 
+@contextlib.contextmanager
+def one_rank_world():
+    """A one-rank gloo world in this process for the duration of a block (no process starts)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def train_here(overrides, argv=()):
+    """Run ``megatron_gift.engine.trainer.train`` in this process, in a one-rank world of its own
+    (the trainer joins it, as it joins torchrun's): what a one-rank launch computes, without the
+    launch."""
+    from megatron_gift.config import parse_config
+    from megatron_gift.engine.trainer import train
+
+    with one_rank_world():
+        return train(parse_config(list(argv), defaults=overrides))
+
+
 def make_tiny_world(root):
     """Synthetic data and a tiny base checkpoint (TINY_MODEL, 8 SFT iterations) under ``root``;
     returns the paths: ``corpus``, ``demos``, ``valid`` (JSONL) and ``base`` (checkpoint)."""
@@ -69,7 +91,7 @@ def make_tiny_world(root):
     synthetic.write_pretraining_corpus(paths["corpus"], 256, seed=0)
     synthetic.write_demonstrations(paths["demos"], 128, seed=1)
     synthetic.write_demonstrations(paths["valid"], 16, seed=2)
-    train_on_ranks({"model": dict(TINY_MODEL), "gift": {"beta": float("inf")},
+    train_here({"model": dict(TINY_MODEL), "gift": {"beta": float("inf")},
                     "data": {"train_path": paths["corpus"], "text_field": "text"},
                     "training": {"train_iters": 8, "micro_batch_size": 4, "global_batch_size": 8},
                     "optimizer": {"lr": 1e-2}, "checkpoint": {"save": paths["base"]},
