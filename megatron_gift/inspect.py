@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe(path: str) -> dict[str, Any]:
     """The facts of the newest checkpoint under ``path`` as a plain dict."""
-    from megatron_gift.core.checkpoint import common_state, is_weights_only
+    from megatron_gift.core.checkpoint import common_state, is_weights_only, saved_layout
     from megatron_gift.core.paths import TRACKER
     from megatron_gift.engine.run_spec import resume_point
     from megatron_gift.errors import MissingFileError
@@ -38,12 +38,12 @@ def describe(path: str) -> dict[str, Any]:
         raise MissingFileError(f"{path}: no checkpoint ({TRACKER} or metadata.json)")
     common = common_state(directory)
     run = common.get("run", {})
-    tp, pp, dp = run.get("layout", [None, None, None])
+    tp, pp, dp, cp = saved_layout(run)
     return {"directory": directory, "iteration": common.get("iteration"),
             "consumed_samples": common.get("consumed_samples"),
             "kind": "weights only" if is_weights_only(common) else "training (resumable)",
             "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                       "data_parallel_size": dp},
+                       "data_parallel_size": dp, "context_parallel_size": cp},
             "reference_source": run.get("reference_source"),
             "fingerprints": run.get("fingerprints"),
             "converted_from": run.get("converted_from"), "converter": run.get("converter"),
@@ -60,7 +60,7 @@ def as_text(facts: dict[str, Any]) -> str:
              f"kind              {facts['kind']}",
              f"saved at          TP={layout['tensor_model_parallel_size']} "
              f"PP={layout['pipeline_model_parallel_size']} DP={layout['data_parallel_size']} "
-             "(loads at any layout)"]
+             f"CP={layout['context_parallel_size']} (loads at any layout)"]
     if facts["reference_source"]:
         lines.append(f"reference         {facts['reference_source']}")
     if facts["fingerprints"]:

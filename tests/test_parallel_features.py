@@ -3,6 +3,8 @@ naming the flags; CP needs Transformer Engine on CUDA; each CP rank keeps Megatr
 share of a micro-batch. (The numbers of SP, recompute and the overlapped reduce against one
 process: tests/test_training.py.)"""
 
+import os
+
 import pytest
 import torch
 
@@ -84,3 +86,44 @@ def test_each_context_parallel_rank_keeps_its_zigzag_share(tmp_path):
         assert shares[rank]["tokens"] == [[10 * p for p in kept]] * 2
         assert shares[rank]["labels"] == [[10 * p + 1 for p in kept]] * 2
         assert shares[rank]["loss_mask"] == [[float(p % 3 == 0) for p in kept]] * 2
+
+
+def _rng_round_trip_at_cp2(directory):
+    import json
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_gift.core import checkpoint
+
+    parallel_state.initialize_model_parallel(context_parallel_size=2)
+    if dist.get_rank() == 0:
+        os.makedirs(directory)
+    dist.barrier()
+    torch.manual_seed(100 + dist.get_rank())  # the CP ranks' states differ; one is saved
+    dist_checkpointing.save({"rng_state": checkpoint._rng_object()}, directory)
+    first = torch.rand(3).tolist()  # what rank 0 draws next from the saved state
+    torch.manual_seed(7)
+    loaded = dist_checkpointing.load({"rng_state": checkpoint._rng_object()}, directory)
+    checkpoint._restore_rng(loaded["rng_state"].data if hasattr(loaded["rng_state"], "data")
+                            else loaded["rng_state"])
+    draws = [None, None]
+    dist.all_gather_object(draws, {"first": first, "restored": torch.rand(3).tolist(),
+                                   "layout": checkpoint.layout()})
+    if dist.get_rank() == 0:
+        with open(directory + ".json", "w") as f:
+            json.dump(draws, f)
+
+
+@pytest.mark.distributed
+def test_a_context_parallel_save_keeps_one_rng_state_per_model_parallel_rank(tmp_path):
+    """At CP=2 the two CP ranks share (PP, TP) rank 0: their RNG states are replicas (a save
+    that keyed them by DP rank alone failed with duplicate keys); both resume from rank 0's,
+    and the layout records CP."""
+    import json
+
+    run_distributed(2, _rng_round_trip_at_cp2, str(tmp_path / "ckpt"))
+    draws = json.loads((tmp_path / "ckpt.json").read_text())
+    assert draws[0]["first"] != draws[1]["first"]
+    assert draws[0]["restored"] == draws[1]["restored"] == draws[0]["first"]
+    assert draws[0]["layout"] == [1, 1, 1, 2]

@@ -187,7 +187,7 @@ def load_checkpoint(directory: str, chunks: Sequence[torch.nn.Module],
     _give_sgd_a_state_initializer(optimizer)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                       **_optimizer_kwargs(optimizer))
-    same_layout = common["run"]["layout"] == layout()
+    same_layout = saved_layout(common["run"]) == layout()
     if same_layout:
         state["rng_state"] = _rng_object()
     loaded = _load_tensors(state, directory)
@@ -287,10 +287,18 @@ def _optimizer_kwargs(optimizer):
 
 
 def layout() -> list[int]:
-    """``[tp, pp, dp]`` of this run, as recorded in checkpoints."""
+    """``[tp, pp, dp, cp]`` of this run, as recorded in checkpoints."""
     return [parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_data_parallel_world_size()]
+            parallel_state.get_data_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size()]
+
+
+def saved_layout(run: dict[str, Any]) -> list[Optional[int]]:
+    """``[tp, pp, dp, cp]`` a checkpoint's run facts record (checkpoints that predate context
+    parallelism in the layout record ``[tp, pp, dp]``: CP 1)."""
+    recorded = list(run.get("layout") or [None, None, None])
+    return recorded + [1] * (4 - len(recorded))
 
 
 def _rng_object():
@@ -303,8 +311,11 @@ def _rng_object():
               parallel_state.get_tensor_model_parallel_world_size())
     offset = (parallel_state.get_pipeline_model_parallel_rank(),
               parallel_state.get_tensor_model_parallel_rank())
-    return ShardedObject("rng_state", state, (pp, tp), offset,
-                         replica_id=parallel_state.get_data_parallel_rank())
+    # One state per (PP, TP) rank; the ranks of a DP x CP group are its replicas (Megatron-LM's
+    # get_rng_state counts CP into the replica id likewise): with DP alone, CP ranks would
+    # write one key twice and the save fails ("Duplicate ShardedObject keys").
+    replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    return ShardedObject("rng_state", state, (pp, tp), offset, replica_id=replica)
 
 
 def _restore_rng(state):
