@@ -204,10 +204,13 @@ def load_checkpoint(directory: str, chunks: Sequence[torch.nn.Module],
 
 
 def load_model_weights(path: str, chunks: Sequence[torch.nn.Module],
-                       expected_architecture: dict[str, Any]) -> str:
-    """Load only model weights (a base checkpoint or a run's newest) into ``chunks``.
+                       expected_architecture: dict[str, Any]) -> dict[str, dict]:
+    """Load only model weights (a base checkpoint or a run's newest) into ``chunks``; returns
+    the tensors as read, before the chunks cast them (``{"model": state}``, or ``"model0"``,
+    ``"model1"``, ... for virtual stages: the form Megatron-Core's
+    ``reload_model_params(state_dict=...)`` takes).
 
-    Raises ValueError when the checkpoint's architecture or vocab differs from
+    Raises a UserError when the checkpoint's architecture or vocab differs from
     ``expected_architecture`` (a dict like :func:`architecture`), before reading tensors.
     """
     directory = latest_checkpoint(path)
@@ -222,7 +225,8 @@ def load_model_weights(path: str, chunks: Sequence[torch.nn.Module],
     loaded = _load_tensors(_model_state(chunks), directory)
     for k, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_model_key(k, len(chunks))])
-    return directory
+    return {_model_key(k, len(chunks)): loaded[_model_key(k, len(chunks))]
+            for k in range(len(chunks))}
 
 
 def architecture(model_config: "DictConfig | Model", padded_vocab_size: int) -> dict[str, Any]:

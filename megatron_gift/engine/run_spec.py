@@ -120,6 +120,7 @@ def resolve(config: DictConfig) -> RunSpec:
     if resume_from:
         _check_schedule(config, saved_config(resume_from, common))
     student_source = None if resume_from else config.checkpoint.pretrained_checkpoint
+    _refuse_fp8_weights_loaded_under_delayed_scaling(config, student_source)
     reference_source = None if is_sft(config) else _reference_source(config, recorded)
     assets = _model_assets(config, resume_from)
     tokenizer = load_tokenizer(config.model.tokenizer or assets)
@@ -248,6 +249,20 @@ def _with_run_paths(config: DictConfig) -> DictConfig:
         if logging_config.tensorboard_dir is None:
             logging_config.tensorboard_dir = os.path.join(saved.save, "tensorboard")
     return config
+
+
+def _refuse_fp8_weights_loaded_under_delayed_scaling(config: DictConfig,
+                                                    student_source: Optional[str]) -> None:
+    """FP8 parameters (``--fp8-param-gather``) under delayed scaling quantize weights loaded
+    into them with the scale they start with, 1, before any amax is seen: E4M3's smallest step
+    there is 2^-9, so weights under ~1e-3 (most of a pretrained model's) load as 0 and the
+    student starts far from its base. Current scaling computes each scale from the tensor."""
+    precision = config.precision
+    if student_source and precision.fp8_param_gather and precision.fp8_recipe == "delayed":
+        raise UserError(
+            f"precision.fp8_param_gather with precision.fp8_recipe=delayed would load the "
+            f"weights of {student_source} into FP8 at scale 1 (weights under ~1e-3 become 0): "
+            "use --fp8-recipe tensorwise, or drop --fp8-param-gather")
 
 
 def _refuse_overwrite(config: DictConfig, resume_from: Optional[str]) -> None:

@@ -323,10 +323,16 @@ def _restore_student(spec: RunSpec, weights: Optional[str], ddp_chunks: list, op
             new_schedule=spec.config.optimizer.override_opt_param_scheduler)
         return iteration, consumed
     if weights:
-        checkpoint.load_model_weights(weights, [models.unwrap(c) for c in ddp_chunks], arch)
+        loaded = checkpoint.load_model_weights(weights, [models.unwrap(c) for c in ddp_chunks],
+                                               arch)
         for chunk in ddp_chunks:
             chunk.broadcast_params()
-        optimizer.reload_model_params()
+        # FP8 parameters hold the weights quantized: the fp32 master weights start from the
+        # checkpoint's tensors instead, as Megatron-LM's --load-main-params-from-ckpt does (the
+        # bf16 reference is the unquantized base; a quantized start would differ from it in the
+        # tail GIFT keeps). Only the distributed optimizer, which FP8 parameters need, takes them.
+        optimizer.reload_model_params(
+            state_dict=loaded if spec.config.precision.fp8_param_gather else None)
         log.info(f"student initialised from {spec.student_source}")
     return 0, 0
 
@@ -524,11 +530,12 @@ def _save(job: Job) -> None:
                  "reference_source": spec.reference_source, "fingerprints": spec.fingerprints,
                  **spec.conversion}
     save = config.checkpoint.save
+    _gather_params_before_save(job)
     try:
+        if dist.get_rank() == 0:  # before the tracker names the checkpoint: exports need them
+            sources.copy_assets(sources.model_source(config), save)
         checkpoint.save_checkpoint(save, job.iteration, job.ddp_chunks, job.optimizer,
                                    job.scheduler, job.consumed_samples, run_facts)
-        if dist.get_rank() == 0:
-            sources.copy_assets(sources.model_source(config), save)
     except (Exception, CheckpointException) as error:  # the latter is a BaseException
         why = _why_save_failed(save, error)
         if why is None:
@@ -539,6 +546,19 @@ def _save(job: Job) -> None:
                            f"and resume with --load {save}" if kept else
                            "no complete checkpoint was written: free the space and start "
                            "again")) from None
+
+
+def _gather_params_before_save(job: Job) -> None:
+    """With ``--overlap-param-gather`` the step updates each DP rank's shard and leaves the
+    all-gather to the next forward's pre-hooks, so the parameters are stale until then: gather
+    them now, as Megatron-LM's ``force_param_sync`` does before every save (a save by signal,
+    exit interval or save interval would otherwise write the previous step's shards of the
+    other DP ranks)."""
+    if not job.config.parallel.overlap_param_gather:
+        return
+    job.optimizer.prepare_model_params_for_param_sync()
+    for chunk in job.ddp_chunks:
+        chunk.start_param_sync(force_sync=True)
 
 
 def _why_save_failed(save: str, error: BaseException) -> Optional[str]:

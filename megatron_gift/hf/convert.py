@@ -25,6 +25,7 @@ Weight mapping (Megatron local-spec names; HF ``model.`` prefix omitted)::
     output_layer.weight                [Vp, h]        lm_head.weight (absent when tied)
 """
 
+import filecmp
 import hashlib
 import json
 import os
@@ -364,15 +365,50 @@ def _run_facts(config, model, source, converter):
 
 
 def copy_assets(hf_dir: str, checkpoint_root: str) -> None:
-    """Copy the HF directory's config and tokenizer files (no weights) to ``root/hf``."""
+    """Copy the HF directory's config and tokenizer files (no weights) to ``root/hf``.
+
+    A set already there with the same files and contents is left alone (a run saves many
+    times, its assets once). Otherwise the files are written to a private directory beside it
+    and renamed into place, so an export or an RL hand-off reading ``root/hf`` finds the old
+    set or the new one, never a half-written tokenizer."""
     target = os.path.join(checkpoint_root, ASSETS)
     if os.path.abspath(hf_dir) == os.path.abspath(target):
         return
-    os.makedirs(target, exist_ok=True)
-    for name in os.listdir(hf_dir):
-        path = os.path.join(hf_dir, name)
-        if os.path.isfile(path) and not name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy(path, target)
+    names = sorted(name for name in os.listdir(hf_dir)
+                   if os.path.isfile(os.path.join(hf_dir, name))
+                   and not name.endswith(WEIGHT_SUFFIXES))
+    if _holds_the_same_files(target, hf_dir, names):
+        return
+    os.makedirs(checkpoint_root, exist_ok=True)
+    private = tempfile.mkdtemp(prefix=f"{ASSETS}.", suffix=".tmp", dir=checkpoint_root)
+    try:
+        for name in names:
+            shutil.copy(os.path.join(hf_dir, name), private)
+        _swap_into_place(private, target)
+    except BaseException:
+        shutil.rmtree(private, ignore_errors=True)
+        raise
+
+
+def _holds_the_same_files(directory: str, source: str, names: list[str]) -> bool:
+    """Whether ``directory`` holds exactly the files ``names`` of ``source``, byte for byte."""
+    if not os.path.isdir(directory) or sorted(os.listdir(directory)) != names:
+        return False
+    return all(filecmp.cmp(os.path.join(source, n), os.path.join(directory, n), shallow=False)
+               for n in names)
+
+
+def _swap_into_place(complete: str, target: str) -> None:
+    """Rename the directory ``complete`` to ``target``, replacing what is there (two renames:
+    in between, ``target`` is briefly absent rather than ever half-written)."""
+    if not os.path.exists(target):
+        os.rename(complete, target)
+        return
+    old = tempfile.mkdtemp(prefix=f"{os.path.basename(target)}.", suffix=".old",
+                           dir=os.path.dirname(target))
+    os.rename(target, os.path.join(old, "previous"))
+    os.rename(complete, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _bundled_tokenizer():
