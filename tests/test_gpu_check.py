@@ -31,6 +31,8 @@ def test_the_check_runs_its_rows_on_cpu_and_names_what_it_cannot_run(tmp_path):
     assert tail["status"] == "ok", tail
     shift = json.load(open(tmp_path / "reference-tail.json"))
     assert shift["tokens"] > 0 and 0 <= shift["mean_abs_dlogp"] <= shift["max_abs_dlogp"]
+    resume = rows["resume, distributed optimizer + overlapped gather (saved at 2, losses 3-4)"]
+    assert resume["status"] == "not run" and "needs CUDA" in resume["detail"]
     te_rows = [row for name, row in rows.items() if "TE" in name or "FP8" in name]
     assert te_rows and all(row["status"] == "not run" and "Transformer Engine" in row["detail"]
                            for row in te_rows)

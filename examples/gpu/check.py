@@ -16,6 +16,10 @@ Rows:
                    (student FP8, reference bf16 and FP8) where TE is installed
   reference tail   how much a bf16 reference moves GIFT's target (beta 20) against an fp32 one,
                    on the default job's base model (trained here, run by transformers)
+  resume           the distributed optimizer with --overlap-param-gather: a run saved at
+                   iteration 2 and resumed gives the uninterrupted run's losses at 3 and 4
+                   (CUDA only; at DP=1 it shows the save path runs, the staleness it prevents
+                   needs DP >= 2)
   TE spec, FP8     rows that need Transformer Engine say so where it is missing
 
 A row is "ok", "FAILED" (the exit status is then 1) or "not run" with the reason.
@@ -209,6 +213,41 @@ def reference_tail_rows(device: torch.device, quick: bool, out: str) -> list[Row
                 f"q_bf16) mean {shift.mean_kl:.2e}, max {shift.max_kl:.2e}")]
 
 
+RESUME = "resume, distributed optimizer + overlapped gather (saved at 2, losses 3-4)"
+
+
+def resume_rows(device: torch.device, quick: bool, out: str) -> list[Row]:
+    """Train 4 iterations of the default job's GIFT stage with the distributed optimizer and
+    the overlapped parameter gather, saving at 2 and 4; resume a branch from iteration 2; the
+    branch's losses at 3 and 4 must be the uninterrupted run's (rel 1e-3: bf16 kernels with
+    atomics are not bit-reproducible)."""
+    if device.type != "cuda":
+        return [Row(RESUME, "not run", "the distributed optimizer needs CUDA")]
+    from megatron_gift.engine import default_run
+
+    run_dir = os.path.join(out, "resume-run")
+    default_run.prepare(run_dir, base_iters=10 if quick else 100)
+    common = ["--pretrained-checkpoint", os.path.join(run_dir, "base"), "--train-path",
+              default_run.data_paths(run_dir)["demonstrations.jsonl"], "--train-iters", "4",
+              "--micro-batch-size", "8", "--global-batch-size", "16", "--lr", "1e-3",
+              "--save-interval", "2", "--bf16", "--use-distributed-optimizer",
+              "--overlap-param-gather", "--no-progress"]
+    whole, branch = os.path.join(run_dir, "whole"), os.path.join(run_dir, "branch")
+    for argv in (["--save", whole], ["--load", os.path.join(whole, "iter_0000002"),
+                                     "--save", branch]):
+        subprocess.run([sys.executable, os.path.join(ROOT, "examples", "pretrain_gift.py"),
+                        *common, *argv], check=True, env=_own_world())
+    losses = {}
+    for name, directory in (("whole", whole), ("branch", branch)):
+        with open(os.path.join(directory, "metrics.jsonl")) as f:
+            losses[name] = {r["iteration"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    pairs = [(losses["whole"][i], losses["branch"].get(i, math.nan)) for i in (3, 4)]
+    worst = max(abs(b - a) / abs(a) for a, b in pairs)
+    detail = ", ".join(f"{a:.5f} vs {b:.5f}" for a, b in pairs) + f": rel {worst:.1e}"
+    ok = not any(math.isnan(b) for _, b in pairs) and worst <= 1e-3
+    return [Row(RESUME, "ok" if ok else "FAILED", detail)]
+
+
 def _own_world() -> dict:
     """This environment without a launcher's rendezvous: a subprocess makes its own."""
     return {k: v for k, v in os.environ.items()
@@ -256,7 +295,7 @@ def main() -> int:
     parser.add_argument("--device", default=None, help="default: the accelerator")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run of the rows)")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["oracle", "speed", "step", "eager-step", "tail"])
+                        choices=["oracle", "speed", "step", "eager-step", "tail", "resume"])
     args = parser.parse_args()
     from loss import default_device
 
@@ -279,6 +318,8 @@ def main() -> int:
         rows += _timed(step_rows, device, args.quick, te, args.out, "eager-step" in args.skip)
     if "tail" not in args.skip:
         rows += _timed(reference_tail_rows, device, args.quick, args.out)
+    if "resume" not in args.skip:
+        rows += _timed(resume_rows, device, args.quick, args.out)
     rows += te_rows(te)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     header = (f"{time.strftime('%Y-%m-%d')} on {gpu}: torch {torch.__version__}, Transformer "
