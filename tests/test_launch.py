@@ -1,7 +1,9 @@
-"""Launching without torchrun's help: ranks from SLURM's variables, a rank whose peers never come
-fails in bounded time naming what it tried, two torchrun agents (two "nodes") train like one,
-Megatron-LM's --exit-duration-in-mins and --exit-interval save and stop, and every start records
-its config."""
+"""Launching without torchrun's help: ranks from SLURM's variables in srun's tasks only, rank 0's
+port below the ephemeral range and moved by a requeue, each rank's device among those it sees,
+examples/slurm/gift.sbatch's processes per node from the allocation, a rank whose peers never
+come fails in bounded time naming what it tried, two torchrun agents (two "nodes") train like
+one, Megatron-LM's --exit-duration-in-mins and --exit-interval save and stop, and every start
+records its config."""
 
 import json
 import os
@@ -10,33 +12,185 @@ import sys
 import time
 
 import pytest
+import torch
 
+from megatron_gift.errors import UserError
+from megatron_gift.platform import distributed, launcher_env
 from megatron_gift.platform.launcher_env import adopt_slurm_ranks, first_host
 from support.parallel_harness import TINY_MODEL, free_port, start_run, train_here
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SBATCH = os.path.join(REPO, "examples", "slurm", "gift.sbatch")
+# What SLURM 22.05 gives (read on tests/support/slurm_cluster.py's cluster): rank 1 of an srun
+# step of 2 tasks on 2 nodes, the batch script of a --nodes 2 --ntasks-per-node 1 job, and an
+# salloc shell of --nodes 2 --ntasks 4.
+SRUN_TASK = {"SLURM_JOB_ID": "54321", "SLURM_STEP_ID": "0", "SLURM_STEPID": "0",
+             "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "1", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+             "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]"}
+BATCH_SCRIPT = {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+                "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS_PER_NODE": "1",
+                "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+SALLOC_SHELL = {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "2(x2)",
+                "SLURM_JOB_NODELIST": "gpu[07-08]"}
 
 
-def test_slurm_variables_become_torchruns(monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the list is parsed here
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-           "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_ID": "123456",
-           "SLURM_JOB_NODELIST": "gpu[07-08]"}
+@pytest.fixture
+def no_scontrol(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the node list is parsed here
+
+
+def test_an_srun_task_adopts_its_steps_ranks(no_scontrol):
+    env = dict(SRUN_TASK)
     assert adopt_slurm_ranks(env)
     assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                "MASTER_PORT")} == {
-        "RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8",
-        "MASTER_PORT": str(20000 + 123456 % 20000)}
-    assert env["MASTER_ADDR"] == "gpu07"  # scontrol's, in tests/test_slurm.py
+                                "MASTER_ADDR", "MASTER_PORT")} == {
+        "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 54321 % 12000)}
     assert not adopt_slurm_ranks(env)  # torchrun's variables, once set, win
-    torchrun = {"RANK": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4"}
+    torchrun = {**SRUN_TASK, "RANK": "0"}
     assert not adopt_slurm_ranks(torchrun) and torchrun["RANK"] == "0"
+
+
+def test_the_world_and_the_node_are_the_steps_not_the_jobs(no_scontrol):
+    """srun -n 3 in a job of 8 tasks: 3 ranks, 2 on node 0 and 1 on node 1."""
+    env = {**SRUN_TASK, "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "3", "SLURM_PROCID": "2",
+           "SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_TASKS_PER_NODE": "4(x2)"}
+    assert adopt_slurm_ranks(env)
+    assert (env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("3", "1")
+    assert [launcher_env.tasks_per_node("2(x3),1", node) for node in range(4)] == [2, 2, 2, 1]
+
+
+@pytest.mark.parametrize("env", [
+    BATCH_SCRIPT, SALLOC_SHELL,
+    {**SRUN_TASK, "SLURM_STEP_ID": "4294967290", "SLURM_STEPID": "4294967290"},  # interactive
+    {**SRUN_TASK, "SLURM_STEP_ID": "batch", "SLURM_STEPID": "batch"},
+    {**SRUN_TASK, "MEGATRON_GIFT_SLURM_TASK_PID": "1"},  # started by a rank that adopted them
+], ids=["batch-script", "salloc-shell", "interactive-step", "batch-step", "child-of-a-rank"])
+def test_a_process_that_srun_did_not_start_stays_a_world_of_one(env, no_scontrol):
+    env = dict(env)
+    assert not adopt_slurm_ranks(env)
+    assert "RANK" not in env and "WORLD_SIZE" not in env and "MASTER_PORT" not in env
+
+
+@pytest.mark.parametrize("bad,named", [
+    ({"SLURM_PROCID": "2"}, "SLURM_PROCID=2 is not a rank of a step of 2 tasks"),
+    ({"SLURM_JOB_ID": "12x"}, "SLURM_JOB_ID=12x is not a non-negative integer"),
+    ({"SLURM_RESTART_COUNT": "-1"}, "SLURM_RESTART_COUNT=-1 is not a non-negative integer"),
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x"}, r"cannot read the SLURM tasks-per-node list '2\(x'"),
+])
+def test_bad_slurm_variables_are_named(bad, named, no_scontrol):
+    with pytest.raises(UserError, match=named):
+        adopt_slurm_ranks({**SRUN_TASK, **bad})
+
+
+def _port(job_id, restarts=None):
+    env = {**SRUN_TASK, "SLURM_JOB_ID": str(job_id)}
+    if restarts is not None:
+        env["SLURM_RESTART_COUNT"] = str(restarts)
+    adopt_slurm_ranks(env)
+    return int(env["MASTER_PORT"])
+
+
+def test_rank_0s_port_is_below_the_ephemeral_range_and_moves_on_a_requeue(no_scontrol):
+    for job_id in [*range(0, 400_000, 997), 2**31 - 1, 2**32 - 2]:
+        first = _port(job_id)
+        assert 1024 <= first < 32768, job_id  # Linux hands out 32768-60999 itself
+        assert _port(job_id, 0) == first  # SLURM_RESTART_COUNT is unset on the first start
+        ports = [first, *(_port(job_id, restarts) for restarts in range(1, 4))]
+        assert len(set(ports)) == 4 and all(1024 <= p < 32768 for p in ports), (job_id, ports)
+
+
+@pytest.mark.parametrize("local_rank,visible,local_world,index", [
+    (3, 8, 8, 3),  # every rank sees the node's GPUs (torchrun, plain srun)
+    (3, 1, 8, 0),  # --gpus-per-task 1 / --gpu-bind: each task sees its own GPU
+    (3, 2, 4, 1),  # --ntasks-per-node 4 --gpus-per-task 2: its turn among its own two
+    (0, 1, None, 0), (2, 8, None, 2)])
+def test_a_rank_takes_its_device_among_those_it_sees(local_rank, visible, local_world, index):
+    assert launcher_env.device_index(local_rank, visible, local_world) == index
+
+
+@pytest.mark.parametrize("local_rank,visible,local_world,named", [
+    (0, 0, 1, "no visible device for local rank 0"),
+    (8, 8, 8, "LOCAL_RANK=8 is not a rank of a node of 8 processes")])
+def test_a_device_that_cannot_be_taken_is_named(local_rank, visible, local_world, named):
+    with pytest.raises(UserError, match=named):
+        launcher_env.device_index(local_rank, visible, local_world)
+
+
+@pytest.mark.parametrize("visible,index", [(1, 0), (8, 3)])
+def test_init_distributed_sets_the_device_by_that_rule(visible, index, monkeypatch):
+    """Local rank 3 of 8 on a node whose GPUs it sees all of, or one of (no GPU here: the
+    accelerator calls are recorded)."""
+    taken, joined = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.accelerator, "set_device_index", taken.append)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda **kwargs: joined.append(kwargs))
+    for name, value in dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="3", LOCAL_WORLD_SIZE="8",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
+                            TORCHELASTIC_USE_AGENT_STORE="True").items():
+        monkeypatch.setenv(name, value)
+    distributed.init_distributed()
+    assert taken == [index] and joined == [{"backend": "nccl"}]
+
+
+def _run_sbatch_script(tmp_path, env):
+    """examples/slurm/gift.sbatch as the batch step of a job with ``env``, an srun here that
+    prints how it was called."""
+    (tmp_path / "srun").write_text('#!/bin/bash\necho "srun $* MASTER_PORT=${MASTER_PORT-unset}"\n')
+    (tmp_path / "srun").chmod(0o755)
+    keep = {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k not in ("MASTER_PORT", "GPUS_PER_NODE")}
+    return subprocess.run(
+        ["bash", SBATCH, "--config", "recipe.yaml"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=60,
+        env={**keep, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+             "SLURM_JOB_NUM_NODES": "2", **env})
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("allocation,per_node", [
+    ({}, 1),
+    ({"SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_ON_NODE": "2"}, 2),
+    ({"SLURM_GPUS_PER_NODE": "4", "SLURM_CPUS_ON_NODE": "32"}, 4),
+    ({"SLURM_GPUS_PER_NODE": "h100:4", "SLURM_GPUS_ON_NODE": "4"}, 4),
+    ({"SLURM_GPUS_ON_NODE": "8"}, 8),  # --gres=gpu:8
+    ({"SLURM_NTASKS_PER_NODE": "4", "SLURM_GPUS_PER_NODE": "4"}, 4),
+], ids=["nothing", "ntasks-per-node", "gpus-per-node", "typed-gpus", "gres", "both-agree"])
+def test_the_sbatch_script_runs_as_many_processes_a_node_as_the_allocation_says(
+        tmp_path, allocation, per_node):
+    result = _run_sbatch_script(tmp_path, allocation)
+    assert result.returncode == 0, result.stderr
+    [srun] = [line for line in result.stdout.splitlines() if line.startswith("srun ")]
+    assert f"--ntasks-per-node={per_node} --ntasks={2 * per_node} " in srun
+    assert srun.endswith("examples/pretrain_gift.py --config recipe.yaml MASTER_PORT=unset")
+    assert f"on 2 node(s) x {per_node}," in result.stdout
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("allocation,named", [
+    ({"SLURM_NTASKS_PER_NODE": "2", "SLURM_GPUS_PER_NODE": "4"},
+     "--ntasks-per-node 2 and 4 GPUs a node disagree"),
+    ({"GPUS_PER_NODE": "8"}, "GPUS_PER_NODE is not read: the allocation gives 1 process(es) a "
+     "node, not 8; give sbatch --gpus-per-node 8 instead"),
+    ({"SLURM_GPUS_PER_NODE": "4", "SLURM_CPUS_ON_NODE": "1"},
+     "the job has 1 CPU(s) on its first node for 4 processes: add --cpus-per-gpu"),
+    ({"SLURM_GPUS_PER_NODE": "a100:two"}, "SLURM_GPUS_PER_NODE=a100:two is not a count"),
+], ids=["disagree", "gpus-per-node-variable", "too-few-cpus", "unreadable"])
+def test_the_sbatch_script_stops_with_one_line_on_an_allocation_it_cannot_run(
+        tmp_path, allocation, named):
+    result = _run_sbatch_script(tmp_path, allocation)
+    assert result.returncode == 2 and "srun " not in result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("=== gift: error: ") and named in line
 
 
 @pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("a[3-5],b1", "a3"),
                                             ("n[10,12]", "n10"), ("", "127.0.0.1")])
-def test_the_first_host_of_a_node_list(nodelist, first, monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the list is parsed here
+def test_the_first_host_of_a_node_list(nodelist, first, no_scontrol):
     assert first_host(nodelist) == first
 
 

@@ -1,11 +1,14 @@
 """examples/slurm/gift.sbatch on a real (local, two-node) SLURM cluster: two nodes x one process
 at TP=2 train like torchrun on one machine; the end-of-time signal makes the ranks save, the job
-requeue itself and resume, and the finished curve equals an uninterrupted run's."""
+requeue itself and resume, and the finished curve equals an uninterrupted run's. SLURM's ranks
+are taken by srun's tasks and not by the batch script, a requeue moves rank 0's port, and the
+script without --ntasks-per-node starts one process a node (the cluster has no GPUs)."""
 
 import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -52,7 +55,7 @@ def _submit(slurm, tmp_path, recipe, *flags):
                          SBATCH, "--config", recipe, "--tensor-model-parallel-size", "2",
                          "--save", run, "--load", run, "--metrics-file",
                          str(tmp_path / "slurm.jsonl"), *flags],
-                        cwd=REPO, env={"GPUS_PER_NODE": "1", "PYTHON": sys.executable,
+                        cwd=REPO, env={"PYTHON": sys.executable,
                                        "MEGATRON_GIFT_RENDEZVOUS_TIMEOUT_S": "120"})
 
 
@@ -98,3 +101,60 @@ def test_the_end_of_time_signal_saves_requeues_and_resumes_on_the_same_curve(
     straight, _ = _losses(tmp_path / "straight.jsonl")
     assert resumed == pytest.approx(straight, rel=1e-6)
     assert len(os.listdir(tmp_path / "run" / "configs")) == 2  # each start's config
+
+
+# What a process makes of SLURM's variables: "probe <where> <adopted> <RANK> <WORLD_SIZE> <port>".
+PROBE = """
+import os
+from megatron_gift.platform.launcher_env import adopt_slurm_ranks
+adopted = adopt_slurm_ranks()
+where = "task" if "SLURM_STEP_ID" in os.environ else "batch"
+print("probe", where, adopted, *(os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_PORT")),
+      flush=True)
+"""
+
+
+def _probes(path):
+    with open(path) as f:
+        return [line.split()[-6:] for line in f if line.split()[-6:][:1] == ["probe"]]
+
+
+def test_srun_tasks_take_slurms_ranks_the_batch_script_does_not_and_a_requeue_moves_the_port(
+        slurm, tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE)
+    probe = f"{sys.executable} {tmp_path}/probe.py"
+    script = tmp_path / "probe.sh"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        {probe}
+        srun --mpi=none {probe}
+        if [ -z "${{SLURM_RESTART_COUNT:-}}" ]; then scontrol requeue "$SLURM_JOB_ID"; sleep 60; fi
+    """))
+    job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--open-mode=append",
+                        f"--output={tmp_path}/job.out", str(script)], cwd=str(tmp_path))
+    assert slurm.wait(job, timeout=120) == "COMPLETED", (tmp_path / "job.out").read_text()
+    probes = _probes(tmp_path / "job.out")
+    assert [p for p in probes if p[1] == "batch"] == [["probe", "batch", "False", "None", "None",
+                                                       "None"]] * 2  # a world of one, each start
+    tasks = [p for p in probes if p[1] == "task"]
+    assert sorted(p[3:5] for p in tasks) == [["0", "2"], ["0", "2"], ["1", "2"], ["1", "2"]]
+    first, second = tasks[:2], tasks[2:]
+    assert {p[5] for p in first} == {str(20000 + job % 12000)}  # both ranks agree
+    assert len({p[5] for p in second}) == 1 and second[0][5] != first[0][5]
+    assert all(1024 <= int(p[5]) < 32768 for p in tasks)
+
+
+def test_the_script_without_ntasks_per_node_starts_one_process_a_node(slurm, tmp_path):
+    """No GPUs on this cluster and no --ntasks-per-node: one process a node (PYTHON runs the
+    probe instead of training)."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/bash\nexec {sys.executable} {tmp_path}/probe.py\n")
+    python.chmod(0o755)
+    job = slurm.sbatch(["--nodes=2", f"--output={tmp_path}/%x-%j.out", SBATCH, "--config", "x"],
+                       cwd=REPO, env={"PYTHON": str(python)})
+    assert slurm.wait(job, timeout=90) == "COMPLETED", _output(tmp_path)
+    output = _output(tmp_path)
+    assert "start 1 on 2 node(s) x 1," in output
+    ranks = sorted(p[3:5] for p in _probes(tmp_path / f"gift-{job}.out"))
+    assert ranks == [["0", "2"], ["1", "2"]], output

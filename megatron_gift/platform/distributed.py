@@ -2,8 +2,8 @@
 
 A run is started by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``,
 ``LOCAL_RANK``), by ``srun`` one process per GPU (SLURM's variables, adopted by
-:mod:`.launcher_env`), or as one plain process, which becomes a world of one on a free local
-port. Outside torchrun the ranks meet at rank 0's TCP store within
+:mod:`.launcher_env` in srun's tasks only), or as one plain process, which becomes a world of one
+on a free local port. Outside torchrun the ranks meet at rank 0's TCP store within
 ``MEGATRON_GIFT_RENDEZVOUS_TIMEOUT_S`` seconds (default 600); a rank whose peers never come
 fails with a message naming the address, the port and where they came from.
 """
@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_gift.errors import RendezvousError
-from megatron_gift.platform.launcher_env import adopt_slurm_ranks, describe_rendezvous
+from megatron_gift.platform.launcher_env import (adopt_slurm_ranks, describe_rendezvous,
+                                                  device_index)
 
 
 def free_port() -> int:
@@ -35,15 +36,16 @@ def world_size_from_env() -> int:
 
 
 def init_distributed() -> None:
-    """Join the job's process group: this rank's GPU (``LOCAL_RANK``) and NCCL where CUDA is
-    present, else gloo with :func:`megatron_gift.platform.cpu.enable_cpu_megatron` applied."""
+    """Join the job's process group: this rank's GPU (:func:`set_local_device`) and NCCL where
+    CUDA is present, else gloo with :func:`megatron_gift.platform.cpu.enable_cpu_megatron`
+    applied."""
     adopt_slurm_ranks()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     if torch.cuda.is_available():
-        torch.accelerator.set_device_index(int(os.environ.get("LOCAL_RANK", "0")))
+        set_local_device()
         backend = "nccl"
     else:
         from megatron_gift.platform.cpu import enable_cpu_megatron
@@ -56,6 +58,19 @@ def init_distributed() -> None:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         dist.init_process_group(backend=backend, store=_meet_peers(rank, world), rank=rank,
                                 world_size=world)
+
+
+def set_local_device() -> int:
+    """Make this rank's device the current one and return its index: the rule of
+    :func:`~megatron_gift.platform.launcher_env.device_index` applied to ``LOCAL_RANK``,
+    ``LOCAL_WORLD_SIZE`` and the devices this process sees (one, where SLURM binds a GPU to
+    each task)."""
+    local_world = os.environ.get("LOCAL_WORLD_SIZE")
+    index = device_index(int(os.environ.get("LOCAL_RANK", "0")),
+                         torch.accelerator.device_count(),
+                         int(local_world) if local_world else None)
+    torch.accelerator.set_device_index(index)
+    return index
 
 
 def _meet_peers(rank: int, world_size: int) -> "dist.TCPStore":
