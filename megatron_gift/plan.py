@@ -11,12 +11,16 @@ and reads no weights or data: the architecture is the model section, completed f
 HF config.json as training completes it (``--pretrained-checkpoint HF_DIR``). For each
 pipeline stage, worst first, it prints the bytes per GPU of the student's weights, gradients and
 optimizer state, the frozen reference's weights, the activations the schedule keeps in flight,
-the pipeline buffers (the reference's half included) and the loss buffers, then whether the
-worst stage fits in 90% of the GPU's memory (the rest is left to the CUDA context, NCCL and the
-allocator) and, if not, the cheapest layout that does: the fewest GPUs over tensor, pipeline
-and data parallel sizes with sequence parallelism, the distributed optimizer and recompute
-(each checked by planning it). The model is Megatron-Core with Transformer Engine's
-layers, as GPU runs use them; see ``megatron_gift/core/memory.py`` for what is counted.
+the pipeline buffers (the reference's half included), the loss buffers and, for FP8 runs (the
+``precision`` section), what Transformer Engine keeps beside the weights (FP8 copies and
+transposes, scaling state), then whether the worst stage fits in 90% of the GPU's memory (the
+rest is left to the CUDA context, NCCL and the allocator) and, if not, the cheapest layout that
+does: the fewest GPUs over tensor, pipeline and data parallel sizes with sequence parallelism,
+the distributed optimizer and recompute (each checked by planning it). Last, the time a
+stopping run needs for its step and its save (estimated from assumed throughputs), as the
+``torchrun --shutdown-timeout`` to launch it with. The model is Megatron-Core with Transformer
+Engine's layers on a Hopper GPU, as GPU runs use them; see ``megatron_gift/core/memory.py`` for
+what is counted.
 """
 
 import argparse
@@ -34,7 +38,7 @@ PROG = "python -m megatron_gift.plan"
 _ROWS = (("student weights", "student_weights"), ("gradients", "gradients"),
          ("optimizer", "optimizer"), ("reference weights", "reference_weights"),
          ("activations", "activations"), ("pipeline buffers", "pipeline_buffers"),
-         ("loss buffers", "loss_buffers"), ("total", "total"))
+         ("loss buffers", "loss_buffers"), ("FP8 state", "fp8_state"), ("total", "total"))
 # Exit status of a plan that does not fit (a bad input exits with errors.USER_ERROR_EXIT, 2).
 DOES_NOT_FIT_EXIT = 1
 EXIT_STATUS = ("Exit status: 0 when the plan fits; 1 when it does not (the plan is printed all\n"
@@ -73,7 +77,8 @@ def _print_help() -> None:
 
 def as_text(plan: "Plan") -> str:
     """The plan (a :class:`megatron_gift.core.memory.Plan`) as a table, GiB per GPU."""
-    from megatron_gift.core.memory import GIB, USABLE_FRACTION
+    from megatron_gift.core.memory import (GIB, USABLE_FRACTION, checkpoint_bytes,
+                                           shutdown_timeout, stop_seconds)
 
     run, stages = plan.run, plan.stages
     vpp = f" (x{run.virtual_pipeline} virtual)" if run.virtual_pipeline else ""
@@ -85,7 +90,7 @@ def as_text(plan: "Plan") -> str:
         f"{run.context_parallel} x DP {run.data_parallel} = {run.num_gpus} GPUs; micro-batch "
         f"{run.micro_batch_size} x {run.micro_batches} = global batch {run.global_batch_size}, "
         f"seq {run.seq_length}",
-        f"training    {'bf16' if run.param_bytes == 2 else 'fp32'}, sequence parallel "
+        f"training    {_precision(run)}, sequence parallel "
         f"{'on' if run.sequence_parallel else 'off'}, recompute {recompute}, "
         f"{'distributed' if run.distributed_optimizer else 'plain'} {run.optimizer}, "
         f"{'GIFT (frozen reference on every stage)' if run.reference else 'SFT (no reference)'}",
@@ -110,7 +115,26 @@ def as_text(plan: "Plan") -> str:
         lines.append(f"does not fit: stage {worst.pipeline_rank} needs "
                      f"{worst.bytes['total'] / GIB:.1f} GiB of {budget}")
         lines.append(f"suggestion: {plan.suggestion}")
+    step, save = stop_seconds(run)
+    lines.append(f"stopping: a step (~{step:.0f} s) and a save of "
+                 f"{checkpoint_bytes(run) / GIB:.0f} GiB (~{save:.0f} s), estimated: "
+                 f"torchrun --shutdown-timeout {shutdown_timeout(run)}")
     return "\n".join(lines)
+
+
+def _precision(run) -> str:
+    """``bf16``, ``fp32`` or ``bf16 + FP8 tensorwise (FP8 weights), reference FP8``."""
+    text = "bf16" if run.param_bytes == 2 else "fp32"
+    if not run.fp8:
+        return text
+    text += f" + FP8 {run.fp8_recipe}" + (" (FP8 weights)" if run.fp8_param else "")
+    start, end = run.fp8_bf16_layers
+    if start or end:
+        text += f", first {start} and last {end} layers bf16"
+    if run.reference:
+        text += ", reference " + ("FP8" if run.reference_fp8 else "bf16") + (
+            " (FP8 weights)" if run.reference_fp8_weights else "")
+    return text
 
 
 @entry_point

@@ -71,6 +71,31 @@ def test_bad_values_name_the_key_and_flag(argv, message):
         parse_config(argv)
 
 
+def test_a_config_with_several_problems_is_refused_once_naming_them_all():
+    """Five bad values of different kinds, a choice, a sign, a layout, a recompute setting and a
+    relation between two keys: one error, on one line, each problem as it is named alone."""
+    alone = {"--overlong": (["--overlong", "drop"], "data.overlong (--overlong) must be one of "
+                                                     "truncate, reject; got 'drop'"),
+             "--train-iters": (["--train-iters", "0"], "training.train_iters (--train-iters) "
+                                                        "must be positive, got 0"),
+             "--sequence-parallel": (["--sequence-parallel"], "parallel.sequence_parallel "
+                                     "(--sequence-parallel) needs "
+                                     "parallel.tensor_model_parallel_size"),
+             "--recompute-method": (["--recompute-method", "block"], "training.recompute_method "
+                                    "(--recompute-method) and training.recompute_num_layers"),
+             "--min-lr": (["--lr", "1e-5", "--min-lr", "1e-4"],
+                          "optimizer.min_lr=0.0001 exceeds optimizer.lr=1e-05")}
+    for argv, message in alone.values():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_config(argv)
+    with pytest.raises(ConfigError) as refused:
+        parse_config([arg for argv, _ in alone.values() for arg in argv])
+    text = str(refused.value)
+    assert text.startswith("5 problems: (1) ") and "\n" not in text
+    for number, (_, message) in enumerate(alone.values(), 1):
+        assert re.search(rf"\({number}\) [^;]*{re.escape(message)}", text), (message, text)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--gift-bta", "3"], "unrecognised flag --gift-bta; did you mean --gift-beta?"),
     (["--train-iter", "3"], "unrecognised flag --train-iter; did you mean --train-iters?"),

@@ -5,6 +5,7 @@ anything is built or written. TE's availability is faked both ways; FP8 itself n
 
 import builtins
 import os
+import re
 
 import pytest
 import torch
@@ -131,6 +132,36 @@ def test_a_config_stored_before_the_precision_section_loads_without_fp8():
 def test_fp8_settings_that_cannot_work_are_refused(flags, message):
     with pytest.raises(ConfigError, match=message):
         _config(*flags)
+
+
+def test_an_fp8_request_with_several_problems_names_them_all_at_once(te_missing, capsys):
+    """FP8 without --bf16, FP8 weights without the distributed optimizer and bf16 edge layers
+    with delayed scaling, where Transformer Engine is missing: one error names all four (each
+    as it is named alone), the missing Transformer Engine through the refusal the run applies
+    at its start. The planner, which needs no Transformer Engine, names the other three."""
+    from megatron_gift.plan import main as plan_main
+
+    flags = ["--vocab-size", "64", "--fp8-format", "hybrid", "--fp8-param-gather",
+             "--first-last-layers-bf16"]
+    named = [r"precision.fp8_format \(--fp8-format\)=hybrid needs training.bf16 \(--bf16\)",
+             r"fp8_param_gather \(--fp8-param-gather\) needs parallel.use_distributed_optimizer",
+             r"first_last_layers_bf16.* is not available with precision.fp8_recipe "
+             r"\(--fp8-recipe\)=delayed",
+             r"--fp8-format hybrid needs Transformer Engine"]
+    with pytest.raises(ConfigError) as refused:
+        parse_config(flags, defaults=TINY, refusals=[te.refuse_fp8_without_te])
+    message = str(refused.value)
+    assert message.startswith("4 problems: ") and "\n" not in message
+    for pattern in named:
+        assert re.search(rf"\(\d\) [^;]*{pattern}", message), (pattern, message)
+    with pytest.raises(ConfigError, match=r"^3 problems: ") as refused:
+        parse_config(flags, defaults=TINY)
+    assert "Transformer Engine" not in str(refused.value)
+    with pytest.raises(SystemExit) as stopped:
+        plan_main(flags)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("error: 3 problems: ")
+    assert len(err.strip().splitlines()) == 1 and "Transformer Engine" not in err
 
 
 def test_bf16_edge_layers_must_fit_in_a_pipeline_stage():

@@ -127,3 +127,63 @@ def test_a_context_parallel_save_keeps_one_rng_state_per_model_parallel_rank(tmp
     assert draws[0]["first"] != draws[1]["first"]
     assert draws[0]["restored"] == draws[1]["restored"] == draws[0]["first"]
     assert draws[0]["layout"] == [1, 1, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron-LM's memory savings: the fused SwiGLU (with CUDA) and pipeline outputs freed once sent
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_the_fused_swiglu_runs_with_cuda_and_sent_outputs_are_freed_everywhere(monkeypatch, cuda):
+    """``bias_activation_fusion`` (torch.compile'd: a C++ compiler on a CPU) with CUDA alone;
+    ``deallocate_pipeline_outputs`` (plain PyTorch) on both."""
+    from megatron_gift.core import model as models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    for frozen in (False, True):
+        tf_config = models.transformer_config(parse_config(["--bf16"]), torch.bfloat16,
+                                              frozen=frozen)
+        assert tf_config.bias_activation_fusion is cuda
+        assert tf_config.deallocate_pipeline_outputs is True
+
+
+def _grad_fn_names(tensor) -> set:
+    """Type names of the autograd nodes ``tensor`` was computed through."""
+    seen, todo = {}, [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = type(node).__name__
+            todo += [next_node for next_node, _ in node.next_functions]
+    return set(seen.values())
+
+
+def test_the_fused_swiglu_computes_what_the_unfused_one_does(world_of_one):
+    """The engine's student (local layers, fp32) with Megatron-Core's fused SwiGLU autograd
+    function, run eagerly, against the unfused SwiGLU on the same weights: same logits and
+    gradients."""
+    from megatron.core import tensor_parallel
+
+    from megatron_gift.core import model as models
+    from megatron_gift.platform.cpu import enable_cpu_megatron
+    from support.parallel_harness import causal_mask
+
+    enable_cpu_megatron()
+    tensor_parallel.model_parallel_cuda_manual_seed(3)
+    config = parse_config(["--vocab-size", "64", "--seq-length", "16"])
+    tf_config = models.transformer_config(config, torch.float32)
+    [model] = models.build_chunks(config, tf_config, 128, torch.device("cpu"), local_spec=True)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16).repeat(2, 1)
+    found = {}
+    for fused in (False, True):
+        tf_config.bias_activation_fusion = fused  # read by MLP.forward
+        model.zero_grad(set_to_none=True)
+        with torch.compiler.set_stance("force_eager"):
+            logits = model(tokens, positions, causal_mask(2, 16))
+            assert ("SwiGLUFunctionBackward" in _grad_fn_names(logits)) is fused
+            logits.square().mean().backward()
+        found[fused] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(found[True][0], found[False][0], rtol=1e-6, atol=1e-6)
+    for name, grad in found[False][1].items():
+        torch.testing.assert_close(found[True][1][name], grad, rtol=1e-5, atol=1e-7)

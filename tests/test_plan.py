@@ -3,9 +3,11 @@
 Validated three ways: its static parts equal what the engine's Megatron-Core models allocate
 (parameters of every rank at TP2 x PP2, the DDP grad buffer and Adam's state); its activations
 are within 15% of what autograd keeps during the engine's own schedule at TP, SP, selective
-and full recompute, PP with 1F1B and interleaving; its student part is within 5% of
-Megatron-LM's theoretical formula (re-implemented here as an oracle) where both model the same
-thing. Plus the command, its errors and the suggestions, and every shipped recipe fits.
+and full recompute, PP with 1F1B and interleaving, SwiGLU fused and not; its student part is
+within 5% of Megatron-LM's theoretical formula (re-implemented here as an oracle) where both
+model the same thing. Plus what FP8 changes (Transformer Engine's FP8 copies, transposes, scaling state and FP8
+saved inputs, derived from its source), the command, its errors and the suggestions, every
+shipped recipe fits, and its launch line gives a stopping run the time to save.
 """
 
 import builtins
@@ -13,6 +15,7 @@ import dataclasses
 import glob
 import itertools
 import json
+import math
 import os
 import re
 
@@ -35,6 +38,8 @@ LLAMA_70B = ["--num-layers", "80", "--hidden-size", "8192", "--num-attention-hea
              "--vocab-size", "128256", "--seq-length", "4096", "--bf16",
              "--micro-batch-size", "1", "--global-batch-size", "8",
              "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "4"]
+# The recipes' 8192 tokens on that layout: does not fit without sequence parallelism.
+LLAMA_70B_8K = [*LLAMA_70B, "--seq-length", "8192"]
 QWEN_7B = ["--num-layers", "28", "--hidden-size", "3584", "--num-attention-heads", "28",
            "--num-query-groups", "4", "--kv-channels", "128", "--ffn-hidden-size", "18944",
            "--vocab-size", "152064", "--add-qkv-bias", "--seq-length", "4096", "--bf16",
@@ -72,7 +77,8 @@ def test_json_holds_the_layout_the_parameters_and_every_part_of_every_stage(caps
         "data_parallel_size": 2, "micro_batch_size": 1, "global_batch_size": 8,
         "seq_length": 4096, "num_gpus": 64}
     assert 70.5e9 < plan["parameters"]["student_total"] < 70.6e9  # Llama-3.1-70B: 70.55 B
-    assert [s["pipeline_rank"] for s in plan["stages"]] == [0, 1, 2, 3]  # worst first
+    assert sorted(s["pipeline_rank"] for s in plan["stages"]) == [0, 1, 2, 3]
+    assert plan["stages"][0]["pipeline_rank"] == 0  # worst first: the most in flight
     totals = [s["bytes"]["total"] for s in plan["stages"]]
     assert totals == sorted(totals, reverse=True)
     for stage in plan["stages"]:
@@ -81,25 +87,30 @@ def test_json_holds_the_layout_the_parameters_and_every_part_of_every_stage(caps
         assert parts["total"] == sum(parts[p] for p in memory.PARTS)
         assert isinstance(stage["parameters_per_gpu"], int)
         assert parts["reference_weights"] == parts["student_weights"]
-    assert plan["stages"][-1]["bytes"]["loss_buffers"] > 0  # the last stage, rank 3
-    assert plan["stages"][0]["bytes"]["loss_buffers"] == 0
+    by_rank = {s["pipeline_rank"]: s["bytes"] for s in plan["stages"]}
+    assert by_rank[3]["loss_buffers"] > 0  # the last stage
+    assert by_rank[0]["loss_buffers"] == by_rank[0]["fp8_state"] == 0
     assert plan["gpu_memory_bytes"] == 80 * GIB
     assert plan["fits"] is True and plan["suggestion"] is None
+    assert plan["stop"]["save_bytes"] == 14 * plan["parameters"]["student_total"]
+    assert plan["stop"]["shutdown_timeout"] == 600  # the 70B floor
 
 
 def test_text_shows_each_stage_and_says_what_would_fit(capsys):
-    code, out, _ = _command(capsys, *LLAMA_70B, "--num-gpus", "32")
+    code, out, _ = _command(capsys, *LLAMA_70B_8K, "--num-gpus", "32")
     assert code == DOES_NOT_FIT_EXIT == 1  # the table all the same, and a status scripts can test
     assert re.search(r"GiB per GPU\s+stage 0\s+stage 1\s+stage 2\s+stage 3", out)
     for label in ("student weights", "gradients", "optimizer", "reference weights",
-                  "activations", "pipeline buffers", "loss buffers", "total"):
+                  "activations", "pipeline buffers", "loss buffers", "FP8 state", "total"):
         assert re.search(rf"^{label}\s+[\d.]+", out, re.M), label
     assert "does not fit: stage 0 needs" in out
     assert "suggestion: --sequence-parallel (then" in out
+    assert re.search(r"^stopping: a step \(~\d+ s\) and a save of 920 GiB \(~\d+ s\), "
+                     r"estimated: torchrun --shutdown-timeout 600$", out, re.M)
 
 
 def test_a_plan_that_does_not_fit_exits_1_after_its_json_and_help_says_so(capsys):
-    code, out, err = _command(capsys, *LLAMA_70B, "--num-gpus", "32", "--json")
+    code, out, err = _command(capsys, *LLAMA_70B_8K, "--num-gpus", "32", "--json")
     assert code == 1 and err == ""
     assert json.loads(out)["fits"] is False
     code, out, _ = _command(capsys, "--help")
@@ -126,6 +137,10 @@ def test_a_plan_that_does_not_fit_exits_1_after_its_json_and_help_says_so(capsys
     ([*LLAMA_70B, "--gpu-memory-gib", "inf"], r"--gpu-memory-gib must be .*, got inf"),
     ([*LLAMA_70B, "--sequence-parallel", "--tensor-model-parallel-size", "1"],
      r"parallel.sequence_parallel \(--sequence-parallel\) needs"),
+    ([*LLAMA_70B, "--pipeline-model-parallel-size", "3", "--num-gpus", "50"],
+     r"^error: 2 problems: \(1\) model.num_layers=80 is not divisible by pipeline x virtual "
+     r"pipeline stages = 3 .*; \(2\) --num-gpus 50 is not a positive multiple of tensor x "
+     r"pipeline x context parallel size = 8 x 3 x 1$"),
 ])
 def test_bad_input_is_one_line_naming_the_value_and_flag(capsys, argv, message):
     code, out, err = _command(capsys, *argv)
@@ -153,7 +168,7 @@ def test_the_planner_reads_no_file(monkeypatch):
 
 
 def test_the_suggestion_is_the_cheapest_change_that_fits_checked_by_planning_it():
-    run = _run(LLAMA_70B, 32)
+    run = _run(LLAMA_70B_8K, 32)
     result = memory.plan(run)
     assert not result.fits
     assert result.suggestion.startswith("--sequence-parallel (then ")
@@ -168,8 +183,10 @@ def test_the_suggestion_is_the_cheapest_change_that_fits_checked_by_planning_it(
     # Without TP there is no sequence parallelism to offer: the next rung is taken.
     tp1 = _run([*LLAMA_70B, "--tensor-model-parallel-size", "1", "--seq-length", "8192",
                 "--pipeline-model-parallel-size", "8"], 64)
-    assert not memory.plan(tp1).fits
-    assert "--sequence-parallel" not in memory.plan(tp1).suggestion
+    tp1_plan = memory.plan(tp1)
+    assert not tp1_plan.fits and not tp1_plan.suggestion.startswith("--sequence-parallel")
+    suggested = tp1_plan.suggested_run
+    assert suggested.tensor_parallel > 1 or not suggested.sequence_parallel
 
 
 def _oracle_layouts(run, most_gpus):
@@ -376,7 +393,9 @@ def _batch(micro_batch_size, seq, seed):
 def _measure_on_rank(cases, out_dir):
     """For each case: the engine's student and reference, Megatron's schedule over the case's
     micro-batches with the GIFT loss; the peak bytes of saved tensors, the model's and the
-    loss's, on this rank."""
+    loss's, on this rank. A ``fused`` case runs the student's SwiGLU as Megatron-Core's fused
+    autograd function (``bias_activation_fusion``, the engine's setting with CUDA), eagerly:
+    what it saves does not depend on torch.compile, which on a CPU would start a compiler."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -386,10 +405,12 @@ def _measure_on_rank(cases, out_dir):
     from megatron_gift.engine import pipeline, trainer
 
     found = {}
-    for name, (argv, micro_batches) in cases.items():
+    for name, (argv, micro_batches, fused) in cases.items():
         config = parse_config(argv)
         trainer._init_parallel_state(config)
         _, _, students, references = trainer._build_models(config)
+        for student in students:
+            student.config.bias_activation_fusion = fused  # read by MLP.forward
         chunks = [GiftModel(s, r) for s, r in zip(students, references)]
         params = {p.untyped_storage().data_ptr()
                   for m in students + references for p in m.parameters()}
@@ -415,7 +436,8 @@ def _measure_on_rank(cases, out_dir):
         vpp = config.parallel.virtual_pipeline_model_parallel_size
         adjust = (pipeline.shapes_with_reference(config.model.hidden_size)
                   if config.parallel.pipeline_model_parallel_size > 1 and vpp is None else None)
-        with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack), \
+                torch.compiler.set_stance("force_eager"):
             get_forward_backward_func()(
                 forward_step_func=tagged,
                 data_iterator=[iter(batches) for _ in chunks] if vpp else iter(batches),
@@ -444,11 +466,15 @@ ACTIVATION_CASES = {
         "TP2 full uniform 2": ([*TP2, *FULL, "uniform", "--recompute-num-layers", "2"], 2),
         "TP2 SP full block 1": ([*TP2, "--sequence-parallel", *FULL, "block",
                                  "--recompute-num-layers", "1"], 2),
+        "TP2, fused SwiGLU": ([*TP2], 2),
+        "TP2 SP selective, fused SwiGLU": ([*TP2, "--sequence-parallel",
+                                            "--recompute-granularity", "selective"], 2),
     },
     "pp2": {
         "PP2 1F1B": ([*PP2], 4),
         "PP2 1F1B, 1 micro-batch": ([*PP2], 1),
         "PP2 interleaved": ([*PP2, "--virtual-pipeline-model-parallel-size", "2"], 4),
+        "PP2 1F1B, fused SwiGLU": ([*PP2], 4),
     },
 }
 ACTIVATION_TOLERANCE = 0.15
@@ -462,14 +488,15 @@ def test_activations_are_within_15_percent_of_what_autograd_keeps(tmp_path, grou
     Megatron's schedule, against the planner's activations for the local layers the CPU runs;
     the loss's saved buffer against the planner's. (Measured: exact to 16 bytes, an int32 the
     selective checkpoint keeps per layer.)"""
-    cases = {name: ([*ACTIVATION_MODEL, *argv,
-                     "--global-batch-size", str(2 * micro_batches)], micro_batches)
+    cases = {name: ([*ACTIVATION_MODEL, *argv, "--global-batch-size", str(2 * micro_batches)],
+                    micro_batches, name.endswith("fused SwiGLU"))
              for name, (argv, micro_batches) in ACTIVATION_CASES[group].items()}
     run_distributed(2, _measure_on_rank, cases, str(tmp_path))
     ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     report = []
-    for name, (argv, _) in cases.items():
-        run = _run(argv, 2, layer_spec="local", device="cpu")
+    for name, (argv, _, fused) in cases.items():
+        run = dataclasses.replace(_run(argv, 2, layer_spec="local", device="cpu"),
+                                  fused_swiglu=fused)
         assert all(rank[name]["left"] == 0 for rank in ranks), f"{name}: saved tensors outlived"
         for stage in range(run.pipeline_parallel):
             # The planner's GPU is a stage's worst TP rank (the loss: the one whose vocab
@@ -600,8 +627,9 @@ def test_activations_match_megatron_lm_within_5_percent_where_both_model_the_sam
     which is what Megatron-LM's selective+SP formula assumes; without SP its 10 + 24/TP).
     Compared with multi-head attention (K and V as wide as Q, as Megatron-LM counts them),
     without Megatron-LM's dropout masks (dropout is 0 here) and without either MLP's
-    internals (GeLU there; SwiGLU here keeps five [s, b, ffn/TP] tensors, 10 ffn bytes a
-    token against 4), and without the x1.05 Megatron-LM puts on the form without SP."""
+    internals (GeLU there; the fused SwiGLU here keeps three [s, b, ffn/TP] tensors, fc1's
+    output and fc2's input, 6 ffn bytes a token against 4), and without the x1.05 Megatron-LM
+    puts on the form without SP."""
     argv, gpus = ACTIVATION_COMPARISONS[name]
     run = _run(argv, gpus)
     mha = dataclasses.replace(run, num_query_groups=run.num_attention_heads)
@@ -609,17 +637,102 @@ def test_activations_match_megatron_lm_within_5_percent_where_both_model_the_sam
     flights = memory.in_flight(mha, 0)
     layers = run.num_layers // run.pipeline_parallel
     seq, b, tp = run.seq_length, run.micro_batch_size, run.tensor_parallel
-    our_mlp = flights * layers * 5 * 2 * seq * b * run.ffn_hidden_size / tp
+    our_mlp = flights * layers * 3 * 2 * seq * b * run.ffn_hidden_size / tp
     total, masks, mlp = megatron_lm_activations(
         _model_of(run), tp, run.pipeline_parallel, seq, b, run.micro_batches,
         sp_selective=run.sequence_parallel)
     fudge = 1.0 if run.sequence_parallel else 1.05
     same_ours, same_theirs = ours - our_mlp, (total - masks - mlp) / fudge
     assert abs(same_ours / same_theirs - 1) < 0.05, (name, same_ours, same_theirs)
-    # The MLP is where they differ most: 10 ffn bytes a token here; 4 ffn there with SP and
+    # The MLP is where they differ most: 6 ffn bytes a token here; 4 ffn there with SP and
     # selective recompute, 16 h (ffn taken as 4 h) without.
     theirs_per_token = 4 * run.ffn_hidden_size if run.sequence_parallel else 16 * run.hidden_size
-    assert our_mlp / (mlp / fudge) == pytest.approx(10 * run.ffn_hidden_size / theirs_per_token)
+    assert our_mlp / (mlp / fudge) == pytest.approx(6 * run.ffn_hidden_size / theirs_per_token)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8: what Transformer Engine keeps (derived from its source; not measured without a GPU)
+
+FP8_8B = os.path.join(RECIPES, "llama3.1-8b-gift-fp8.yaml")
+BF16_8B = os.path.join(RECIPES, "llama3.1-8b-gift.yaml")
+# Llama-3.1-8B at TP2: one layer's GEMM weights on one GPU, QKV (32 + 2 x 8 heads of 128) x h,
+# the output projection h x h, fc1 and fc2 3 x ffn x h.
+GEMM_8B_TP2 = ((32 + 2 * 8) * 128 * 4096 + 4096 * 4096 + 3 * 14336 * 4096) // 2
+# Tensorwise scaling: 4 GEMMs a layer x 5 quantizers x an fp32 scale and amax.
+TENSORWISE_STATE = 4 * 5 * 2 * 4
+
+
+def _fp8_and_bf16(**changes):
+    """The FP8 8B recipe's run (with ``changes``) and the same run without FP8, stage 0."""
+    fp8 = dataclasses.replace(memory.run_from_config(parse_config(["--config", FP8_8B]), 8),
+                              **changes)
+    bf16 = dataclasses.replace(fp8, fp8_recipe=None, fp8_param=False, reference_fp8=False,
+                               reference_fp8_weights=False)
+    return fp8, memory.plan_stage(fp8, 0).bytes, memory.plan_stage(bf16, 0).bytes
+
+
+def test_the_fp8_recipe_plans_less_than_the_same_recipe_in_bf16():
+    """llama3.1-8b-gift-fp8.yaml (tensorwise, --fp8-param-gather, reference bf16) against
+    llama3.1-8b-gift.yaml: the student's GEMM weights take 1 byte instead of 2 and their
+    transposes 1 byte in "FP8 state"; the one layer that full recompute re-creates saves FP8
+    inputs (norm outputs and fc2's input 1 byte instead of 2, the projection's input an FP8
+    copy beside flash attention's bf16 one); gradients, optimizer, reference unchanged."""
+    fp8 = memory.run_from_config(parse_config(["--config", FP8_8B]), 8)
+    bf16 = memory.run_from_config(parse_config(["--config", BF16_8B]), 8)
+    assert bf16 == dataclasses.replace(fp8, fp8_recipe=None, fp8_param=False)
+    assert (fp8.fp8_recipe, fp8.fp8_param, fp8.reference_fp8) == ("tensorwise", True, False)
+    assert GEMM_8B_TP2 == 109_051_904
+    a, b = memory.plan_stage(fp8, 0).bytes, memory.plan_stage(bf16, 0).bytes
+    layers = 32
+    assert b["student_weights"] - a["student_weights"] == layers * GEMM_8B_TP2
+    assert a["fp8_state"] == layers * (GEMM_8B_TP2 + TENSORWISE_STATE) and b["fp8_state"] == 0
+    for part in ("gradients", "optimizer", "reference_weights", "pipeline_buffers",
+                 "loss_buffers"):
+        assert a[part] == b[part], part
+    tokens, rows = 2 * 8192, 8192  # a micro-batch; its sequence-parallel share at TP2
+    saved = (2 * rows * 4096 * (2 - 1)  # both norms' outputs
+             - tokens * 32 * 128 // 2 * 1  # the projection's FP8 copy of its input
+             + tokens * 14336 // 2 * (2 - 1))  # fc2's input
+    assert saved == 150_994_944
+    assert b["activations"] - a["activations"] == saved
+    assert b["total"] - a["total"] == saved - layers * TENSORWISE_STATE > 0
+    gib = (a["total"] / GIB, b["total"] / GIB)
+    assert gib == (pytest.approx(52.45, abs=0.01), pytest.approx(52.59, abs=0.01)), gib
+
+
+@pytest.mark.parametrize("changes,weights,state", [
+    # FP8 without FP8 weights: bf16 weights, and TE's cached FP8 copy with its transpose.
+    ({"fp8_param": False}, 0, 2 * GEMM_8B_TP2 + TENSORWISE_STATE),
+    # Delayed scaling: 5 slots x (an amax history of 1024, the scale, the reduction's amax).
+    ({"fp8_param": False, "fp8_recipe": "delayed", "fp8_amax_history_len": 1024}, 0,
+     2 * GEMM_8B_TP2 + 4 * 5 * (1024 + 2) * 4),
+    # A reference in FP8 too (no_grad: its cached copy has no transpose) and its scaling state.
+    ({"reference_fp8": True}, 0, 2 * GEMM_8B_TP2 + 2 * TENSORWISE_STATE),
+    # ... with FP8 weights: 1 byte a GEMM weight instead of 2; the transpose TE built them with.
+    ({"reference_fp8": True, "reference_fp8_weights": True}, GEMM_8B_TP2,
+     2 * GEMM_8B_TP2 + 2 * TENSORWISE_STATE),
+    # MXFP8 (Blackwell): an 8-bit scale per 32 elements of the data and of its columnwise copy.
+    ({"fp8_param": False, "fp8_recipe": "mxfp8"}, 0, 2 * GEMM_8B_TP2 * (1 + 1 / 32)),
+])
+def test_fp8_bytes_per_gemm_weight_and_layer(changes, weights, state):
+    """Per layer on one GPU: the reference's weights saved by FP8 and the FP8 state."""
+    fp8, a, b = _fp8_and_bf16(**changes)
+    student = 0 if not fp8.fp8_param else GEMM_8B_TP2
+    assert b["student_weights"] - a["student_weights"] == 32 * student
+    assert b["reference_weights"] - a["reference_weights"] == 32 * weights
+    assert a["fp8_state"] == math.ceil(32 * state)
+
+
+def test_bf16_edge_layers_keep_bf16_weights_and_activations():
+    """--first-last-layers-bf16 (1 and 1): 30 FP8 layers; without recompute every layer's
+    activations count, the two bf16 ones at their bf16 size."""
+    fp8, a, b = _fp8_and_bf16(fp8_bf16_layers=(1, 1), recompute_granularity=None,
+                              recompute_method=None, recompute_num_layers=None)
+    assert [memory.is_fp8_layer(fp8, i) for i in (0, 1, 30, 31)] == [False, True, True, False]
+    assert b["student_weights"] - a["student_weights"] == 30 * GEMM_8B_TP2
+    assert a["fp8_state"] == 30 * (GEMM_8B_TP2 + TENSORWISE_STATE)
+    per_layer = 150_994_944
+    assert b["activations"] - a["activations"] == 30 * per_layer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,30 +755,92 @@ def _gpus_of(path, config):
     raise AssertionError(f"{path} states no GPU count")
 
 
-def test_every_shipped_recipe_validates_and_fits_by_its_own_planner():
+def _bundled_vocab() -> int:
+    """Tokens of the bundled tokenizer (the CPU recipes' vocab)."""
     from megatron_gift.data.synthetic import TOKENIZER_DIR
 
     with open(os.path.join(TOKENIZER_DIR, "tokenizer.json")) as f:
         bundled = json.load(f)
     vocab = bundled["model"]["vocab"]
-    bundled_vocab = len(vocab) + len(
+    return len(vocab) + len(
         [t for t in bundled.get("added_tokens", []) if t["content"] not in vocab])
+
+
+def _recipe_run(path):
+    """``(config, GPUs, Run)`` of the recipe at ``path`` on the GPU count it states."""
+    config = parse_config(["--config", path])
+    gpus = _gpus_of(path, config)
+    if config.model.vocab_size is None:  # a CPU recipe on the bundled tokenizer
+        config.model.vocab_size = _bundled_vocab()
+    return config, gpus, memory.run_from_config(config, gpus)
+
+
+def test_every_shipped_recipe_validates_and_fits_by_its_own_planner():
     names = [os.path.basename(p) for p in _run_recipes()]
     for gift in ("qwen2.5-7b-gift.yaml", "llama3.1-8b-gift.yaml", "llama3.1-70b-gift.yaml",
                  "qwen2.5-72b-gift.yaml"):
         assert gift in names
     for path in _run_recipes():
-        config = parse_config(["--config", path])
-        gpus = _gpus_of(path, config)
-        if config.model.vocab_size is None:  # a CPU recipe on the bundled tokenizer
-            config.model.vocab_size = bundled_vocab
-        result = memory.plan(memory.run_from_config(config, gpus))
+        config, gpus, run = _recipe_run(path)
+        result = memory.plan(run)
         assert result.fits, (path, result.worst.bytes["total"] / GIB, result.suggestion)
         if os.path.basename(path).endswith("-gift.yaml"):
             assert config.training.bf16 and config.gift.beta == 20.0
             assert config.gift.smooth_lambda == (0.01 if "llama" in path else 0.0)
             assert gpus in ((8,) if re.search(r"-[78]b-", path) else (32, 64))
             assert config.checkpoint.pretrained_checkpoint.startswith("/models/")
+
+
+def _launch_lines(path) -> list[str]:
+    """The torchrun commands of a recipe's header comment, continuation lines joined."""
+    header = []
+    for line in open(path).read().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# "))
+    text = "\n".join(header).replace("\\\n", " ")
+    return [line for line in text.splitlines() if line.startswith("torchrun ")]
+
+
+def test_every_recipes_launch_line_gives_a_stopping_run_the_time_to_save():
+    """A SIGTERM lets the step in progress finish, then the run saves; torchrun kills its
+    workers after --shutdown-timeout (default 30 s). Every torchrun line of a recipe's header
+    gives at least what the planner asks for: twice its estimate of a step and a save, and at
+    least 600 s for a 70B-class model, 300 s from 1B parameters, 60 s below."""
+    launched = 0
+    for path in _run_recipes():
+        _, _, run = _recipe_run(path)
+        for line in _launch_lines(path):
+            launched += 1
+            found = re.search(r"--shutdown-timeout (\d+)", line)
+            assert found, f"{os.path.basename(path)}: {line}"
+            wanted = memory.shutdown_timeout(run)
+            assert int(found.group(1)) >= wanted, (path, int(found.group(1)), wanted)
+            step, save = memory.stop_seconds(run)
+            assert wanted >= 2 * (step + save)
+            billions = memory.total_parameters(run) / 1e9
+            assert wanted >= (600 if billions >= 70 else 300 if billions >= 1 else 60)
+    assert launched == len(_run_recipes())  # every recipe shows its launch
+
+
+def test_the_stop_estimate_counts_a_step_and_a_save():
+    """Llama-3.1-70B's recipe on 64 GPUs: the save writes 14 bytes a parameter (bf16 weights,
+    fp32 main weights, Adam's two moments); the step is 8 N FLOPs a token (the student's
+    forward and backward, the reference's forward) plus the attention scores."""
+    config = parse_config(["--config", os.path.join(RECIPES, "llama3.1-70b-gift.yaml")])
+    run = memory.run_from_config(config, 64)
+    n = memory.total_parameters(run)
+    assert memory.checkpoint_bytes(run) == 14 * n
+    tokens = 128 * 8192
+    scores = 4 * 8192 * 64 * 128 * 80
+    assert memory.step_flops(run) == tokens * (8 * n + 4 * scores)
+    step, save = memory.stop_seconds(run)
+    assert save == 14 * n / (8 * memory.ASSUMED_NODE_WRITE_BYTES)
+    assert step == memory.step_flops(run) / (64 * memory.ASSUMED_GPU_FLOPS)
+    assert memory.shutdown_timeout(run) == 600  # the 70B floor above twice ~105 s
+    sft = dataclasses.replace(run, reference=False, recompute_granularity="full",
+                              recompute_method="uniform", recompute_num_layers=1)
+    assert memory.step_flops(sft) == tokens * (8 * n + 4 * scores)  # recompute for reference
 
 
 def test_the_architecture_is_read_from_a_hugging_face_base_as_training_reads_it(tmp_path, capsys):

@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Optional, Sequence, Union, get_args, get_origi
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from megatron_gift.config.checks import validate
+from megatron_gift.config.checks import Refusal, validate
 from megatron_gift.config.recipes import recipe_layers
 from megatron_gift.config.schema import JobConfig, SECTIONS, flag_name, section_fields
 from megatron_gift.errors import ConfigError
@@ -26,13 +26,14 @@ from megatron_gift.errors import ConfigError
 _NONE_WORDS = ("none", "null")
 
 
-def parse_config(argv: Optional[Sequence[str]] = None,
-                 defaults: Optional[dict] = None) -> DictConfig:
+def parse_config(argv: Optional[Sequence[str]] = None, defaults: Optional[dict] = None,
+                 refusals: Sequence[Refusal] = ()) -> DictConfig:
     """The validated run config from ``argv`` (default ``sys.argv[1:]``) over ``defaults``
     (a nested dict of a job's own defaults, e.g. the embedded default job's).
 
     Raises :class:`megatron_gift.errors.ConfigError` (a ValueError) naming the bad key, its
-    flag and its source.
+    flag and its source; a config with several bad values is refused once, naming them all,
+    and what the machine checks ``refusals`` refuse too (:func:`.checks.validate`).
     """
     parser = build_parser()
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
@@ -52,7 +53,7 @@ def parse_config(argv: Optional[Sequence[str]] = None,
             raise ConfigError(f"{override!r} is neither a flag nor a section.key=value override "
                               "(boolean flags take no value: --bf16 / --no-bf16)")
         set_value(config, key.strip(), _none_or_text(text), f"override {override!r}")
-    return validate(config)
+    return validate(config, refusals)
 
 
 def merge(config: DictConfig, values: Any, source: str) -> DictConfig:

@@ -173,8 +173,9 @@ class Precision:
         "bf16", "the frozen reference's layers: bf16, or fp8 (the student's recipe, with a "
         "scaling state of its own)", choices=("bf16", "fp8"))
     reference_fp8_weights: bool = option(
-        False, "with --reference-precision fp8: keep the reference's GEMM weights in FP8 (half "
-        "their memory; quantized once, when loaded: not with delayed scaling)")
+        False, "with --reference-precision fp8: keep the reference's GEMM weights in FP8 (1 "
+        "byte a weight instead of 2, plus the transpose Transformer Engine keeps on Hopper; "
+        "quantized once, when loaded: not with delayed scaling)")
 
 
 @dataclass

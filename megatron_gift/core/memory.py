@@ -21,26 +21,32 @@ Every count follows what Megatron-Core 0.19 allocates for this project's models
   sequence parallelism, recompute (selective: core attention; full: layer-group inputs; plus
   what the backward's recompute re-creates beyond what it has freed by then) and context
   parallelism (the sequence split evenly);
-* **pipeline buffers**: per micro-batch in flight, the received and the sent hidden states
-  ``[s / sp, b, h]`` plus the reference's half ``[.., h]`` that travels with them, and the two
-  gradient buffers of the backward;
+* **pipeline buffers**: per micro-batch in flight, the received hidden states ``[s / sp, b, h]``
+  plus the reference's half ``[.., h]`` that travels with them (the sent ones are freed once
+  sent: ``deallocate_pipeline_outputs``), and the two gradient buffers of the backward;
 * **loss buffers** (last stage, one micro-batch): student and reference logit shards
   ``[b, s, V/tp]``, the fp32 ``softmax - g p'`` buffer the GIFT loss keeps for the backward
-  and its two fp32 row-chunk workspaces (:mod:`megatron_gift.loss.eager`).
+  and its two fp32 row-chunk workspaces (:mod:`megatron_gift.loss.eager`);
+* **FP8 state** (``precision`` section): what Transformer Engine keeps beside the weights of
+  the layers that run FP8: FP8 copies of the GEMM weights and their transposes, and the
+  scaling state (:func:`fp8_state_bytes`). FP8 also changes the weights (``--fp8-param-gather``,
+  ``--reference-fp8-weights``: the GEMM weights themselves are FP8) and the activations (the
+  GEMM inputs TE saves are FP8): :func:`layer_activations`, :func:`plan_stage`.
 
 Two layer implementations are modelled: ``"te"``, Transformer Engine's layers that GPU runs use
 (fused norm + linear, flash attention that keeps no ``s x s`` scores; derived from the source,
 not measured here) and ``"local"``, Megatron-Core's own layers that CPU runs use (measured:
-``tests/test_plan.py``). Not modelled: the CUDA context, NCCL's buffers and the allocator's
-fragmentation (:data:`USABLE_FRACTION` leaves room for them), the reference's no-grad forward
-temporaries, and the distributed optimizer's bucket padding.
+``tests/test_plan.py``). FP8 exists only with ``"te"``; the GPU is taken to be a Hopper (H100,
+H200), where an FP8 GEMM needs its operands' transposes. Not modelled: the CUDA context, NCCL's
+buffers and the allocator's fragmentation (:data:`USABLE_FRACTION` leaves room for them), the
+reference's no-grad forward temporaries, and the distributed optimizer's bucket padding.
 """
 
 import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
 
-from megatron_gift.config import check_layer_split
+from megatron_gift.config.checks import layer_split_problems, raise_problems
 from megatron_gift.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -48,7 +54,7 @@ if TYPE_CHECKING:
 
 GIB = 1 << 30
 PARTS = ("student_weights", "gradients", "optimizer", "reference_weights", "activations",
-         "pipeline_buffers", "loss_buffers")
+         "pipeline_buffers", "loss_buffers", "fp8_state")
 # A plan fits when its total is at most this share of the GPU's memory: the rest is for the
 # CUDA context, NCCL's buffers and the caching allocator's fragmentation.
 USABLE_FRACTION = 0.9
@@ -56,6 +62,21 @@ USABLE_FRACTION = 0.9
 LOSS_WORKSPACE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
 LAYER_SPECS = ("te", "local")
 _FP32 = 4
+# Transformer Engine 2.x's FP8 (transformer_engine/pytorch): bytes per element of one FP8 copy of
+# a weight (rowwise data, or its transpose / columnwise copy) and of a saved GEMM input, scales
+# included: delayed and tensorwise scaling keep one fp32 scale per tensor (tensor/float8_tensor.py;
+# 4 bytes a tensor, left out); blockwise an fp32 scale per 128 x 128 weight block and per 1 x 128
+# activation block (tensor/float8_blockwise_tensor.py); MXFP8 an 8-bit scale per 32 elements
+# (tensor/mxfp8_tensor.py).
+_FP8_WEIGHT_BYTES = {"delayed": 1.0, "tensorwise": 1.0, "blockwise": 1 + _FP32 / 128 ** 2,
+                     "mxfp8": 1 + 1 / 32}
+_FP8_ACTIVATION_BYTES = {"delayed": 1.0, "tensorwise": 1.0, "blockwise": 1 + _FP32 / 128,
+                         "mxfp8": 1 + 1 / 32}
+# TE GEMM modules of a layer: linear_qkv and linear_fc1 (LayerNormLinear), linear_proj and
+# linear_fc2 (Linear); each has 5 quantizer slots: input, weight and output forward, grad output
+# and grad input backward (module/base.py: TransformerEngineBaseModule.init_fp8_meta_tensors).
+_GEMMS_PER_LAYER = 4
+_FP8_SLOTS_PER_GEMM = 5
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,16 @@ class Run:
     packed: bool  # data.pack: one [s, s] attention mask per sample instead of per micro-batch
     layer_spec: str = "te"
     device: str = "cuda"
+    # SwiGLU as Megatron-Core's fused autograd function (bias_activation_fusion, on with CUDA:
+    # megatron_gift.core.model.transformer_config).
+    fused_swiglu: bool = True
+    # The precision section. FP8 recipe of the student's layers (None: no FP8); with it:
+    fp8_recipe: Optional[str] = None
+    fp8_param: bool = False  # --fp8-param-gather: the student's GEMM weights are FP8
+    fp8_amax_history_len: int = 1  # delayed scaling
+    fp8_bf16_layers: tuple[int, int] = (0, 0)  # bf16 layers at the start and at the end
+    reference_fp8: bool = False  # --reference-precision fp8
+    reference_fp8_weights: bool = False  # the reference's GEMM weights are FP8
 
     @property
     def num_gpus(self) -> int:
@@ -110,6 +141,11 @@ class Run:
     def micro_batches(self) -> int:
         """Micro-batches per step on each data-parallel rank."""
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel)
+
+    @property
+    def fp8(self) -> bool:
+        """Whether layers run FP8 (Transformer Engine's layers only)."""
+        return self.fp8_recipe is not None and self.layer_spec == "te"
 
     @property
     def padded_vocab(self) -> int:
@@ -150,6 +186,7 @@ class Plan:
     def as_dict(self) -> dict[str, Any]:
         """The plan as the JSON object of ``python -m megatron_gift.plan --json``."""
         run = self.run
+        step, save = stop_seconds(run)
         return {
             "layout": {"tensor_model_parallel_size": run.tensor_parallel,
                        "pipeline_model_parallel_size": run.pipeline_parallel,
@@ -165,7 +202,9 @@ class Plan:
                        for s in self.stages],
             "gpu_memory_bytes": self.gpu_memory_bytes,
             "usable_memory_bytes": self.usable_bytes,
-            "fits": self.fits, "suggestion": self.suggestion}
+            "fits": self.fits, "suggestion": self.suggestion,
+            "stop": {"step_seconds": step, "save_bytes": checkpoint_bytes(run),
+                     "save_seconds": save, "shutdown_timeout": shutdown_timeout(run)}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,29 +221,30 @@ def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel: int) -> i
 def run_from_config(config: "DictConfig", num_gpus: Optional[int] = None,
                     layer_spec: str = "te", device: str = "cuda") -> Run:
     """The :class:`Run` of a validated run config on ``num_gpus`` GPUs (default TP x PP x CP,
-    i.e. one data-parallel rank). Raises ConfigError/UserError naming the key or flag when the
-    config lacks the architecture or the layout does not divide."""
+    i.e. one data-parallel rank). Raises one ConfigError/UserError naming every key or flag at
+    fault when the config lacks the architecture or the layout does not divide."""
     if layer_spec not in LAYER_SPECS:
         raise ValueError(f"layer_spec must be one of {LAYER_SPECS}, got {layer_spec!r}")
     model, parallel, training = config.model, config.parallel, config.training
-    if model.vocab_size is None:
-        raise ConfigError("model.vocab_size (--vocab-size) is not set: the planner reads no "
-                          "model files, so the model section must carry the architecture "
-                          "(vocab_size from the model's config.json)")
-    check_layer_split(config)
+    problems = [] if model.vocab_size is not None else [
+        "model.vocab_size (--vocab-size) is not set: the planner reads no model files, so the "
+        "model section must carry the architecture (vocab_size from the model's config.json)"]
+    problems += layer_split_problems(config)
     tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                   parallel.context_parallel_size)
     model_parallel = tp * pp * cp
     num_gpus = model_parallel if num_gpus is None else num_gpus
-    if num_gpus <= 0 or num_gpus % model_parallel:
-        raise UserError(f"--num-gpus {num_gpus} is not a positive multiple of tensor x pipeline x "
+    gpus_divide = num_gpus > 0 and num_gpus % model_parallel == 0
+    if not gpus_divide:
+        problems.append(f"--num-gpus {num_gpus} is not a positive multiple of tensor x pipeline x "
                         f"context parallel size = {tp} x {pp} x {cp}")
     dp = num_gpus // model_parallel
-    if training.global_batch_size % (training.micro_batch_size * dp):
-        raise ConfigError(
+    if gpus_divide and training.global_batch_size % (training.micro_batch_size * dp):
+        problems.append(
             f"training.global_batch_size={training.global_batch_size} is not a multiple of "
             f"micro_batch_size x data-parallel size = {training.micro_batch_size} x {dp} "
             "(--global-batch-size, --micro-batch-size, --num-gpus)")
+    raise_problems(problems, ConfigError if gpus_divide else UserError)
     return Run(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
@@ -224,7 +264,22 @@ def run_from_config(config: "DictConfig", num_gpus: Optional[int] = None,
         recompute_method=training.recompute_method,
         recompute_num_layers=training.recompute_num_layers,
         reference=not math.isinf(config.gift.beta), packed=config.data.pack,
-        layer_spec=layer_spec, device=device)
+        layer_spec=layer_spec, device=device, fused_swiglu=device == "cuda",
+        **_precision(config))
+
+
+def _precision(config: "DictConfig") -> dict[str, Any]:
+    """The :class:`Run` fields of the ``precision`` section (none without FP8)."""
+    precision = config.precision
+    if precision.fp8_format is None:
+        return {}
+    reference_fp8 = precision.reference_precision == "fp8" and not math.isinf(config.gift.beta)
+    edges = (precision.num_layers_at_start_in_bf16, precision.num_layers_at_end_in_bf16)
+    return {"fp8_recipe": precision.fp8_recipe, "fp8_param": precision.fp8_param_gather,
+            "fp8_amax_history_len": precision.fp8_amax_history_len,
+            "fp8_bf16_layers": edges if precision.first_last_layers_bf16 else (0, 0),
+            "reference_fp8": reference_fp8,
+            "reference_fp8_weights": reference_fp8 and precision.reference_fp8_weights}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +319,36 @@ def stage_parameters(run: Run, rank: int) -> int:
     layers = run.num_layers // stages
     return sum(chunk_parameters(run, layers, pre_process=v == 0, post_process=v == stages - 1)
                for v in (k * run.pipeline_parallel + rank for k in range(run.chunks)))
+
+
+def layer_gemm_parameters(run: Run) -> int:
+    """Weights on one GPU of one layer's four GEMMs (QKV, output projection, fc1, fc2): the
+    ones FP8 quantizes (the norms and the QKV bias stay in the parameter dtype)."""
+    h, d = run.hidden_size, run.kv_channels
+    qkv_rows = (run.num_attention_heads + 2 * run.num_query_groups) * d
+    return (qkv_rows * h + h * run.num_attention_heads * d
+            + 3 * run.ffn_hidden_size * h) // run.tensor_parallel
+
+
+def is_fp8_layer(run: Run, layer: int) -> bool:
+    """Whether the layer of global index ``layer`` (0-based) runs FP8: every layer of an FP8
+    run but the bf16 ones at its start and end (Megatron-Core's
+    ``fp8_utils.is_first_last_bf16_layer``)."""
+    start, end = run.fp8_bf16_layers
+    return run.fp8 and start <= layer < run.num_layers - end
+
+
+def chunk_layers(run: Run, virtual_stage: int) -> range:
+    """Global indices of the layers of model chunk ``virtual_stage`` (``k x PP + rank`` for the
+    k-th chunk of stage ``rank``)."""
+    per_chunk = run.num_layers // (run.pipeline_parallel * run.chunks)
+    return range(virtual_stage * per_chunk, (virtual_stage + 1) * per_chunk)
+
+
+def stage_fp8_layers(run: Run, rank: int) -> int:
+    """Layers of stage ``rank`` (all its chunks) that run FP8."""
+    return sum(is_fp8_layer(run, i) for k in range(run.chunks)
+               for i in chunk_layers(run, k * run.pipeline_parallel + rank))
 
 
 def total_parameters(run: Run) -> int:
@@ -333,16 +418,35 @@ def _widths(run: Run) -> tuple[float, float]:
     return run.num_attention_heads * d / t, run.num_query_groups * d / t
 
 
-def layer_activations(run: Run, recompute: Optional[str] = None) -> dict[str, float]:
+def _saved_input_bytes(run: Run, fp8: bool) -> float:
+    """Bytes per element of a GEMM input Transformer Engine saves for the backward: the
+    activation dtype, or with ``fp8`` the FP8 copy it quantized for the GEMM (TE 2.x
+    module/linear.py ``_Linear.forward`` and module/layernorm_linear.py
+    ``_LayerNormLinear.forward`` save ``inputmat`` / ``ln_out`` after ``input_quantizer``,
+    columnwise-only or, when sequence parallelism gathers it again, rowwise-only: one FP8 copy
+    either way)."""
+    return _FP8_ACTIVATION_BYTES[run.fp8_recipe] if fp8 and run.fp8 else run.param_bytes
+
+
+def layer_activations(run: Run, recompute: Optional[str] = None,
+                      fp8: Optional[bool] = None) -> dict[str, float]:
     """Bytes one transformer layer keeps for the backward of one micro-batch, by term.
 
-    ``recompute``: None or ``"selective"`` (core attention recomputed). Terms: ``norms`` (both
+    ``recompute``: None or ``"selective"`` (core attention recomputed); ``fp8``: the layer runs
+    FP8 (default: as the run does, away from bf16 edge layers). Terms: ``norms`` (both
     RMSNorms, with the inputs of the linear layers they feed), ``rope``, ``attention`` (Q, K, V
     and the core attention's internals), ``projection`` (the output projection's input: the
-    core attention's output), ``mlp`` (fc1's output, SwiGLU's two halves and fc2's input: five
-    ``[s, b, ffn/tp]``).
+    core attention's output), ``mlp`` (SwiGLU: fc1's output and fc2's input; unfused also the
+    linear half plus 0 and SiLU's output).
+
+    With FP8 (Transformer Engine's layers), the inputs TE's linear layers save are FP8
+    (:func:`_saved_input_bytes`): the norms' outputs and fc2's input take 1 byte an element
+    instead of 2; the output projection saves an FP8 copy of its input beside the bf16 one
+    flash attention keeps (unless selective recompute frees that). Attention itself stays bf16.
     """
+    fp8 = run.fp8 if fp8 is None else fp8 and run.fp8
     e, h, T = run.param_bytes, run.hidden_size, _tokens(run)
+    a8 = _saved_input_bytes(run, fp8)
     rows = T / _sp(run)  # sequence-sharded tensors
     q, kv = _widths(run)
     S, b = run.seq_length // run.context_parallel, run.micro_batch_size
@@ -354,9 +458,9 @@ def layer_activations(run: Run, recompute: Optional[str] = None) -> dict[str, fl
         terms["norms"] = 2 * rows * (2 * _FP32 * h + _FP32 + e * h)
         terms["rope"] = 4 * S * run.kv_channels * e  # cos and sin, for Q and for K
     else:
-        # Transformer Engine's LayerNormLinear keeps its input, its output and fp32 1/rms;
-        # fused RoPE keeps only the frequencies, shared by all layers.
-        terms["norms"] = 2 * rows * (2 * e * h + _FP32)
+        # Transformer Engine's LayerNormLinear keeps its input, its output (FP8 with FP8) and
+        # fp32 1/rms; fused RoPE keeps only the frequencies, shared by all layers.
+        terms["norms"] = 2 * rows * (e * h + a8 * h + _FP32)
         terms["rope"] = 0.0
     if recompute == "selective":
         # The checkpoint keeps Q and K (after RoPE) and V, a view that keeps the whole QKV
@@ -371,8 +475,16 @@ def layer_activations(run: Run, recompute: Optional[str] = None) -> dict[str, fl
     else:
         # Flash attention keeps Q, K, V and the fp32 log-sum-exp [b, a/tp, s].
         terms["attention"] = T * e * (q + 2 * kv) + b * local_heads * S * _FP32
-    terms["projection"] = T * e * q
-    terms["mlp"] = 5 * T * e * run.ffn_hidden_size / run.tensor_parallel
+    # Flash attention keeps its output O (bf16), which is also the projection's input; with FP8
+    # the projection saves an FP8 copy of it (O is then kept by attention alone, or by nobody
+    # when selective recompute re-creates it).
+    kept_output = 0 if fp8 and recompute == "selective" else e
+    terms["projection"] = T * q * (kept_output + (a8 if fp8 else 0))
+    # SwiGLU, fused (megatron/core/fusions/fused_bias_swiglu.py: SwiGLUFunction saves only its
+    # input, fc1's output, 2 ffn wide), or unfused (transformer/mlp.py: glu(): also
+    # x_linear + glu_linear_offset and SiLU's output); then fc2 saves its input (FP8 with FP8).
+    ffn = run.ffn_hidden_size / run.tensor_parallel
+    terms["mlp"] = T * ffn * ((2 if run.fused_swiglu else 4) * e + a8)
     return terms
 
 
@@ -385,9 +497,11 @@ def _local_scores(run: Run) -> float:
             * (_FP32 + (e if e != _FP32 else 0)))
 
 
-def recompute_working_set(run: Run, holds_head: bool = False) -> float:
+def recompute_working_set(run: Run, holds_head: bool = False,
+                          fp8: Optional[bool] = None) -> float:
     """Bytes by which a recomputing backward raises a stage's peak above its forward's, for
-    one micro-batch; ``holds_head``: the stage ends with the final norm and output layer.
+    one micro-batch; ``holds_head``: the stage ends with the final norm and output layer;
+    ``fp8``: its layers run FP8 (default: as the run does).
 
     The backward frees as it goes, so only what it re-creates beyond what it has freed by then
     counts: uniform full recompute re-creates a group of ``N`` layers first (after the head);
@@ -399,7 +513,7 @@ def recompute_working_set(run: Run, holds_head: bool = False) -> float:
         return 0.0
     layers_per_chunk = run.num_layers // (run.pipeline_parallel * run.chunks)
     freed = head_activations(run) if holds_head else 0.0
-    layer = sum(layer_activations(run).values())
+    layer = sum(layer_activations(run, fp8=fp8).values())
     if granularity == "full" and run.recompute_method == "block":
         kept = layers_per_chunk - min(run.recompute_num_layers, layers_per_chunk)
         again, freed = layer, freed + kept * layer
@@ -414,7 +528,7 @@ def recompute_working_set(run: Run, holds_head: bool = False) -> float:
         else:  # flash attention again: a contiguous V, its output and the log-sum-exp
             S, b = run.seq_length // run.context_parallel, run.micro_batch_size
             again = T * e * (kv + q) + b * run.num_attention_heads / run.tensor_parallel * S * _FP32
-        kept = layer_activations(run, "selective")
+        kept = layer_activations(run, "selective", fp8)
         freed += kept["mlp"] + kept["projection"] + kept["norms"] / 2
     return max(again - freed, 0.0)
 
@@ -434,22 +548,33 @@ def head_activations(run: Run) -> float:
     return rows * (2 * e * h + _FP32)  # TE's norm keeps input and 1/rms, the layer its input
 
 
-def chunk_activations(run: Run, layers: int, pre_process: bool, post_process: bool) -> float:
+def chunk_activations(run: Run, layers: int, pre_process: bool, post_process: bool,
+                      first_layer: Optional[int] = None) -> float:
     """Bytes one forward pass of a model chunk of ``layers`` layers keeps for its backward
-    (one micro-batch), the embedding's and the head's parts included where it has them."""
+    (one micro-batch), the embedding's and the head's parts included where it has them.
+    ``first_layer``: the global index of its first layer, which tells its bf16 edge layers
+    from its FP8 ones (default: every layer as the run's precision)."""
     e, h = run.param_bytes, run.hidden_size
     S = run.seq_length // run.context_parallel
+    fp8 = [run.fp8 if first_layer is None else is_fp8_layer(run, first_layer + i)
+           for i in range(layers)]
+
+    def kept(layer_fp8: list[bool], recompute: Optional[str] = None) -> float:
+        fp8_layers = sum(layer_fp8)
+        return sum(count * sum(layer_activations(run, recompute, f).values())
+                   for f, count in ((True, fp8_layers), (False, len(layer_fp8) - fp8_layers))
+                   if count)
+
     if run.recompute_granularity == "full":
         checkpoint = _tokens(run) / _sp(run) * e * h  # a checkpoint keeps its hidden input
         n = run.recompute_num_layers
-        if run.recompute_method == "block":
-            kept = min(n, layers)
-            total = kept * checkpoint + (layers - kept) * sum(layer_activations(run).values())
+        if run.recompute_method == "block":  # the first n layers recomputed, the rest kept
+            total = min(n, layers) * checkpoint + kept(fp8[n:])
         else:
             total = math.ceil(layers / n) * checkpoint
         total += S * run.kv_channels * _FP32  # the rotary frequencies, a checkpoint argument
     else:
-        total = layers * sum(layer_activations(run, run.recompute_granularity).values())
+        total = kept(fp8, run.recompute_granularity)
     # The bool attention mask [1 or b, 1, s, s], shared by the chunk's layers, is kept by the
     # local attention and by recompute checkpoints.
     if run.layer_spec == "local" or run.recompute_granularity is not None:
@@ -494,21 +619,31 @@ def interleaved_chunks_in_flight(run: Run, rank: int) -> list[int]:
 def stage_activations(run: Run, rank: int) -> int:
     """Activation bytes on one GPU of stage ``rank`` at its peak: every forward in flight plus
     the recompute working set. With VPP, the embedding's and the head's extras count for the
-    forwards of the first and the last chunk that are in flight at once."""
+    forwards of the first and the last chunk that are in flight at once; so do the extras of
+    a chunk's bf16 edge layers in an FP8 run."""
     layers = run.num_layers // (run.pipeline_parallel * run.chunks)
     flights = in_flight(run, rank)
     pre, post = rank == 0, rank == run.pipeline_parallel - 1
-    total = flights * chunk_activations(run, layers, False, False)
-    first, last = ((flights, flights) if run.virtual_pipeline is None else
-                   (lambda most: (most[0], most[-1]))(interleaved_chunks_in_flight(run, rank)))
+    generic = chunk_activations(run, layers, False, False)
+    total = flights * generic
+    most = ([flights] if run.virtual_pipeline is None
+            else interleaved_chunks_in_flight(run, rank))
+    first, last = most[0], most[-1]
     if pre:
         total += first * embedding_activations(run)
     if post:
         total += last * head_activations(run)
+    bf16_edges = run.fp8 and stage_fp8_layers(run, rank) < layers * run.chunks
+    if bf16_edges:  # they keep more than FP8 layers
+        for k, count in enumerate(most):
+            first_layer = chunk_layers(run, k * run.pipeline_parallel + rank).start
+            own = chunk_activations(run, layers, False, False, first_layer)
+            total += count * (own - generic)
     # The backward of the last chunk's forward recomputes first; on the last stage after the
     # head (with VPP the first chunk's recompute may come without it: counted as without).
     holds_head = post and run.virtual_pipeline is None
-    return math.ceil(total + recompute_working_set(run, holds_head))
+    working_set = recompute_working_set(run, holds_head, fp8=run.fp8 and not bf16_edges)
+    return math.ceil(total + working_set)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,7 +652,8 @@ def stage_activations(run: Run, rank: int) -> int:
 
 def pipeline_buffer_bytes(run: Run, rank: int) -> int:
     """Hidden states kept between stages on one GPU of stage ``rank``: for each forward in
-    flight the received tensor and the sent one (Megatron keeps both until the backward),
+    flight the received tensor (Megatron keeps it until the backward; the sent one is freed
+    once sent, ``deallocate_pipeline_outputs``: schedules.py ``deallocate_output_tensor``),
     ``[s / cp / sp, b, h]`` plus the reference's ``h`` beside it, and the two gradient buffers
     of a backward step."""
     pp = run.pipeline_parallel
@@ -525,9 +661,8 @@ def pipeline_buffer_bytes(run: Run, rank: int) -> int:
         return 0
     width = run.hidden_size * (2 if run.reference else 1)
     one = _tokens(run) // _sp(run) * width * run.param_bytes
-    interleaved = run.virtual_pipeline is not None
-    kept = (int(rank > 0 or interleaved) + int(rank < pp - 1 or interleaved)) * in_flight(run, rank)
-    return (kept + 2) * one
+    receives = rank > 0 or run.virtual_pipeline is not None
+    return (int(receives) * in_flight(run, rank) + 2) * one
 
 
 def loss_terms(run: Run) -> dict[str, int]:
@@ -549,18 +684,86 @@ def loss_terms(run: Run) -> dict[str, int]:
 # Plans
 
 
+def fp8_weight_bytes(run: Run, trainable: bool) -> float:
+    """Bytes per GEMM parameter of the FP8 copies Transformer Engine keeps of a weight: the
+    FP8 data and, for a weight that gets a gradient, its transpose (Hopper's FP8 GEMM takes
+    only "TN" operands, so dgrad and wgrad need the transposed FP8 weight; blockwise and MXFP8
+    keep a columnwise copy instead). 0 without FP8.
+
+    TE 2.x ``_Linear.forward`` (module/linear.py) sets ``weight_quantizer.set_usage(rowwise=
+    True, columnwise=is_grad_enabled and inp.requires_grad)`` and takes the weight from
+    ``TransformerEngineBaseModule.get_weight_workspace`` (module/base.py): cached under
+    ``"weight"`` and re-quantized only on the first micro-batch of a step when Megatron-Core
+    passes ``is_first_microbatch`` (extensions/transformer_engine.py ``TELinear.forward``), so
+    one copy per layer whatever the micro-batches in flight. The frozen reference runs under
+    ``no_grad``: its copy has no transpose.
+    """
+    if not run.fp8:
+        return 0.0
+    return _FP8_WEIGHT_BYTES[run.fp8_recipe] * (2 if trainable else 1)
+
+
+def fp8_scaling_bytes(run: Run) -> int:
+    """Bytes of one FP8 GEMM module's scaling state: delayed scaling keeps, per quantizer slot
+    (:data:`_FP8_SLOTS_PER_GEMM`), an fp32 amax history of ``fp8_amax_history_len``, an fp32
+    scale and its amax in the reduction buffer (TE 2.x recipe state
+    ``DelayedScalingRecipeState``: ``amax_history [len, slots]``, ``scale [slots]``;
+    ``FP8GlobalStateManager.reduce_and_update_fp8_tensors`` concatenates the amaxes);
+    tensorwise (current scaling) an fp32 scale and amax per slot
+    (``Float8CurrentScalingQuantizer``); blockwise and MXFP8 none (their scales travel with
+    the data)."""
+    if not run.fp8:
+        return 0
+    per_slot = {"delayed": run.fp8_amax_history_len + 2, "tensorwise": 2}.get(run.fp8_recipe, 0)
+    return _FP8_SLOTS_PER_GEMM * per_slot * _FP32
+
+
+def fp8_state_bytes(run: Run, rank: int) -> int:
+    """What Transformer Engine keeps for FP8 on one GPU of stage ``rank`` beside the weights
+    (:func:`plan_stage` counts FP8 weights themselves): for the student, the FP8 copy and its
+    transpose of each FP8 layer's GEMM weights, or with ``--fp8-param-gather`` (FP8 weights)
+    the transpose alone (Megatron-Core's ``fp8_utils.post_all_gather_processing`` creates it
+    after the parameter all-gather); for a reference in FP8, one more copy (bf16 weights: the
+    cached FP8 data; FP8 weights: the transpose TE made when it built them with both usages and
+    keeps, since ``get_weight_workspace`` adds usages to an FP8 parameter but never drops
+    them); and every FP8 GEMM module's scaling state (:func:`fp8_scaling_bytes`)."""
+    if not run.fp8:
+        return 0
+    fp8_layers = stage_fp8_layers(run, rank)
+    gemm = fp8_layers * layer_gemm_parameters(run)
+    copy = fp8_weight_bytes(run, trainable=False)
+    student = gemm * (copy if run.fp8_param else fp8_weight_bytes(run, trainable=True))
+    reference = gemm * copy if run.reference and run.reference_fp8 else 0
+    models = 1 + int(run.reference and run.reference_fp8)
+    scaling = models * fp8_layers * _GEMMS_PER_LAYER * fp8_scaling_bytes(run)
+    return math.ceil(student + reference) + scaling
+
+
+def weight_bytes(run: Run, parameters: int, rank: int, fp8_weights: bool) -> int:
+    """Bytes of a model's ``parameters`` on one GPU of stage ``rank``: the parameter dtype,
+    or with ``fp8_weights`` (``fp8_param``: TE's ``fp8_model_init``) one FP8 copy for the GEMM
+    weights of its FP8 layers (Megatron-Core's DDP buffer holds them as uint8)."""
+    if not (fp8_weights and run.fp8):
+        return parameters * run.param_bytes
+    gemm = stage_fp8_layers(run, rank) * layer_gemm_parameters(run)
+    fp8 = gemm * fp8_weight_bytes(run, trainable=False)
+    return math.ceil((parameters - gemm) * run.param_bytes + fp8)
+
+
 def plan_stage(run: Run, rank: int) -> StagePlan:
     """Bytes by part on one GPU of pipeline stage ``rank``."""
     params = stage_parameters(run, rank)
     parts = {
-        "student_weights": params * run.param_bytes,
+        "student_weights": weight_bytes(run, params, rank, run.fp8_param),
         "gradients": gradient_bytes(run, params),
         "optimizer": optimizer_bytes(run, params),
-        "reference_weights": params * run.param_bytes if run.reference else 0,
+        "reference_weights": (weight_bytes(run, params, rank, run.reference_fp8_weights)
+                              if run.reference else 0),
         "activations": stage_activations(run, rank),
         "pipeline_buffers": pipeline_buffer_bytes(run, rank),
         "loss_buffers": (sum(loss_terms(run).values())
                          if rank == run.pipeline_parallel - 1 else 0),
+        "fp8_state": fp8_state_bytes(run, rank),
     }
     parts["total"] = sum(parts.values())
     return StagePlan(rank, params, parts, in_flight(run, rank))
@@ -589,6 +792,60 @@ def _worst_total(run: Run, above: float = math.inf) -> int:
         if worst > above:
             break
     return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping: the time a SIGTERM asks for (the step in progress, then a save)
+
+# Assumed, not measured: the dense bf16 FLOP/s one H100 sustains in training (a quarter of its
+# 989 TFLOP/s peak; FP8 counted as bf16), and what one node writes to the shared file system
+# the checkpoint goes to, in bytes/s (an NFS-class file system gives less: allow more time).
+ASSUMED_GPU_FLOPS = 250e12
+ASSUMED_NODE_WRITE_BYTES = 2e9
+# The least a launcher should wait for a stopping run, by student parameters (at least, s):
+# a 70B-class save writes about 1 TB.
+SHUTDOWN_FLOORS = ((70e9, 600), (1e9, 300), (0, 60))
+
+
+def step_flops(run: Run) -> float:
+    """FLOPs of one training step, all GPUs together: the student's forward and backward
+    (``6 N`` a token), the reference's forward (``2 N``), recompute's second forward, and the
+    attention scores ``4 s a d`` a token and layer forward (not halved for causality)."""
+    tokens = run.global_batch_size * run.seq_length
+    n = total_parameters(run)
+    scores = 4 * run.seq_length * run.num_attention_heads * run.kv_channels * run.num_layers
+    forwards = 3 + int(run.reference)  # backward = 2 forwards
+    dense = (6 + (2 if run.reference else 0)) * n
+    if run.recompute_granularity == "full":
+        dense, forwards = dense + 2 * n, forwards + 1
+    elif run.recompute_granularity == "selective":
+        forwards += 1
+    return tokens * (dense + forwards * scores)
+
+
+def checkpoint_bytes(run: Run) -> int:
+    """Bytes a save writes: the student's weights in the parameter dtype, fp32 main weights
+    (bf16 runs) and the optimizer's moments (the reference is not saved)."""
+    n = total_parameters(run)
+    moments = 2 if run.optimizer == "adam" else (1 if run.sgd_momentum else 0)
+    main = _FP32 if run.param_bytes != _FP32 else 0
+    return n * (run.param_bytes + main + moments * _FP32)
+
+
+def stop_seconds(run: Run) -> tuple[float, float]:
+    """``(step, save)``: seconds of one step on the run's GPUs at :data:`ASSUMED_GPU_FLOPS`,
+    and of one save written by its nodes at :data:`ASSUMED_NODE_WRITE_BYTES`."""
+    nodes = math.ceil(run.num_gpus / NODE_GPUS)
+    return (step_flops(run) / (run.num_gpus * ASSUMED_GPU_FLOPS),
+            checkpoint_bytes(run) / (nodes * ASSUMED_NODE_WRITE_BYTES))
+
+
+def shutdown_timeout(run: Run) -> int:
+    """Seconds a launcher (``torchrun --shutdown-timeout``) should give a run it signals to
+    finish its step and save: twice the estimate of :func:`stop_seconds`, in whole minutes,
+    and at least the floor for the model's size (:data:`SHUTDOWN_FLOORS`)."""
+    floor = next(s for size, s in SHUTDOWN_FLOORS if total_parameters(run) >= size)
+    return max(floor, 60 * math.ceil(2 * sum(stop_seconds(run)) / 60))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,8 +35,9 @@ def transformer_config(config: DictConfig, params_dtype: torch.dtype,
     off): for models whose weights are loaded next, where it would be minutes of wasted work at
     70B. ``frozen``: the config of the reference, which runs under ``no_grad`` and so has no
     activation recompute. Sequence and context parallelism apply to both models alike. Fusions
-    are on wherever their kernels are installed (:func:`kernels.fusions`). The FP8 fields come
-    from the ``precision`` section (:func:`fp8_fields`).
+    are on wherever their kernels are installed (:func:`kernels.fusions`), the fused SwiGLU
+    with CUDA; pipeline outputs are freed once sent. The FP8 fields come from the
+    ``precision`` section (:func:`fp8_fields`).
     """
     model, parallel, training = config.model, config.parallel, config.training
     recompute = {} if frozen else {
@@ -66,6 +67,11 @@ def transformer_config(config: DictConfig, params_dtype: torch.dtype,
         variable_seq_lengths=vpp is not None, moe_token_dispatcher_type="alltoall",
         batch_p2p_comm=not (on_cpu and vpp is not None),  # see megatron_gift.platform.cpu
         cross_entropy_loss_fusion=False,  # the loss is GIFT's own
+        # Megatron-LM's two memory savings, off in TransformerConfig: SwiGLU as one autograd
+        # function that keeps fc1's output alone (3 [s, b, ffn/tp] tensors a layer instead of
+        # 5; torch.compile'd, which on a CPU means a C++ compiler: CUDA alone, as
+        # bias_dropout_fusion), and each sent pipeline output freed once sent (plain PyTorch).
+        bias_activation_fusion=not on_cpu, deallocate_pipeline_outputs=True,
         **kernels.fusions(), **fp8_fields(config.precision, frozen),
     )
 
