@@ -156,3 +156,31 @@ def test_assets_are_written_once_and_replaced_whole(tmp_path, monkeypatch):
     convert.copy_assets(str(source), str(tmp_path / "run"))
     assert (target / "tokenizer.json").read_text() == "new vocabulary " * 100
     assert sorted(os.listdir(tmp_path / "run")) == ["hf"]
+
+
+def test_each_step_tells_the_fp8_layers_of_both_models_to_quantize_their_weights_afresh(
+        world_of_one):
+    """Megatron's forward_step calls ``set_is_first_microbatch`` on the model chunk it is given
+    (when the chunk has it) before a step's first micro-batch; Transformer Engine's layers then
+    refresh their FP8 weight cache. The chunk is a GiftModel: it must pass the call to the
+    student (whose weights change every step) and the reference. Stand-in for TE's layers: a
+    module with TE's ``is_first_microbatch`` flag, under a config with FP8 on."""
+    from megatron.core.pipeline_parallel import schedules
+
+    from megatron_gift.core.model import GiftModel
+    from support.parallel_harness import tiny_gpt, tiny_gpt_config
+
+    models = [tiny_gpt(tiny_gpt_config(), 64, 16) for _ in range(2)]
+    flags = []
+    for model in models:
+        model.config.fp8 = "hybrid"  # as an FP8 run's TransformerConfig
+        layer = torch.nn.Module()
+        layer.is_first_microbatch = False  # what TE's layer holds after its first forward
+        model.decoder.add_module("te_layer", layer)
+        flags.append(layer)
+    chunk = GiftModel(models[0], models[1])
+    source = schedules.forward_step.__code__.co_names
+    assert "set_is_first_microbatch" in source  # the call this test stands in for
+    assert hasattr(chunk, "set_is_first_microbatch")
+    chunk.set_is_first_microbatch()
+    assert [layer.is_first_microbatch for layer in flags] == [True, True]

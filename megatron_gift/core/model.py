@@ -182,6 +182,15 @@ class GiftModel(torch.nn.Module):
         inner.set_input_tensor(student_part)
         self.reference.set_input_tensor(reference_part)
 
+    def set_is_first_microbatch(self) -> None:
+        """Megatron's schedules call this on a model chunk before the first micro-batch of a
+        step; Transformer Engine's FP8 layers then quantize their weights afresh instead of
+        reusing the cache of the step before (without it an FP8 student would train on the
+        FP8 weights of its first step). Passed on to both models; a no-op without FP8."""
+        unwrap(self.student).set_is_first_microbatch()
+        if self.reference is not None:
+            self.reference.set_is_first_microbatch()
+
     @property
     def runs_reference(self) -> bool:
         """Whether forward runs the reference: it exists and is not switched off by
