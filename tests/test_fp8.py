@@ -164,6 +164,31 @@ def test_an_fp8_request_with_several_problems_names_them_all_at_once(te_missing,
     assert len(err.strip().splitlines()) == 1 and "Transformer Engine" not in err
 
 
+def test_a_runs_command_line_names_config_and_machine_problems_in_one_error(te_missing,
+                                                                            tmp_path):
+    """What a run parses (``job_config``) adds this machine's refusals to a config refused
+    anyway: FP8 without --bf16 and without Transformer Engine, and the distributed optimizer
+    and CP=2 on a CPU, named at once; the machine's problems alone are one error too."""
+    from megatron_gift.engine.job import job_config
+    from megatron_gift.engine.run_spec import refuse_what_this_machine_cannot_run
+
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text('{"prompt": "1+1=", "response": "2"}\n')
+    flags = ["--train-path", str(demos), "--fp8-format", "hybrid", "--use-distributed-optimizer",
+             "--context-parallel-size", "2", "--seq-length", "32"]
+    with pytest.raises(ConfigError, match=r"^5 problems: \(1\) precision.fp8_format .*needs "
+                                          r"training.bf16.*; \(2\) .*needs Transformer Engine.*; "
+                                          r"\(3\) parallel.use_distributed_optimizer needs CUDA"
+                                          r".*; \(4\) parallel.context_parallel_size=2 needs.*; "
+                                          r"\(5\) world size 1 is not divisible"):
+        job_config(flags)
+    config = parse_config([*flags, "--bf16"])  # the config alone is sound
+    with pytest.raises(UserError, match=r"^4 problems: \(1\) .*Transformer Engine.*; \(2\) "
+                                        r"parallel.use_distributed_optimizer needs CUDA.*; \(3\) "
+                                        r"parallel.context_parallel_size=2 needs"):
+        refuse_what_this_machine_cannot_run(config)
+
+
 def test_bf16_edge_layers_must_fit_in_a_pipeline_stage():
     from megatron_gift.config import check_layer_split
 

@@ -72,7 +72,7 @@ def refused(config: DictConfig, refusals: Iterable[Refusal]) -> list[str]:
         try:
             refuse(config)
         except UserError as error:
-            messages.append(str(error))
+            messages.extend(getattr(error, "problems", None) or [str(error)])
     return messages
 
 
@@ -84,7 +84,9 @@ def raise_problems(problems: Iterable[str], error: type[UserError] = ConfigError
         raise error(problems[0])
     if problems:
         listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
-        raise error(f"{len(problems)} problems: {listed}")
+        several = error(f"{len(problems)} problems: {listed}")
+        several.problems = problems  # one by one, for a caller that lists more
+        raise several
 
 
 def is_sft(config: DictConfig) -> bool:

@@ -18,22 +18,24 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_gift.config import parse_config
 from megatron_gift.core.paths import run_root
 from megatron_gift.engine import default_run
-from megatron_gift.engine.run_spec import inherited_config, resume_point
+from megatron_gift.engine.run_spec import (inherited_config, refuse_what_this_machine_cannot_run,
+                                           resume_point)
 from megatron_gift.engine.run_spec import saved_config as stored_config
-from megatron_gift.platform.te import refuse_fp8_without_te
 
 log = logging.getLogger(__name__)
+# A config refused anyway names what this machine cannot run too: one error, every problem.
+MACHINE = (refuse_what_this_machine_cannot_run,)
 
 
 def job_config(argv: Sequence[str]) -> DictConfig:
     """The validated config of the job ``argv`` names (see the module docstring); prepares the
     embedded default job's data and base model when that is the job."""
     argv = list(argv)
-    given = parse_config(argv).checkpoint
+    given = parse_config(argv, refusals=MACHINE).checkpoint
     saved = saved_config(given.load, given.save)
     if saved is not None:
         run_dir = os.path.abspath(given.save or run_root(given.load))
-        config = parse_config(argv, defaults=inherited_config(saved, run_dir))
+        config = parse_config(argv, defaults=inherited_config(saved, run_dir), refusals=MACHINE)
         changed = changed_keys(saved, config)
         log.info(f"continuing the run saved in {given.load}"
                  + (f"; changed from it: {', '.join(changed)}" if changed else ""))
@@ -44,8 +46,9 @@ def job_config(argv: Sequence[str]) -> DictConfig:
         from megatron_gift.engine.sources import check_paths
 
         check_paths(parse_config(argv))  # a --load with nothing to continue: say so
-    config = parse_config(argv, defaults=default_run.gift_overrides(default_run.RUN_DIR))
-    refuse_fp8_without_te(config)  # before the default job's files are written
+    config = parse_config(argv, defaults=default_run.gift_overrides(default_run.RUN_DIR),
+                          refusals=MACHINE)
+    refuse_what_this_machine_cannot_run(config)  # before the default job's files are written
     default_run.prepare(default_run.RUN_DIR)
     return config
 

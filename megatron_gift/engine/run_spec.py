@@ -37,6 +37,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_gift.config import from_container, is_sft
+from megatron_gift.config.checks import raise_problems, refused
 from megatron_gift.config.schema import JobConfig, Model, flag_name
 from megatron_gift.core import checkpoint, paths
 from megatron_gift.core.fingerprints import source_fingerprint, tokenizer_fingerprint
@@ -433,26 +434,39 @@ def _is_inside(path: str, directory: str) -> bool:
 def _check_device_and_layout(config: DictConfig) -> None:
     """Facts that need no process group: the device can run the layout, and it fits the
     world."""
-    te.refuse_fp8_without_te(config)
+    refuse_what_this_machine_cannot_run(config)
+
+
+def refuse_what_this_machine_cannot_run(config: DictConfig) -> None:
+    """Raise one UserError naming everything in ``config`` this machine cannot run (a config
+    refusal, :func:`megatron_gift.config.parse_config`'s ``refusals``, names them too)."""
+    raise_problems(refused(config, [te.refuse_fp8_without_te]) + _device_problems(config),
+                   UserError)
+
+
+def _device_problems(config: DictConfig) -> list[str]:
     parallel, cuda = config.parallel, torch.cuda.is_available()
+    problems = []
     if parallel.use_distributed_optimizer and not cuda:
-        raise UserError("parallel.use_distributed_optimizer needs CUDA: Megatron-Core's "
+        problems.append("parallel.use_distributed_optimizer needs CUDA: Megatron-Core's "
                         "DistributedOptimizer accepts only CUDA parameters "
                         "(drop --use-distributed-optimizer)")
     if parallel.context_parallel_size > 1 and not (cuda and te.available()):
-        raise UserError(f"parallel.context_parallel_size={parallel.context_parallel_size} needs "
+        problems.append(f"parallel.context_parallel_size={parallel.context_parallel_size} needs "
                         "Transformer Engine's attention on CUDA, which this machine lacks "
                         "(--context-parallel-size 1)")
     if config.gift.loss_implementation == "triton":
-        why_not = triton_can_run(torch.device("cuda" if cuda else "cpu"))
+        device = torch.accelerator.current_accelerator() if cuda else torch.device("cpu")
+        why_not = triton_can_run(device)
         if why_not:
-            raise UserError(f"gift.loss_implementation=triton cannot run here: {why_not} "
+            problems.append(f"gift.loss_implementation=triton cannot run here: {why_not} "
                             "(--gift-loss-implementation auto)")
     world = world_size_from_env()
     tp, pp, cp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                   parallel.context_parallel_size)
     if world % (tp * pp * cp):
-        raise UserError(f"world size {world} is not divisible by tensor x pipeline x context "
+        problems.append(f"world size {world} is not divisible by tensor x pipeline x context "
                         f"parallel size = {tp} x {pp} x {cp} (--tensor-model-parallel-size, "
                         "--pipeline-model-parallel-size, --context-parallel-size, "
                         "torchrun --nproc-per-node)")
+    return problems
