@@ -118,7 +118,8 @@ def as_text(plan: "Plan") -> str:
     step, save = stop_seconds(run)
     lines.append(f"stopping: a step (~{step:.0f} s) and a save of "
                  f"{checkpoint_bytes(run) / GIB:.0f} GiB (~{save:.0f} s), estimated: "
-                 f"torchrun --shutdown-timeout {shutdown_timeout(run)}")
+                 f"torchrun --shutdown-timeout {shutdown_timeout(run)}, "
+                 f"sbatch --signal=B:TERM@{shutdown_timeout(run)}")
     return "\n".join(lines)
 
 

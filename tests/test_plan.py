@@ -106,7 +106,8 @@ def test_text_shows_each_stage_and_says_what_would_fit(capsys):
     assert "does not fit: stage 0 needs" in out
     assert "suggestion: --sequence-parallel (then" in out
     assert re.search(r"^stopping: a step \(~\d+ s\) and a save of 920 GiB \(~\d+ s\), "
-                     r"estimated: torchrun --shutdown-timeout 600$", out, re.M)
+                     r"estimated: torchrun --shutdown-timeout 600, sbatch --signal=B:TERM@600$",
+                     out, re.M)
 
 
 def test_a_plan_that_does_not_fit_exits_1_after_its_json_and_help_says_so(capsys):
