@@ -7,7 +7,8 @@ Layers (a package may import its own modules and those of lower layers only)::
     2  core, data                        model + checkpoint layout; SFT data
     3  hf                                Hugging Face <-> Megatron
     4  engine, rl, evaluation            the trainer; the RL hand-off; sampling and metrics
-    5  convert, rl_handoff, inspect,     the ``python -m`` commands
+    5  commands                          ``megatron-gift`` and its subcommands
+    6  convert, rl_handoff, inspect,     ``python -m`` aliases of the subcommands
        plan, evaluate
 
 Nothing in the package imports ``examples/`` or ``tests/``.
@@ -24,8 +25,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "megatron_gift")
 LAYERS = {"errors": 0, "loss": 0, "config": 1, "platform": 1, "core": 2, "data": 2, "hf": 3,
-          "engine": 4, "rl": 4, "evaluation": 4, "convert": 5, "rl_handoff": 5, "inspect": 5,
-          "plan": 5, "evaluate": 5}
+          "engine": 4, "rl": 4, "evaluation": 4, "commands": 5, "convert": 6, "rl_handoff": 6,
+          "inspect": 6, "plan": 6, "evaluate": 6}
 
 
 def _modules():
@@ -105,6 +106,9 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     ["-m", "megatron_gift.inspect", "--help"],
     ["-m", "megatron_gift.plan", "--help"],
     ["-m", "megatron_gift.evaluate", "--help"],
+    ["-m", "megatron_gift.commands", "--help"],
+    *(["-m", "megatron_gift.commands", name, "--help"] for name in (
+        "train", "convert", "inspect", "plan", "evaluate", "rl-handoff")),
 ])
 def test_help_starts_without_torch_or_megatron(command):
     """``--help`` imports neither torch nor Megatron-Core (what made it take 12-15 s)."""

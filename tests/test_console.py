@@ -2,6 +2,7 @@
 names as the root cause, unexpected errors with their traceback."""
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -148,9 +149,9 @@ def test_plain_text_drops_rest_markup():
 RST_MARKUP = re.compile(r"``|:[a-z]+(:[a-z]+)?:`")
 
 
-@pytest.mark.parametrize("module", ["evaluate", "rl_handoff", "convert", "inspect"])
+@pytest.mark.parametrize("module", ["evaluate", "rl_handoff", "convert", "inspect_checkpoint"])
 def test_help_shows_no_rest_markup(module):
-    command = importlib.import_module(f"megatron_gift.{module}")
+    command = importlib.import_module(f"megatron_gift.commands.{module}")
     parser = command.build_parser()
     helps = [parser.format_help()] + [
         sub.format_help() for action in parser._actions
@@ -160,10 +161,35 @@ def test_help_shows_no_rest_markup(module):
     assert console.plain_text(command.__doc__).splitlines()[0] in helps[0]
 
 
+def test_the_commands_help_lists_every_subcommand_and_an_unknown_one_is_one_line(capsys):
+    from megatron_gift.commands import SUBCOMMANDS, main
+
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert RST_MARKUP.search(out) is None
+    for name in SUBCOMMANDS:
+        assert re.search(rf"^  {re.escape(name)} +\S", out, re.M), name
+    with pytest.raises(SystemExit) as stopped:
+        main(["trian"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "no subcommand 'trian'" in err and "train" in err
+
+
+@pytest.mark.parametrize("name", ["train", "convert", "inspect", "plan", "evaluate", "rl-handoff"])
+def test_each_subcommand_answers_help_as_megatron_gift_name(name, capsys):
+    from megatron_gift.commands import main
+
+    with contextlib.suppress(SystemExit):
+        main([name, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: megatron-gift {name}") and RST_MARKUP.search(out) is None
+
+
 def test_training_and_planner_help_show_no_rest_markup(capsys):
     """The launcher's --help (every config section's description) and the planner's."""
     from megatron_gift.config.cli import build_parser
-    from megatron_gift.plan import main as plan_main
+    from megatron_gift.commands.plan import main as plan_main
 
     assert RST_MARKUP.search(build_parser().format_help()) is None
     plan_main(["--help"])

@@ -94,7 +94,7 @@ def test_chain_styles_and_answers():
 
 
 def test_token_kinds():
-    from megatron_gift.evaluate import token_kinds
+    from megatron_gift.evaluation.policy import token_kinds
 
     tokens = "3 + 4 = 7 , 7 * 2 = 1 4 . A: - 8 <eos>".split()
     assert token_kinds(tokens) == ["operand", "symbol", "operand", "symbol", "result", "symbol",
@@ -119,7 +119,7 @@ def test_sampled_log_probs_match_a_scoring_pass(tiny_world):
 
 
 def test_evaluate_command_on_a_trained_checkpoint(tiny_world, tmp_path, capsys):
-    from megatron_gift.evaluate import main
+    from megatron_gift.commands.evaluate import main
 
     out = tmp_path / "eval.json"
     main(["--load", tiny_world["base"], "--data", tiny_world["valid"], "--samples", "4",
@@ -143,7 +143,7 @@ def test_evaluate_command_on_a_trained_checkpoint(tiny_world, tmp_path, capsys):
 def test_evaluate_counts_right_answers(tiny_world, tmp_path):
     """A model that always answers right scores 1, one that never does 0 (the checker is live)."""
     from megatron_gift.data.formatting import prompt_ids
-    from megatron_gift.evaluate import evaluate_policy
+    from megatron_gift.evaluation.policy import evaluate_policy
     from megatron_gift.evaluation.sampling import load_policy
 
     model, tokenizer = load_policy(tiny_world["base"])
@@ -169,7 +169,7 @@ def test_evaluate_counts_right_answers(tiny_world, tmp_path):
 def test_evaluate_refuses_missing_files_and_fields(tmp_path):
     """A record without the prompt or answer field is named by file, line and flag."""
     from megatron_gift.errors import UserError
-    from megatron_gift.evaluate import read_records
+    from megatron_gift.evaluation.policy import read_records
 
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_records(str(tmp_path / "missing.jsonl"))
@@ -193,7 +193,7 @@ def test_evaluate_refuses_missing_files_and_fields(tmp_path):
 
 
 def test_checkers():
-    from megatron_gift.evaluate import checker_for
+    from megatron_gift.evaluation.policy import checker_for
 
     answer, math_ = checker_for("answer"), checker_for("math")
     assert answer("3 + 4 = 7 . A: 1 4", "14") and not answer("A: 15", "14") and not answer("14", "14")
@@ -228,7 +228,7 @@ def scripted_command(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
     from megatron_gift.data import synthetic
-    from megatron_gift.evaluate import main
+    from megatron_gift.commands.evaluate import main
     from megatron_gift.evaluation import sampling
 
     monkeypatch.delenv("RANK", raising=False)
@@ -280,7 +280,7 @@ def test_bad_inputs_exit_2_with_one_line(scripted_command, capsys, tmp_path):
                                                               "--samples", "many")
     assert "unrecognized arguments: --sampels 4" in _refused(capsys, scripted_command,
                                                              "--sampels", "4")
-    from megatron_gift.evaluate import main
+    from megatron_gift.commands.evaluate import main
 
     with pytest.raises(SystemExit) as stop:
         main(["--load", str(missing), "--data", str(missing)])

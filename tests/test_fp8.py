@@ -139,7 +139,7 @@ def test_an_fp8_request_with_several_problems_names_them_all_at_once(te_missing,
     with delayed scaling, where Transformer Engine is missing: one error names all four (each
     as it is named alone), the missing Transformer Engine through the refusal the run applies
     at its start. The planner, which needs no Transformer Engine, names the other three."""
-    from megatron_gift.plan import main as plan_main
+    from megatron_gift.commands.plan import main as plan_main
 
     flags = ["--vocab-size", "64", "--fp8-format", "hybrid", "--fp8-param-gather",
              "--first-last-layers-bf16"]

@@ -55,7 +55,7 @@ def make_hf_model(directory, family, dtype=torch.float32, seed=0):
 
 def convert_cli(*args):
     """``python -m megatron_gift.convert ARGS``, run in this process (see support/commands.py)."""
-    from megatron_gift.convert import main
+    from megatron_gift.commands.convert import main
 
     return run_main(main, args)
 

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _inspect(*args):
     """``python -m megatron_gift.inspect ARGS``, run in this process (support/commands.py)."""
-    from megatron_gift.inspect import main
+    from megatron_gift.commands.inspect_checkpoint import main
 
     return run_main(main, args)
 

@@ -272,3 +272,24 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_agent(tiny_world, tmp_p
 
     assert len(losses("nodes")) == 3
     assert losses("nodes") == pytest.approx(losses("one"), rel=1e-6)
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("launch", ["console-script", "module"])
+def test_megatron_gift_train_runs_under_torchrun(tiny_world, tmp_path, launch):
+    """``megatron-gift train`` under torchrun, at TP=2: through the installed console script's
+    path (as ``$(which megatron-gift)``) and as ``-m megatron_gift.commands``."""
+    script = os.path.join(os.path.dirname(sys.executable), "megatron-gift")
+    target = [script] if launch == "console-script" else ["-m", "megatron_gift.commands"]
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in TINY_MODEL.items()]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *target, "train",
+         *flags, "--pretrained-checkpoint", tiny_world["base"], "--train-path",
+         tiny_world["demos"], "--train-iters", "2", "--micro-batch-size", "2",
+         "--global-batch-size", "4", "--tensor-model-parallel-size", "2", "--save",
+         str(tmp_path / "run"), "--no-progress"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "iter_0000002").is_dir()
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert [json.loads(line)["iteration"] for line in f if '"loss"' in line] == [1, 2]

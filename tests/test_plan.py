@@ -23,8 +23,8 @@ import pytest
 
 from megatron_gift.config import parse_config
 from megatron_gift.core import memory
-from megatron_gift.plan import DOES_NOT_FIT_EXIT
-from megatron_gift.plan import main as plan_main
+from megatron_gift.commands.plan import DOES_NOT_FIT_EXIT
+from megatron_gift.commands.plan import main as plan_main
 from support.parallel_harness import run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

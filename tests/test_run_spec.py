@@ -275,7 +275,7 @@ def test_a_copy_resumed_from_another_directory_leaves_the_original_alone(run, tm
 
 
 def test_inspect_shows_the_checkpoint_a_resume_would_take_and_its_fingerprints(run):
-    from megatron_gift.inspect import as_text, describe
+    from megatron_gift.commands.inspect_checkpoint import as_text, describe
 
     os.remove(run / "latest_checkpointed_iteration.txt")
     facts = describe(str(run))

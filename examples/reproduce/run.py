@@ -142,7 +142,7 @@ def post_train(work, settings, name, beta, seed):
 
 def evaluate_stage(model, tokenizer, work, settings, base_model, seed):
     """pass@k, entropy, styles and KL to the base on both evaluation sets."""
-    from megatron_gift.evaluate import evaluate_policy, read_records
+    from megatron_gift.evaluation.policy import evaluate_policy, read_records
 
     p, e = paths(work), settings["eval"]
     result = {}
@@ -197,7 +197,7 @@ def run_base_unit(work, settings):
     """The base's own evaluation and GIFT's per-token target on the demonstrations."""
     import torch
 
-    from megatron_gift.evaluate import gift_token_diagnostics, read_records
+    from megatron_gift.evaluation.policy import gift_token_diagnostics, read_records
     from megatron_gift.evaluation.sampling import load_policy
 
     torch.set_num_threads(1)

@@ -75,10 +75,11 @@ def set_value(config: DictConfig, key: str, value: Any, source: str) -> None:
         raise _explained(error, source) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The launcher's argument parser: one group of flags per config section."""
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The launcher's argument parser: one group of flags per config section; ``prog`` names
+    the command in usage lines (default: the program that runs)."""
     parser = _Parser(
-        prog=os.path.basename(sys.argv[0]) or None,
+        prog=prog or os.path.basename(sys.argv[0]) or None,
         usage="%(prog)s [--config RECIPE.yaml] [--flag VALUE ...] [section.key=value ...]",
         description="GIFT post-training on Megatron-Core.",
         epilog="Positional overrides: section.key=value (e.g. gift.beta=10 "

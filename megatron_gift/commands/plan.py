@@ -1,0 +1,167 @@
+"""``megatron-gift plan``: the GPU memory of a GIFT run, before it is started.
+
+::
+
+    megatron-gift plan --config examples/recipes/llama3.1-70b-gift.yaml --num-gpus 32
+    megatron-gift plan --config RECIPE.yaml --sequence-parallel --json
+    megatron-gift plan --num-layers 32 --hidden-size 4096 ... --gpu-memory-gib 141
+
+takes the training command's recipe, flags and ``section.key=value`` overrides, builds nothing
+and reads no weights or data: the architecture is the model section, completed from the base's
+HF config.json as training completes it (``--pretrained-checkpoint HF_DIR``). For each
+pipeline stage, worst first, it prints the bytes per GPU of the student's weights, gradients and
+optimizer state, the frozen reference's weights, the activations the schedule keeps in flight,
+the pipeline buffers (the reference's half included), the loss buffers and, for FP8 runs (the
+``precision`` section), what Transformer Engine keeps beside the weights (FP8 copies and
+transposes, scaling state), then whether the worst stage fits in 90% of the GPU's memory (the
+rest is left to the CUDA context, NCCL and the allocator) and, if not, the cheapest layout that
+does: the fewest GPUs over tensor, pipeline and data parallel sizes with sequence parallelism,
+the distributed optimizer and recompute (each checked by planning it). Last, the time a
+stopping run needs for its step and its save (estimated from assumed throughputs), as the
+``torchrun --shutdown-timeout`` to launch it with. The model is Megatron-Core with Transformer
+Engine's layers on a Hopper GPU, as GPU runs use them; see ``megatron_gift/core/memory.py`` for
+what is counted.
+"""
+
+import argparse
+import json
+import math
+import sys
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from megatron_gift.platform.console import entry_point, plain_text, quiet_third_party
+
+if TYPE_CHECKING:
+    from megatron_gift.core.memory import Plan
+
+PROG = "megatron-gift plan"
+_ROWS = (("student weights", "student_weights"), ("gradients", "gradients"),
+         ("optimizer", "optimizer"), ("reference weights", "reference_weights"),
+         ("activations", "activations"), ("pipeline buffers", "pipeline_buffers"),
+         ("loss buffers", "loss_buffers"), ("FP8 state", "fp8_state"), ("total", "total"))
+# Exit status of a plan that does not fit (a bad input exits with errors.USER_ERROR_EXIT, 2).
+DOES_NOT_FIT_EXIT = 1
+EXIT_STATUS = ("Exit status: 0 when the plan fits; 1 when it does not (the plan is printed all\n"
+               "the same, with the cheapest layout that fits); 2 on a bad input (one line\n"
+               "'error: ...').")
+
+
+def _own_parser(add_help: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, add_help=add_help, allow_abbrev=False)
+    group = parser.add_argument_group("planner")
+    group.add_argument("--gpu-memory-gib", type=float, default=80.0, metavar="GIB",
+                       help="memory of one GPU in GiB (default: 80, an H100 80GB)")
+    group.add_argument("--num-gpus", type=int, default=None, metavar="N",
+                       help="GPUs of the run; data parallel = N / (TP x PP x CP) "
+                            "(default: TP x PP x CP, one data-parallel rank)")
+    group.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    return parser
+
+
+def _print_help() -> None:
+    from megatron_gift.config.cli import build_parser
+
+    parser = build_parser()
+    parser.prog = PROG
+    parser.usage = (f"{PROG} [--config RECIPE.yaml] [--flag VALUE ...] [section.key=value ...] "
+                    "[--gpu-memory-gib GIB] [--num-gpus N] [--json]")
+    parser.description = plain_text(__doc__)
+    parser.epilog = f"{parser.epilog}\n\n{EXIT_STATUS}"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    planner = parser.add_argument_group("planner")
+    for action in _own_parser()._actions:
+        if action.option_strings:
+            planner._add_action(action)
+    parser.print_help()
+
+
+def as_text(plan: "Plan") -> str:
+    """The plan (a :class:`megatron_gift.core.memory.Plan`) as a table, GiB per GPU."""
+    from megatron_gift.core.memory import (GIB, USABLE_FRACTION, checkpoint_bytes,
+                                           shutdown_timeout, stop_seconds)
+
+    run, stages = plan.run, plan.stages
+    vpp = f" (x{run.virtual_pipeline} virtual)" if run.virtual_pipeline else ""
+    recompute = run.recompute_granularity or "none"
+    if recompute == "full":
+        recompute = f"full, {run.recompute_method} {run.recompute_num_layers}"
+    lines = [
+        f"layout      TP {run.tensor_parallel} x PP {run.pipeline_parallel}{vpp} x CP "
+        f"{run.context_parallel} x DP {run.data_parallel} = {run.num_gpus} GPUs; micro-batch "
+        f"{run.micro_batch_size} x {run.micro_batches} = global batch {run.global_batch_size}, "
+        f"seq {run.seq_length}",
+        f"training    {_precision(run)}, sequence parallel "
+        f"{'on' if run.sequence_parallel else 'off'}, recompute {recompute}, "
+        f"{'distributed' if run.distributed_optimizer else 'plain'} {run.optimizer}, "
+        f"{'GIFT (frozen reference on every stage)' if run.reference else 'SFT (no reference)'}",
+        f"student     {plan.student_parameters / 1e9:.2f} B parameters; "
+        "Transformer Engine layers assumed",
+        "",
+        f"{'GiB per GPU':<20}" + "".join(f"{'stage ' + str(s.pipeline_rank):>10}" for s in stages),
+    ]
+    for label, key in _ROWS:
+        lines.append(f"{label:<20}" + "".join(f"{s.bytes[key] / GIB:>10.2f}" for s in stages))
+    lines.append(f"{'in flight':<20}" + "".join(f"{s.in_flight:>10d}" for s in stages))
+    lines.append(f"{'parameters per GPU':<20}"
+                 + "".join(f"{s.parameters_per_gpu / 1e9:>9.2f}B" for s in stages))
+    worst = plan.worst
+    budget = (f"{plan.gpu_memory_bytes / GIB:.1f} GiB GPU, {plan.usable_bytes / GIB:.1f} GiB "
+              f"usable ({USABLE_FRACTION:.0%})")
+    lines.append("")
+    if plan.fits:
+        lines.append(f"fits: stage {worst.pipeline_rank} needs "
+                     f"{worst.bytes['total'] / GIB:.1f} GiB of {budget}")
+    else:
+        lines.append(f"does not fit: stage {worst.pipeline_rank} needs "
+                     f"{worst.bytes['total'] / GIB:.1f} GiB of {budget}")
+        lines.append(f"suggestion: {plan.suggestion}")
+    step, save = stop_seconds(run)
+    lines.append(f"stopping: a step (~{step:.0f} s) and a save of "
+                 f"{checkpoint_bytes(run) / GIB:.0f} GiB (~{save:.0f} s), estimated: "
+                 f"torchrun --shutdown-timeout {shutdown_timeout(run)}, "
+                 f"sbatch --signal=B:TERM@{shutdown_timeout(run)}")
+    return "\n".join(lines)
+
+
+def _precision(run) -> str:
+    """``bf16``, ``fp32`` or ``bf16 + FP8 tensorwise (FP8 weights), reference FP8``."""
+    text = "bf16" if run.param_bytes == 2 else "fp32"
+    if not run.fp8:
+        return text
+    text += f" + FP8 {run.fp8_recipe}" + (" (FP8 weights)" if run.fp8_param else "")
+    start, end = run.fp8_bf16_layers
+    if start or end:
+        text += f", first {start} and last {end} layers bf16"
+    if run.reference:
+        text += ", reference " + ("FP8" if run.reference_fp8 else "bf16") + (
+            " (FP8 weights)" if run.reference_fp8_weights else "")
+    return text
+
+
+@entry_point
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        _print_help()
+        return
+    own, rest = _own_parser().parse_known_args(argv)
+    from megatron_gift.config import parse_config
+    from megatron_gift.core import memory
+    from megatron_gift.errors import UserError
+
+    if not math.isfinite(own.gpu_memory_gib) or own.gpu_memory_gib <= 0:
+        raise UserError(f"--gpu-memory-gib must be a positive finite number of GiB, got "
+                        f"{own.gpu_memory_gib} (e.g. --gpu-memory-gib 80 for an H100 80GB)")
+    quiet_third_party()
+    from megatron_gift.engine.run_spec import complete_model_section
+
+    config = complete_model_section(parse_config(rest))
+    run = memory.run_from_config(config, own.num_gpus)
+    result = memory.plan(run, int(own.gpu_memory_gib * memory.GIB))
+    print(json.dumps(result.as_dict(), indent=1) if own.json else as_text(result))
+    if not result.fits:
+        sys.exit(DOES_NOT_FIT_EXIT)
+
+
+if __name__ == "__main__":
+    main()
