@@ -4,7 +4,7 @@ Layers (a package may import its own modules and those of lower layers only)::
 
     0  errors, loss                      plain Python / torch
     1  config, platform                  the schema; CPU layer, console, one-rank work
-    2  core, data                        model + checkpoint layout; SFT data
+    2  core, data, tracking              model + checkpoint layout; SFT data; trackers, reports
     3  hf                                Hugging Face <-> Megatron
     4  engine, rl, evaluation            the trainer; the RL hand-off; sampling and metrics
     5  commands                          ``megatron-gift`` and its subcommands
@@ -24,7 +24,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "megatron_gift")
-LAYERS = {"errors": 0, "loss": 0, "config": 1, "platform": 1, "core": 2, "data": 2, "hf": 3,
+LAYERS = {"errors": 0, "loss": 0, "config": 1, "platform": 1, "core": 2, "data": 2,
+          "tracking": 2, "hf": 3,
           "engine": 4, "rl": 4, "evaluation": 4, "commands": 5, "convert": 6, "rl_handoff": 6,
           "inspect": 6, "plan": 6, "evaluate": 6}
 
