@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import FunctionCtx
 
-from megatron_gift.loss.passes import (DOT_EXP_R_Z, DOT_EXP_Z_Z, R_LABEL, SUM_EXP_R, SUM_EXP_Z,
-                                       SUM_Z, Z_LABEL, IMPLEMENTATIONS, select)
+from megatron_gift.loss.columns import (DOT_EXP_R_Z, DOT_EXP_Z_Z, R_LABEL, SUM_EXP_R,
+                                        SUM_EXP_Z, SUM_Z, Z_LABEL)
+from megatron_gift.loss.passes import IMPLEMENTATIONS, select
 
 
 class GiftTokenStats(NamedTuple):

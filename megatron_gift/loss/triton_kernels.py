@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_gift.loss.passes import (DOT_EXP_R_Z, DOT_EXP_Z_Z, R_LABEL, STAT_COLUMNS, SUM_EXP_R,
-                                       SUM_EXP_Z, SUM_Z, Z_LABEL)
+from megatron_gift.loss.columns import (DOT_EXP_R_Z, DOT_EXP_Z_Z, R_LABEL, STAT_COLUMNS,
+                                        SUM_EXP_R, SUM_EXP_Z, SUM_Z, Z_LABEL)
 
 _MAX_BLOCK = 4096
 
