@@ -1,4 +1,5 @@
-"""The package's shape: every import points down the layers, commands start fast.
+"""The package's shape: every import points down the layers, no modules import each other round a
+circle (inside a package either), commands start fast.
 
 Layers (a package may import its own modules and those of lower layers only)::
 
@@ -97,6 +98,73 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
             "megatron_gift.engine.trainer (layer 4)"]
     finally:
         os.remove(planted)
+
+
+def _package_sources() -> dict:
+    """Module name (``megatron_gift.loss.gift``; a package by its own name) -> source text."""
+    sources = {}
+    for relpath, path in _modules():
+        name = relpath[:-3].replace(os.sep, ".").removesuffix(".__init__")
+        with open(path) as f:
+            sources[name] = f.read()
+    return sources
+
+
+def module_imports(sources: dict) -> dict:
+    """Module -> the package's modules it imports, function-level imports included (``from P
+    import m`` counts the module ``P.m`` where there is one, else ``P``)."""
+    graph = {}
+    for name, text in sources.items():
+        targets = set()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    whole = f"{node.module}.{alias.name}"
+                    targets.add(whole if whole in sources else node.module)
+        graph[name] = {t for t in targets if t in sources and t != name}
+    return graph
+
+
+def import_circles(graph: dict) -> list:
+    """The sets of modules that import each other round a circle (strongly connected
+    components of more than one module), each sorted."""
+    order, low, stack, circles = {}, {}, [], []
+
+    def visit(module):
+        order[module] = low[module] = len(order)
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target not in order:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], order[target])
+        if low[module] == order[module]:
+            component = []
+            while not component or component[-1] != module:
+                component.append(stack.pop())
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in order:
+            visit(module)
+    return sorted(circles)
+
+
+def test_no_module_imports_round_a_circle():
+    """Inside a package too: modules that need each other belong together, or one of them
+    holds what both need (the loss's statistics columns in loss/columns.py)."""
+    assert import_circles(module_imports(_package_sources())) == []
+
+
+def test_the_check_catches_an_import_circle():
+    sources = _package_sources()
+    sources["megatron_gift.loss.columns"] += "\ndef f():\n    from megatron_gift.loss import eager\n"
+    assert import_circles(module_imports(sources)) == [
+        ["megatron_gift.loss.columns", "megatron_gift.loss.eager"]]
 
 
 @pytest.mark.system  # a fresh interpreter is the only one that has imported nothing
