@@ -23,6 +23,7 @@ import pytest
 
 from megatron_gift.config import parse_config
 from megatron_gift.core import memory
+from megatron_gift.loss.objectives import GiftLoss
 from megatron_gift.commands.plan import DOES_NOT_FIT_EXIT
 from megatron_gift.commands.plan import main as plan_main
 from support.parallel_harness import run_distributed
@@ -416,8 +417,8 @@ def _measure_on_rank(cases, out_dir):
         params = {p.untyped_storage().data_ptr()
                   for m in students + references for p in m.parameters()}
         tracker = _SavedTensors(params)
-        step = pipeline.forward_step_func(config.gift.beta, 0.0, pipeline.causal_attention_mask,
-                                          config.model.vocab_size)
+        step = pipeline.forward_step_func(GiftLoss(config.gift.beta, 0.0, config.model.vocab_size),
+                                          pipeline.causal_attention_mask)
 
         def tagged(data_iterator, model, step=step, tracker=tracker):
             output, loss_func = step(data_iterator, model)

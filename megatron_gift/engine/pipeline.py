@@ -1,10 +1,10 @@
 """GIFT inside Megatron-Core's pipeline schedules: the forward step, the loss on the last stage,
 and the shapes of the student+reference activations that travel between stages.
 
-The loss function follows the schedules' per-token contract: it returns
+The loss is an object that declares its metrics and their reduction
+(:mod:`megatron_gift.loss.objectives`); it follows the schedules' per-token contract: it returns
 ``(loss_sum, num_tokens, report)`` and ``calculate_per_token_loss=True`` lets Megatron divide
 the gradients by the tokens of the whole global batch (all micro-batches, all DP ranks).
-Report values are ``[sum, count]`` pairs, summed over micro-batches by the training loop.
 
 With context parallelism each rank keeps its load-balanced share of every micro-batch's
 sequence (:func:`context_parallel_share`), labels and loss mask with it; the per-token loss sums
@@ -14,14 +14,14 @@ over CP ranks as over DP ranks (Megatron reduces the token counts and gradients 
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_gift.loss import vocab_parallel_gift_loss
-
 if TYPE_CHECKING:
     from megatron_gift.core.model import GiftModel
+    from megatron_gift.loss.objectives import GiftLoss, NextTokenEvaluation
+
+    StepLoss = GiftLoss | NextTokenEvaluation
 
 Batch = dict[str, torch.Tensor]  # a micro-batch: name -> [b, s] tensor (megatron_gift.data)
 # The last stage's loss: logits -> (loss_sum, num_tokens, {name: [sum, count]}).
@@ -30,16 +30,12 @@ ForwardStep = Callable[[Iterator[Batch], "GiftModel"], tuple[torch.Tensor, Optio
 Shapes = list[tuple[int, ...]]
 
 
-def forward_step_func(beta: float, smooth_lambda: float,
-                      attention_mask_fn: Callable[[Batch], torch.Tensor], vocab_size: int,
-                      evaluate: bool = False, thd: bool = False,
-                      implementation: str = "auto") -> ForwardStep:
-    """A ``forward_step_func(data_iterator, model)`` for Megatron's schedules.
-
-    Training steps compute the GIFT loss; ``evaluate`` computes plain next-token
-    cross-entropy and accuracy on the loss tokens, with the student only. ``vocab_size`` is
-    the real vocab: the padding columns of the logits take no part in either.
-    ``implementation`` picks the loss's passes (:mod:`megatron_gift.loss.passes`).
+def forward_step_func(loss: "StepLoss", attention_mask_fn: Callable[[Batch], torch.Tensor],
+                      thd: bool = False) -> ForwardStep:
+    """A ``forward_step_func(data_iterator, model)`` for Megatron's schedules, computing
+    ``loss`` (:mod:`megatron_gift.loss.objectives`: GIFT's for training, the next-token
+    evaluation with the student alone) on the last stage, given the student's logits, the
+    reference's (None where the model does not run it) and the micro-batch.
 
     ``attention_mask_fn(batch)`` gives a micro-batch's attention mask (see
     :func:`causal_attention_mask`). With ``thd`` (packed data on Transformer Engine's layers)
@@ -60,10 +56,7 @@ def forward_step_func(beta: float, smooth_lambda: float,
         if not model.post_process:
             return output, None
         logits, reference_logits = output
-        if evaluate:
-            return logits, lambda out: _evaluation_loss(out, batch, vocab_size)
-        return logits, lambda out: _gift_loss(out, reference_logits, batch, beta, smooth_lambda,
-                                              vocab_size, implementation)
+        return logits, lambda out: loss(out, reference_logits, batch)
 
     return forward_step
 
@@ -78,55 +71,6 @@ def context_parallel_share(batch: Batch) -> Batch:
 
     return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False,
                                      cp_group=parallel_state.get_context_parallel_group())
-
-
-# The labels' range is checked once per data set when it is loaded (trainer._load_data), so the
-# loss runs without its per-call check, which would make the host wait for the device.
-def _gift_loss(logits, reference_logits, batch, beta, smooth_lambda, vocab_size,
-               implementation="auto"):
-    loss, stats = vocab_parallel_gift_loss(logits, reference_logits, batch["labels"], beta=beta,
-                                           smooth_lambda=smooth_lambda, vocab_size=vocab_size,
-                                           return_stats=True, check_labels=False,
-                                           implementation=implementation)
-    num_tokens = batch["loss_mask"].sum().to(torch.int)
-    loss_sum = loss.sum()
-    count = num_tokens.float()
-    report = {"loss": torch.stack([loss_sum.detach(), count]),
-              "student_entropy": torch.stack([stats.student_entropy.sum(), count]),
-              "target_mass": torch.stack([stats.target_mass.sum(), count]),
-              "student_label_prob": torch.stack([stats.student_label_prob.sum(), count])}
-    return loss_sum, num_tokens, report
-
-
-def _evaluation_loss(logits, batch, vocab_size):
-    labels = batch["labels"]
-    loss = vocab_parallel_gift_loss(logits, None, labels, beta=float("inf"), vocab_size=vocab_size,
-                                    check_labels=False)
-    valid = labels != -100
-    count = valid.sum().float()
-    correct = (_vocab_parallel_argmax(logits, vocab_size) == labels) & valid
-    report = {"valid_ce": torch.stack([loss.sum(), count]),
-              "valid_accuracy": torch.stack([correct.sum().float(), count])}
-    return loss.sum(), valid.sum().to(torch.int), report
-
-
-def _vocab_parallel_argmax(logits, vocab_size):
-    """Global argmax ``[...]`` of vocab-parallel logits ``[..., V/tp]`` over the real vocab
-    ``[0, vocab_size)`` (lowest index on ties)."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    start = parallel_state.get_tensor_model_parallel_rank() * logits.size(-1)
-    real = logits[..., : max(0, min(vocab_size - start, logits.size(-1)))].float()
-    if real.size(-1) == 0:
-        local_max = torch.full(logits.shape[:-1], -torch.inf, device=logits.device)
-        local_index = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    else:
-        local_max, local_index = real.max(-1)
-    local_index = local_index + start
-    global_max = local_max.clone()
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    candidate = torch.where(local_max == global_max, local_index, torch.iinfo(torch.long).max)
-    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
-    return candidate
 
 
 def shapes_with_reference(hidden_size: int) -> Callable[[Shapes, Shapes], tuple[Shapes, Shapes]]:

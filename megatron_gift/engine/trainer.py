@@ -23,7 +23,6 @@ built; :func:`setup` then builds a :class:`Job` from it, stage by stage:
 """
 
 import logging
-import math
 import os
 import random
 import shutil
@@ -52,13 +51,13 @@ from megatron_gift.engine.metrics import MetricsLogger
 from megatron_gift.engine.run_spec import RunSpec, portable_config, resolve
 from megatron_gift.engine.signals import StopOnSignal
 from megatron_gift.errors import UserError
+from megatron_gift.loss.objectives import GiftLoss, NextTokenEvaluation
 from megatron_gift.platform import console, te
 from megatron_gift.platform.cpu import enable_cpu_megatron
 from megatron_gift.platform.distributed import init_distributed, local_device
 from megatron_gift.platform.run_lock import RunLock
 
 log = logging.getLogger(__name__)
-REPORTED = ("loss", "student_entropy", "target_mass", "student_label_prob")
 
 
 @dataclass
@@ -425,15 +424,14 @@ def _train_step(job: Job) -> dict:
         chunk.zero_grad_buffer()
     job.optimizer.zero_grad()
     batches = _batches(job, job.train_data, job.consumed_samples, shuffle_seed=config.training.seed)
-    step = pipeline.forward_step_func(config.gift.beta, config.gift.smooth_lambda,
-                                      pipeline.causal_attention_mask, job.vocab_size,
-                                      thd=_packs_thd(config),
-                                      implementation=config.gift.loss_implementation)
+    loss = GiftLoss(config.gift.beta, config.gift.smooth_lambda, job.vocab_size,
+                    config.gift.loss_implementation)
+    step = pipeline.forward_step_func(loss, pipeline.causal_attention_mask, thd=_packs_thd(config))
     reports = _run_schedule(job, batches, forward_only=False, step=step)
     _, grad_norm, _ = job.optimizer.step()
     job.scheduler.step(increment=1)
     job.consumed_samples += config.training.global_batch_size
-    totals = _reduce_reports(reports, REPORTED, job.chunks[0].device)
+    totals = _reduce_reports(reports, loss.metrics, job.chunks[0].device)
     elapsed = time.perf_counter() - start
     loss_tokens = totals.pop("_tokens")
     processed = config.training.global_batch_size * config.model.seq_length
@@ -446,25 +444,25 @@ def _train_step(job: Job) -> dict:
 def _evaluate(job: Job) -> dict:
     """Plain next-token cross-entropy and accuracy of the student on the response tokens."""
     config = job.config
+    loss = NextTokenEvaluation(job.vocab_size)
     for chunk in job.chunks:  # the metrics read the student alone: the reference stays idle
         chunk.student.eval()
-        chunk.use_reference = False
-    sums = {"valid_ce": [0.0, 0.0], "valid_accuracy": [0.0, 0.0]}
-    step = pipeline.forward_step_func(math.inf, 0.0, pipeline.causal_attention_mask,
-                                      job.vocab_size, evaluate=True, thd=_packs_thd(config))
+        chunk.use_reference = loss.uses_reference
+    sums = {key: [0.0, 0.0] for key in loss.metrics}
+    step = pipeline.forward_step_func(loss, pipeline.causal_attention_mask, thd=_packs_thd(config))
     with torch.no_grad():
         for k in range(config.training.eval_iters):
             batches = _batches(job, job.valid_data, k * config.training.global_batch_size,
                                shuffle_seed=None)
             reports = _run_schedule(job, batches, forward_only=True, step=step)
-            reduced = _reduce_reports(reports, tuple(sums), job.chunks[0].device, as_sums=True)
+            reduced = _reduce_reports(reports, loss.metrics, job.chunks[0].device, as_sums=True)
             for key, (total, count) in reduced.items():
                 sums[key][0] += total
                 sums[key][1] += count
     for chunk in job.chunks:
         chunk.student.train()
         chunk.use_reference = True
-    return {k: sums[k][0] / max(sums[k][1], 1) for k in ("valid_ce", "valid_accuracy")}
+    return {k: total / max(count, 1) for k, (total, count) in sums.items()}
 
 
 def _batches(job: Job, data: SFTDataset, consumed: int, shuffle_seed: Optional[int]) -> list:
@@ -502,7 +500,9 @@ def _packs_thd(config: JobConfig) -> bool:
 
 def _reduce_reports(reports: list, keys: tuple, device: torch.device,
                     as_sums: bool = False) -> dict:
-    """Sum ``[sum, count]`` reports over micro-batches and ranks; means unless ``as_sums``.
+    """Sum ``[sum, count]`` reports of the metrics ``keys`` over micro-batches and ranks, as a
+    token-mean loss declares them (:mod:`megatron_gift.loss.objectives`); means unless
+    ``as_sums``.
 
     Only the last pipeline stage has reports, and every TP rank there the same ones: TP rank 0
     of the last stage contributes, every rank receives the totals.

@@ -1,0 +1,100 @@
+"""The losses a step computes on the last pipeline stage, each a declared object: what it needs,
+what it returns and how each of its metrics is reduced (as NeMo RL's ``LossFunction`` protocol
+declares them), so that the schedule and the trainer read those facts instead of knowing them.
+
+Megatron's schedules call the loss with per-token semantics (``calculate_per_token_loss``): a
+loss returns ``(loss_sum, num_tokens, report)`` for one micro-batch, and ``report`` holds one
+``[sum, count]`` pair per metric. Every metric here is a token mean: the sums and counts are
+added over micro-batches and data-parallel (and context-parallel) ranks, then divided.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_gift.loss.gift import vocab_parallel_gift_loss
+
+Batch = dict[str, torch.Tensor]  # a micro-batch: name -> [b, s] tensor
+Report = dict[str, torch.Tensor]  # metric -> [sum, count]
+TOKEN_MEAN = "token_mean"
+
+
+@dataclass(frozen=True)
+class GiftLoss:
+    """GIFT's per-token loss against the reference's Gibbs target (``beta = inf``: plain
+    cross-entropy, no reference), with its diagnostics. ``vocab_size``: the real vocab (the
+    logits' padding columns take no part); ``implementation``: the passes that run it.
+
+    The labels' range is checked once per data set when it is loaded, so the loss runs without
+    its per-call check, which would make the host wait for the device.
+    """
+
+    beta: float
+    smooth_lambda: float
+    vocab_size: int
+    implementation: str = "auto"
+    metrics: ClassVar[tuple[str, ...]] = ("loss", "student_entropy", "target_mass",
+                                          "student_label_prob")
+    reduction: ClassVar[str] = TOKEN_MEAN
+    uses_reference: ClassVar[bool] = True
+
+    def __call__(self, logits: torch.Tensor, reference_logits: Optional[torch.Tensor],
+                 batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Report]:
+        """``logits``, ``reference_logits``: ``[b, s, V/tp]``; ``batch``: labels and loss mask
+        ``[b, s]``. Returns the loss summed over tokens, the token count and the report."""
+        loss, stats = vocab_parallel_gift_loss(
+            logits, reference_logits, batch["labels"], beta=self.beta,
+            smooth_lambda=self.smooth_lambda, vocab_size=self.vocab_size, return_stats=True,
+            check_labels=False, implementation=self.implementation)
+        num_tokens = batch["loss_mask"].sum().to(torch.int)
+        count = num_tokens.float()
+        report = {"loss": loss.sum().detach()}
+        report.update(student_entropy=stats.student_entropy.sum(),
+                      target_mass=stats.target_mass.sum(),
+                      student_label_prob=stats.student_label_prob.sum())
+        return loss.sum(), num_tokens, {k: torch.stack([v, count]) for k, v in report.items()}
+
+
+@dataclass(frozen=True)
+class NextTokenEvaluation:
+    """The student alone: next-token cross-entropy and accuracy on the loss tokens."""
+
+    vocab_size: int
+    metrics: ClassVar[tuple[str, ...]] = ("valid_ce", "valid_accuracy")
+    reduction: ClassVar[str] = TOKEN_MEAN
+    uses_reference: ClassVar[bool] = False
+
+    def __call__(self, logits: torch.Tensor, reference_logits: Optional[torch.Tensor],
+                 batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Report]:
+        labels = batch["labels"]
+        loss = vocab_parallel_gift_loss(logits, None, labels, beta=float("inf"),
+                                        vocab_size=self.vocab_size, check_labels=False)
+        valid = labels != -100
+        count = valid.sum().float()
+        correct = (vocab_parallel_argmax(logits, self.vocab_size) == labels) & valid
+        report = {"valid_ce": torch.stack([loss.sum(), count]),
+                  "valid_accuracy": torch.stack([correct.sum().float(), count])}
+        return loss.sum(), valid.sum().to(torch.int), report
+
+
+def vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Global argmax ``[...]`` of vocab-parallel logits ``[..., V/tp]`` over the real vocab
+    ``[0, vocab_size)`` (lowest index on ties)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    start = parallel_state.get_tensor_model_parallel_rank() * logits.size(-1)
+    real = logits[..., : max(0, min(vocab_size - start, logits.size(-1)))].float()
+    if real.size(-1) == 0:
+        local_max = torch.full(logits.shape[:-1], -torch.inf, device=logits.device)
+        local_index = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    else:
+        local_max, local_index = real.max(-1)
+    local_index = local_index + start
+    global_max = local_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    candidate = torch.where(local_max == global_max, local_index, torch.iinfo(torch.long).max)
+    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+    return candidate
