@@ -3,13 +3,14 @@ circle (inside a package either), commands start fast.
 
 Layers (a package may import its own modules and those of lower layers only)::
 
-    0  errors, loss                      plain Python / torch
+    0  errors, loss, assets              plain Python / torch; the files the package ships
     1  config, platform                  the schema; CPU layer, console, one-rank work
     2  core, data, tracking              model + checkpoint layout; SFT data; trackers, reports
     3  hf                                Hugging Face <-> Megatron
     4  engine, rl, evaluation            the trainer; the RL hand-off; sampling and metrics
-    5  commands                          ``megatron-gift`` and its subcommands
-    6  convert, rl_handoff, inspect,     ``python -m`` aliases of the subcommands
+    5  demo                              the arithmetic world and the embedded default job
+    6  commands                          ``megatron-gift`` and its subcommands
+    7  convert, rl_handoff, inspect,     ``python -m`` aliases of the subcommands
        plan, evaluate
 
 Nothing in the package imports ``examples/`` or ``tests/``.
@@ -25,10 +26,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "megatron_gift")
-LAYERS = {"errors": 0, "loss": 0, "config": 1, "platform": 1, "core": 2, "data": 2,
+LAYERS = {"errors": 0, "loss": 0, "assets": 0, "config": 1, "platform": 1, "core": 2, "data": 2,
           "tracking": 2, "hf": 3,
-          "engine": 4, "rl": 4, "evaluation": 4, "commands": 5, "convert": 6, "rl_handoff": 6,
-          "inspect": 6, "plan": 6, "evaluate": 6}
+          "engine": 4, "rl": 4, "evaluation": 4, "demo": 5, "commands": 6, "convert": 7,
+          "rl_handoff": 7, "inspect": 7, "plan": 7, "evaluate": 7}
 
 
 def _modules():
@@ -177,7 +178,7 @@ def test_the_check_catches_an_import_circle():
     ["-m", "megatron_gift.evaluate", "--help"],
     ["-m", "megatron_gift.commands", "--help"],
     *(["-m", "megatron_gift.commands", name, "--help"] for name in (
-        "train", "convert", "inspect", "plan", "evaluate", "rl-handoff")),
+        "train", "convert", "inspect", "plan", "evaluate", "rl-handoff", "report")),
 ])
 def test_help_starts_without_torch_or_megatron(command):
     """``--help`` imports neither torch nor Megatron-Core (what made it take 12-15 s)."""

@@ -176,7 +176,8 @@ def test_the_commands_help_lists_every_subcommand_and_an_unknown_one_is_one_line
     assert "no subcommand 'trian'" in err and "train" in err
 
 
-@pytest.mark.parametrize("name", ["train", "convert", "inspect", "plan", "evaluate", "rl-handoff"])
+@pytest.mark.parametrize("name", ["train", "convert", "inspect", "plan", "evaluate", "rl-handoff",
+                                  "report"])
 def test_each_subcommand_answers_help_as_megatron_gift_name(name, capsys):
     from megatron_gift.commands import main
 

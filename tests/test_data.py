@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from megatron_gift.data import synthetic
+from megatron_gift.demo import synthetic
 from megatron_gift.config import parse_config
 from megatron_gift.data.dataset import SFTDataset, micro_batch_indices
 from megatron_gift.errors import UserError
@@ -315,6 +315,7 @@ def _packed_equals_unpacked(path, tokenizer_dir, vocab, seq, out):
 
     from megatron_gift.core.model import GiftModel
     from megatron_gift.engine.pipeline import causal_attention_mask, forward_step_func
+    from megatron_gift.loss.objectives import GiftLoss
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     packed, single = (SFTDataset(path, tokenizer, seq, pack=p) for p in (True, False))
@@ -327,7 +328,7 @@ def _packed_equals_unpacked(path, tokenizer_dir, vocab, seq, out):
             return F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
 
         def loss_sums(data):
-            step = forward_step_func(math.inf, 0.0, causal_attention_mask, vocab)
+            step = forward_step_func(GiftLoss(math.inf, 0.0, vocab), causal_attention_mask)
             batches = iter(data.batch([i]) for i in range(len(data)))
             sums = [loss_func(out)[:2] for out, loss_func in
                     (step(batches, GiftModel(model)) for _ in range(len(data)))]
@@ -493,6 +494,7 @@ def test_the_thd_forward_step_flattens_the_micro_batch_and_keeps_the_loss(tmp_pa
     """The "thd" step hands the model one row of b * s tokens, no mask and the packed params;
     with a model whose logits depend on each token alone the loss is that of the masked step."""
     from megatron_gift.engine.pipeline import causal_attention_mask, forward_step_func
+    from megatron_gift.loss.objectives import GiftLoss
 
     data = SFTDataset(_jsonl(tmp_path / "d.jsonl", _packing_records()), tokenizer, 8, pack=True)
     vocab = len(tokenizer)
@@ -509,7 +511,7 @@ def test_the_thd_forward_step_flattens_the_micro_batch_and_keeps_the_loss(tmp_pa
     results = []
     with torch.no_grad():
         for thd in (False, True):
-            step = forward_step_func(20.0, 0.0, causal_attention_mask, vocab, thd=thd)
+            step = forward_step_func(GiftLoss(20.0, 0.0, vocab), causal_attention_mask, thd=thd)
             logits, loss_func = step(iter([data.batch([0, 1])]), TokenWise())
             results.append(loss_func(logits))
     (masked_sum, masked_n, masked), (thd_sum, thd_n, thd_report) = results

@@ -73,15 +73,15 @@ def test_style_diversity():
 
 
 def test_two_step_chains_are_the_default_worlds_problems():
-    from megatron_gift.data import chains, synthetic
+    from megatron_gift.demo import chains, synthetic
 
     for seed in range(50):
         assert chains.chain_problem(random.Random(seed), 2) == synthetic.problem(random.Random(seed))
 
 
 def test_chain_styles_and_answers():
-    from megatron_gift.data import chains
-    from megatron_gift.data.synthetic import answer_of
+    from megatron_gift.demo import chains
+    from megatron_gift.demo.synthetic import answer_of
 
     prompt, responses = chains.chain_problem(random.Random(3), 3)
     assert prompt == "Q: ( ( 4 * 9 ) - 3 ) * 6 = ?"
@@ -227,7 +227,7 @@ def scripted_command(tmp_path, monkeypatch):
     JSONL) with a policy that always answers ``text``; ``--load`` is an existing directory."""
     from transformers import AutoTokenizer
 
-    from megatron_gift.data import synthetic
+    from megatron_gift.demo import synthetic
     from megatron_gift.commands.evaluate import main
     from megatron_gift.evaluation import sampling
 
@@ -312,7 +312,7 @@ def test_styles_are_reported_for_the_arithmetic_world_only(scripted_command, cap
 def _tiny_random_llama():
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from megatron_gift.data import synthetic
+    from megatron_gift.demo import synthetic
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)

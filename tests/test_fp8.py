@@ -257,14 +257,15 @@ def test_training_refuses_fp8_before_anything_is_written(te_missing, tmp_path):
 
 
 def test_the_default_job_refuses_fp8_before_preparing_its_files(te_missing, monkeypatch):
-    from megatron_gift.engine import default_run, job
+    from megatron_gift.demo import default_run
+    from megatron_gift.engine import job
 
     def prepare(run_dir):
         raise AssertionError("the default job's files were prepared")
 
     monkeypatch.setattr(default_run, "prepare", prepare)
     with pytest.raises(UserError, match="needs Transformer Engine"):
-        job.job_config([*FP8])
+        job.job_config([*FP8], default_job=default_run)
 
 
 def test_the_fp8_recipe_parses_here_and_is_refused_at_the_start_naming_te(te_missing):

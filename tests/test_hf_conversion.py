@@ -15,7 +15,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig,
                           MistralConfig, Qwen2Config)
 
-from megatron_gift.data import synthetic
+from megatron_gift.demo import synthetic
 from support.commands import run_main
 from support.parallel_harness import model_parallel, run_distributed
 

@@ -239,7 +239,7 @@ def test_the_engine_calls_the_loss_without_its_label_check(monkeypatch):
     skips it, since each data set's token ids are checked once when loaded; the loss is the
     same."""
     from megatron_gift.loss import gift as gift_loss
-    from megatron_gift.engine import pipeline
+    from megatron_gift.loss.objectives import GiftLoss
 
     logits, ref, labels = _inputs(shape=(2, 6))
     checked = vocab_parallel_gift_loss(logits, ref, labels, beta=3.0).sum()
@@ -249,7 +249,7 @@ def test_the_engine_calls_the_loss_without_its_label_check(monkeypatch):
 
     monkeypatch.setattr(gift_loss, "_check_labels", no_check)
     batch = {"labels": labels, "loss_mask": torch.ones(labels.shape)}
-    loss_sum, num_tokens, _ = pipeline._gift_loss(logits, ref, batch, 3.0, 0.0, 40)
+    loss_sum, num_tokens, _ = GiftLoss(3.0, 0.0, 40)(logits, ref, batch)
     assert torch.equal(loss_sum, checked) and int(num_tokens) == labels.numel()
     with pytest.raises(AssertionError, match="checked its labels"):
         vocab_parallel_gift_loss(logits, ref, labels, beta=3.0)  # the default still checks

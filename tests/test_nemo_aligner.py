@@ -32,7 +32,7 @@ def _tiny_hf(path, family):
     """A random 2-layer model of ``family`` over the bundled tokenizer (fp32)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from megatron_gift.data import synthetic
+    from megatron_gift.demo import synthetic
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR)

@@ -759,7 +759,7 @@ def _gpus_of(path, config):
 
 def _bundled_vocab() -> int:
     """Tokens of the bundled tokenizer (the CPU recipes' vocab)."""
-    from megatron_gift.data.synthetic import TOKENIZER_DIR
+    from megatron_gift.demo.synthetic import TOKENIZER_DIR
 
     with open(os.path.join(TOKENIZER_DIR, "tokenizer.json")) as f:
         bundled = json.load(f)

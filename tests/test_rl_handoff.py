@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from megatron_gift.data import synthetic
+from megatron_gift.demo import synthetic
 from megatron_gift import rl_handoff as rl_handoff_command
 from megatron_gift.rl import handoff as rl_handoff
 

@@ -144,7 +144,7 @@ def _tokenizer_with_two_tokens_swapped(directory):
     the same size and shape, other token ids."""
     from transformers import AutoTokenizer
 
-    from megatron_gift.data import synthetic
+    from megatron_gift.demo import synthetic
 
     AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR).save_pretrained(directory)
     path = directory / "tokenizer.json"

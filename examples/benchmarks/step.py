@@ -83,7 +83,7 @@ def main():
     args = parser.parse_args()
     env = dict(os.environ) if args.os_malloc else {**KEEP_FREED_MEMORY, **os.environ}
 
-    from megatron_gift.data import synthetic
+    from megatron_gift.demo import synthetic
 
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "demos.jsonl")

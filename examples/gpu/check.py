@@ -184,7 +184,7 @@ def reference_tail_rows(device: torch.device, quick: bool, out: str) -> list[Row
     ``transformers`` in both dtypes over the validation samples."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_gift.engine import default_run
+    from megatron_gift.demo import default_run
     from megatron_gift.loss.reference_tail import reference_tail_shift
 
     run_dir = os.path.join(out, "tail-run")
@@ -223,7 +223,7 @@ def resume_rows(device: torch.device, quick: bool, out: str) -> list[Row]:
     atomics are not bit-reproducible)."""
     if device.type != "cuda":
         return [Row(RESUME, "not run", "the distributed optimizer needs CUDA")]
-    from megatron_gift.engine import default_run
+    from megatron_gift.demo import default_run
 
     run_dir = os.path.join(out, "resume-run")
     default_run.prepare(run_dir, base_iters=10 if quick else 100)

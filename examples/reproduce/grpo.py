@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_gift.data.chains import chain_problem
-from megatron_gift.data.synthetic import answer_of
+from megatron_gift.demo.chains import chain_problem
+from megatron_gift.demo.synthetic import answer_of
 from megatron_gift.data.formatting import prompt_ids
 from megatron_gift.evaluation.sampling import sample, sequence_logprobs
 

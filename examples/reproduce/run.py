@@ -5,7 +5,7 @@
     python examples/reproduce/run.py --out results/reproduction          # the study (make reproduce)
     python examples/reproduce/run.py --quick --out /tmp/repro-quick      # pipeline check, 1 seed
 
-1. Base: a tiny Llama pretrained on arithmetic chains (``megatron_gift.data.chains``), solutions in
+1. Base: a tiny Llama pretrained on arithmetic chains (``megatron_gift.demo.chains``), solutions in
    three styles; two-step chains mostly, three-step chains a quarter of the time.
 2. Post-training from that base, through this project's engine, on the same one-style
    (stepwise) two-step demonstrations with the same steps and learning rate: SFT (beta = inf)
@@ -78,7 +78,7 @@ def paths(work):
 
 def prepare_data(work, settings):
     """The world's files (fixed seeds): pretraining solutions, demonstrations, eval prompts."""
-    from megatron_gift.data import chains
+    from megatron_gift.demo import chains
 
     p, d = paths(work), settings["data"]
     os.makedirs(p["data"], exist_ok=True)
@@ -142,13 +142,15 @@ def post_train(work, settings, name, beta, seed):
 
 def evaluate_stage(model, tokenizer, work, settings, base_model, seed):
     """pass@k, entropy, styles and KL to the base on both evaluation sets."""
+    from megatron_gift.demo.chains import classify_style
     from megatron_gift.evaluation.policy import evaluate_policy, read_records
 
     p, e = paths(work), settings["eval"]
     result = {}
     for split in ("id", "ood"):
         r = evaluate_policy(model, tokenizer, read_records(p[split]), e["samples"],
-                            e["max_new_tokens"][split], "answer", 50_000 + seed, base_model)
+                            e["max_new_tokens"][split], "answer", 50_000 + seed, base_model,
+                            style_of=classify_style)
         result[split] = {k: r[k] for k in ("pass@1", "pass@k", "entropy", "length", "styles",
                                            "kl_to_reference", "examples")}
     return result

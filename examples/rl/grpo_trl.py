@@ -8,7 +8,7 @@
 
 ``HF_DIR`` is any causal LM with its tokenizer, e.g. a GIFT run exported with
 ``python -m megatron_gift.convert megatron-to-hf``. The default data is the bundled arithmetic
-task (``megatron_gift.data.synthetic``); ``--data`` takes a parquet or JSONL file of math problems.
+task (``megatron_gift.demo.synthetic``); ``--data`` takes a parquet or JSONL file of math problems.
 
 Reward (verifiable, per completion): 1.0 when the final answer it states equals the reference,
 else 0.0 -- the text after the last ``A:`` for the arithmetic task, ``math_verify`` equivalence
@@ -27,7 +27,7 @@ from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from megatron_gift.data import synthetic
+from megatron_gift.demo import synthetic
 
 
 def synthetic_dataset(num_prompts, seed):

@@ -24,6 +24,8 @@ SUBCOMMANDS = {
                  "sample a checkpoint: pass@k, entropy, KL to a reference, GIFT's target"),
     "rl-handoff": ("megatron_gift.commands.rl_handoff",
                    "start the RL stage: NeMo RL or NeMo-Aligner configs from a GIFT run"),
+    "report": ("megatron_gift.commands.report",
+               "a run's metrics as figures, an HTML page and a summary; runs overlaid"),
 }
 
 

@@ -96,6 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     from megatron_gift.evaluation.policy import (evaluate_policy, gift_token_diagnostics,
                                                  read_records)
+    from megatron_gift.demo.chains import style_classifier
     from megatron_gift.evaluation.sampling import load_policy
 
     if args.threads:
@@ -109,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     result = {"load": args.load, "data": args.data,
               **evaluate_policy(model, tokenizer, records, args.samples, args.max_new_tokens,
                                 args.checker, args.seed, reference, args.batch_size,
-                                args.temperature)}
+                                args.temperature, style_classifier(records))}
     if reference is not None and all("response" in r for r in records):
         betas = DEFAULT_BETAS if args.beta is None else args.beta
         result["gift_tokens"] = gift_token_diagnostics(reference, tokenizer, records, betas,

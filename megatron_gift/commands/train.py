@@ -34,10 +34,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "megatron-gift train"
     adopt_slurm_ranks()  # started by srun: rank and world from SLURM, before anything reads them
     quiet_third_party()
     setup_logging(parse_config(argv).logging.log_level)
+    from megatron_gift.demo import default_run
     from megatron_gift.engine.job import job_config
     from megatron_gift.engine.trainer import train
 
-    train(job_config(argv))
+    train(job_config(argv, default_job=default_run))
 
 
 if __name__ == "__main__":

@@ -6,30 +6,42 @@
   writes is not inherited: the run's own directory (or ``--save``, a branch) decides
   (:func:`megatron_gift.engine.run_spec.inherited_config`).
 * ``--config`` or ``--train-path``: the job they describe.
-* neither: the embedded default job (:mod:`megatron_gift.engine.default_run`).
+* neither: the caller's default job, if it has one (``megatron-gift train`` passes the
+  embedded demo's, :mod:`megatron_gift.demo.default_run`); else the job is not named.
 """
 
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_gift.config import parse_config
 from megatron_gift.core.paths import run_root
-from megatron_gift.engine import default_run
 from megatron_gift.engine.run_spec import (inherited_config, refuse_what_this_machine_cannot_run,
                                            resume_point)
 from megatron_gift.engine.run_spec import saved_config as stored_config
+from megatron_gift.errors import ConfigError
 
 log = logging.getLogger(__name__)
 # A config refused anyway names what this machine cannot run too: one error, every problem.
 MACHINE = (refuse_what_this_machine_cannot_run,)
 
 
-def job_config(argv: Sequence[str]) -> DictConfig:
-    """The validated config of the job ``argv`` names (see the module docstring); prepares the
-    embedded default job's data and base model when that is the job."""
+class DefaultJob(Protocol):
+    """A job to run when a command line names none: its directory, its config (a nested dict
+    of defaults the flags apply over) and what it must write before it starts."""
+
+    RUN_DIR: str
+
+    def gift_overrides(self, run_dir: str) -> dict: ...
+
+    def prepare(self, run_dir: str) -> None: ...
+
+
+def job_config(argv: Sequence[str], default_job: Optional[DefaultJob] = None) -> DictConfig:
+    """The validated config of the job ``argv`` names (see the module docstring); prepares
+    ``default_job``'s files when that is the job."""
     argv = list(argv)
     given = parse_config(argv, refusals=MACHINE).checkpoint
     saved = saved_config(given.load, given.save)
@@ -46,10 +58,13 @@ def job_config(argv: Sequence[str]) -> DictConfig:
         from megatron_gift.engine.sources import check_paths
 
         check_paths(parse_config(argv))  # a --load with nothing to continue: say so
-    config = parse_config(argv, defaults=default_run.gift_overrides(default_run.RUN_DIR),
+    if default_job is None:
+        raise ConfigError("no job named: give --config RECIPE.yaml, --train-path DATA, or --load "
+                          "a saved run")
+    config = parse_config(argv, defaults=default_job.gift_overrides(default_job.RUN_DIR),
                           refusals=MACHINE)
     refuse_what_this_machine_cannot_run(config)  # before the default job's files are written
-    default_run.prepare(default_run.RUN_DIR)
+    default_job.prepare(default_job.RUN_DIR)
     return config
 
 

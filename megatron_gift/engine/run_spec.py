@@ -344,7 +344,7 @@ def load_tokenizer(path: Optional[str]) -> Any:
     """The ``transformers`` tokenizer in ``path``, else the bundled one."""
     from transformers import AutoTokenizer
 
-    from megatron_gift.data.synthetic import TOKENIZER_DIR
+    from megatron_gift.assets import TOKENIZER_DIR
 
     return AutoTokenizer.from_pretrained(path or TOKENIZER_DIR)
 

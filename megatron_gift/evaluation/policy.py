@@ -1,24 +1,22 @@
 """A policy sampled and scored: pass@k, entropy, solution styles, KL to a reference, and GIFT's
 target per demonstrated token (what ``megatron-gift evaluate`` prints); the records it reads.
 
-Answers are checked by the text after the last ``A:`` (the embedded world's) or by
-``math_verify`` equivalence. The solution styles mean something only for the embedded
-arithmetic world's prompts (:func:`is_arithmetic_world`).
+Answers are checked by the text after the last ``A:`` or by ``math_verify`` equivalence.
+Solution styles are a plug-in: a ``style_of(completion) -> style`` the caller passes where its
+prompts have styles (the embedded arithmetic world's: :mod:`megatron_gift.demo.chains`).
 """
 
 import itertools
 import json
 import math
 import os
-import re
 from collections import Counter
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from megatron_gift.errors import MissingFileError, UserError
 
 DEFAULT_BETAS = (2.0, 5.0, 10.0, 20.0, 50.0)
-# A prompt of the embedded arithmetic world (megatron_gift.data.synthetic, .chains).
-_ARITHMETIC_PROMPT = re.compile(r"Q: [0-9()+\-* ]+ = \?")
+StyleOf = Callable[[str], str]  # a completion -> its solution style
 
 
 def read_records(path: str, prompt_field: str = "prompt", answer_field: str = "answer",
@@ -65,19 +63,17 @@ def _rows(path: str) -> Iterator[tuple[str, dict]]:
             yield f"line {number}", row
 
 
-def is_arithmetic_world(records: Sequence[dict]) -> bool:
-    """Whether every prompt is one of the embedded arithmetic world's, the only data whose
-    solution styles (:func:`megatron_gift.data.chains.classify_style`) mean something."""
-    return all(isinstance(r["prompt"], str) and _ARITHMETIC_PROMPT.fullmatch(r["prompt"])
-               for r in records)
+def stated_answer(text: str) -> Optional[str]:
+    """The answer a completion states: the text after its last ``A:`` (spaces removed), or
+    None."""
+    tail = text.rsplit("A:", 1)
+    return tail[1].strip().replace(" ", "") if len(tail) == 2 else None
 
 
 def checker_for(name: str):
     """``check(completion_text, answer) -> bool``."""
     if name == "answer":
-        from megatron_gift.data.synthetic import answer_of
-
-        return lambda text, answer: answer_of(text) == answer.replace(" ", "")
+        return lambda text, answer: stated_answer(text) == answer.replace(" ", "")
     from math_verify import parse, verify
 
     return lambda text, answer: bool(verify(parse(answer), parse(text)))
@@ -85,12 +81,12 @@ def checker_for(name: str):
 
 def evaluate_policy(model, tokenizer, records: Sequence[dict], samples: int = 16,
                     max_new_tokens: int = 48, checker: str = "answer", seed: int = 0,
-                    reference=None, batch_size: int = 512, temperature: float = 1.0) -> dict:
+                    reference=None, batch_size: int = 512, temperature: float = 1.0,
+                    style_of: Optional[StyleOf] = None) -> dict:
     """Sample ``samples`` completions per record at ``temperature`` and score them (see the
-    module doc); ``styles`` only for the embedded arithmetic world's prompts."""
+    module doc); ``styles`` (each prompt's completions by ``style_of``) where it is given."""
     import torch
 
-    from megatron_gift.data.chains import classify_style
     from megatron_gift.data.formatting import prompt_ids
     from megatron_gift.evaluation.metrics import pass_at_k_curve, style_diversity
     from megatron_gift.evaluation.sampling import sample, sequence_logprobs
@@ -124,8 +120,8 @@ def evaluate_policy(model, tokenizer, records: Sequence[dict], samples: int = 16
         "examples": [{"prompt": records[i]["prompt"], "completion": texts[i * samples],
                       "correct": per_prompt[i][0]} for i in range(min(3, len(records)))],
     }
-    if is_arithmetic_world(records):
-        styles = [[classify_style(t) for t in texts[i * samples:(i + 1) * samples]]
+    if style_of is not None:
+        styles = [[style_of(t) for t in texts[i * samples:(i + 1) * samples]]
                   for i in range(len(records))]
         result["styles"] = style_diversity(styles, per_prompt)
     if reference is not None:

@@ -412,7 +412,7 @@ def _swap_into_place(complete: str, target: str) -> None:
 
 
 def _bundled_tokenizer():
-    from megatron_gift.data.synthetic import TOKENIZER_DIR
+    from megatron_gift.assets import TOKENIZER_DIR
 
     return TOKENIZER_DIR
 

@@ -84,7 +84,7 @@ def train_here(overrides, argv=()):
 def make_tiny_world(root):
     """Synthetic data and a tiny base checkpoint (TINY_MODEL, 8 SFT iterations) under ``root``;
     returns the paths: ``corpus``, ``demos``, ``valid`` (JSONL) and ``base`` (checkpoint)."""
-    from megatron_gift.data import synthetic
+    from megatron_gift.demo import synthetic
 
     paths = {"corpus": str(root / "corpus.jsonl"), "demos": str(root / "demos.jsonl"),
              "valid": str(root / "valid.jsonl"), "base": str(root / "base")}

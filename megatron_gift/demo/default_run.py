@@ -3,7 +3,7 @@
 Stage 1 pretrains a tiny base model with plain next-token loss on the synthetic corpus (all
 solution styles). Stage 2 is GIFT post-training from that base on one-style demonstrations.
 Stage 1 always runs as one process (TP = PP = DP = 1) with a fixed seed, so every stage-2
-layout starts from the same base. ``python -m megatron_gift.engine.default_run --run-dir DIR`` builds
+layout starts from the same base. ``python -m megatron_gift.demo.default_run --run-dir DIR`` builds
 stage 1 alone.
 """
 
@@ -15,7 +15,7 @@ import sys
 from typing import Optional
 
 from megatron_gift.core.paths import latest_checkpoint
-from megatron_gift.data import synthetic
+from megatron_gift.demo import synthetic
 from megatron_gift.platform.console import entry_point, quiet_third_party
 from megatron_gift.platform.once import build_once
 
@@ -89,7 +89,7 @@ def _build_base(run_dir: str, base: str, iters: Optional[int]) -> None:
                             "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
                and not k.startswith("TORCHELASTIC_")}
         argv = ["--train-iters", str(iters)] if iters else []
-        result = subprocess.run([sys.executable, "-m", "megatron_gift.engine.default_run",
+        result = subprocess.run([sys.executable, "-m", "megatron_gift.demo.default_run",
                                  "--run-dir", run_dir, *argv], env=env)
         if result.returncode != 0:
             raise RuntimeError(f"building the base model failed (exit code {result.returncode})")

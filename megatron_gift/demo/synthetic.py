@@ -13,9 +13,10 @@ Numbers are spelled digit by digit, so the vocabulary is small and closed.
 """
 
 import json
-import os
 import random
 from typing import TYPE_CHECKING, Optional
+
+from megatron_gift.assets import TOKENIZER_DIR  # the bundled tokenizer, this world's words
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 STYLES = ("stepwise", "backward", "compact")
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 WORDS = tuple("0123456789") + ("+", "-", "*", "(", ")", "=", "?", ",", ".", "Q:", "A:", "where")
-TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
 
 
 def problem(rng: random.Random) -> tuple[str, dict[str, str]]:

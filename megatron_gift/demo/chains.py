@@ -3,7 +3,7 @@ the reproduction study (``examples/reproduce``).
 
 A chain of ``n`` operations nests to the left, ``( ( a o b ) o c ) o d``; its solution states
 every intermediate result in one of three styles, which for ``n = 2`` are exactly those of
-:func:`megatron_gift.data.synthetic.problem` (same draws from the same ``rng``, same text)::
+:func:`megatron_gift.demo.synthetic.problem` (same draws from the same ``rng``, same text)::
 
     Q: ( ( 3 + 4 ) * 2 ) - 5 = ?
     stepwise: 3 + 4 = 7 , 7 * 2 = 14 , 14 - 5 = 9 . A: 9
@@ -17,8 +17,10 @@ chains are held out of post-training (the out-of-distribution evaluation).
 
 import json
 import random
+import re
+from typing import Callable, Optional, Sequence
 
-from megatron_gift.data.synthetic import STYLES, _apply, answer_of
+from megatron_gift.demo.synthetic import STYLES, _apply, answer_of
 
 __all__ = ["STYLES", "chain_problem", "classify_style", "write_corpus", "write_problems"]
 
@@ -46,6 +48,22 @@ def chain_problem(rng: random.Random, steps: int = 2) -> tuple[str, dict[str, st
         "compact": f"{' , '.join(compact)} . A: {answer}",
     }
     return f"Q: {expression[2:-2]} = ?", responses
+
+
+# A prompt of the arithmetic world (two-step problems and longer chains alike).
+_PROMPT = re.compile(r"Q: [0-9()+\-* ]+ = \?")
+
+
+def is_arithmetic_world(records: Sequence[dict]) -> bool:
+    """Whether every record's prompt is one of this world's, the only prompts whose solution
+    styles (:func:`classify_style`) mean something."""
+    return all(isinstance(r["prompt"], str) and _PROMPT.fullmatch(r["prompt"]) for r in records)
+
+
+def style_classifier(records: Sequence[dict]) -> Optional[Callable[[str], str]]:
+    """The evaluation's style plug-in for ``records``: :func:`classify_style` where they are this
+    world's prompts, else None."""
+    return classify_style if is_arithmetic_world(records) else None
 
 
 def classify_style(response: str) -> str:
