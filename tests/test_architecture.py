@@ -6,7 +6,7 @@ Layers (a package may import its own modules and those of lower layers only)::
     0  errors, loss, assets              plain Python / torch; the files the package ships
     1  config, platform                  the schema; CPU layer, console, one-rank work
     2  core, data, tracking              model + checkpoint layout; SFT data; trackers, reports
-    3  hf                                Hugging Face <-> Megatron
+    3  hf, planning                      Hugging Face <-> Megatron; the memory planner
     4  engine, rl, evaluation            the trainer; the RL hand-off; sampling and metrics
     5  demo                              the arithmetic world and the embedded default job
     6  commands                          ``megatron-gift`` and its subcommands
@@ -27,7 +27,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "megatron_gift")
 LAYERS = {"errors": 0, "loss": 0, "assets": 0, "config": 1, "platform": 1, "core": 2, "data": 2,
-          "tracking": 2, "hf": 3,
+          "tracking": 2, "hf": 3, "planning": 3,
           "engine": 4, "rl": 4, "evaluation": 4, "demo": 5, "commands": 6, "convert": 7,
           "rl_handoff": 7, "inspect": 7, "plan": 7, "evaluate": 7}
 

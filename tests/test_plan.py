@@ -1,4 +1,4 @@
-"""The memory planner (``megatron_gift.core.memory``, ``python -m megatron_gift.plan``).
+"""The memory planner (``megatron_gift.planning``, ``megatron-gift plan``).
 
 Validated three ways: its static parts equal what the engine's Megatron-Core models allocate
 (parameters of every rank at TP2 x PP2, the DDP grad buffer and Adam's state); its activations
@@ -22,7 +22,7 @@ import re
 import pytest
 
 from megatron_gift.config import parse_config
-from megatron_gift.core import memory
+from megatron_gift.planning import memory
 from megatron_gift.loss.objectives import GiftLoss
 from megatron_gift.commands.plan import DOES_NOT_FIT_EXIT
 from megatron_gift.commands.plan import main as plan_main

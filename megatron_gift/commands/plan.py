@@ -19,7 +19,7 @@ does: the fewest GPUs over tensor, pipeline and data parallel sizes with sequenc
 the distributed optimizer and recompute (each checked by planning it). Last, the time a
 stopping run needs for its step and its save (estimated from assumed throughputs), as the
 ``torchrun --shutdown-timeout`` to launch it with. The model is Megatron-Core with Transformer
-Engine's layers on a Hopper GPU, as GPU runs use them; see ``megatron_gift/core/memory.py`` for
+Engine's layers on a Hopper GPU, as GPU runs use them; see ``megatron_gift/planning/memory.py`` for
 what is counted.
 """
 
@@ -27,18 +27,11 @@ import argparse
 import json
 import math
 import sys
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 from megatron_gift.platform.console import entry_point, plain_text, quiet_third_party
 
-if TYPE_CHECKING:
-    from megatron_gift.core.memory import Plan
-
 PROG = "megatron-gift plan"
-_ROWS = (("student weights", "student_weights"), ("gradients", "gradients"),
-         ("optimizer", "optimizer"), ("reference weights", "reference_weights"),
-         ("activations", "activations"), ("pipeline buffers", "pipeline_buffers"),
-         ("loss buffers", "loss_buffers"), ("FP8 state", "fp8_state"), ("total", "total"))
 # Exit status of a plan that does not fit (a bad input exits with errors.USER_ERROR_EXIT, 2).
 DOES_NOT_FIT_EXIT = 1
 EXIT_STATUS = ("Exit status: 0 when the plan fits; 1 when it does not (the plan is printed all\n"
@@ -75,69 +68,6 @@ def _print_help() -> None:
     parser.print_help()
 
 
-def as_text(plan: "Plan") -> str:
-    """The plan (a :class:`megatron_gift.core.memory.Plan`) as a table, GiB per GPU."""
-    from megatron_gift.core.memory import (GIB, USABLE_FRACTION, checkpoint_bytes,
-                                           shutdown_timeout, stop_seconds)
-
-    run, stages = plan.run, plan.stages
-    vpp = f" (x{run.virtual_pipeline} virtual)" if run.virtual_pipeline else ""
-    recompute = run.recompute_granularity or "none"
-    if recompute == "full":
-        recompute = f"full, {run.recompute_method} {run.recompute_num_layers}"
-    lines = [
-        f"layout      TP {run.tensor_parallel} x PP {run.pipeline_parallel}{vpp} x CP "
-        f"{run.context_parallel} x DP {run.data_parallel} = {run.num_gpus} GPUs; micro-batch "
-        f"{run.micro_batch_size} x {run.micro_batches} = global batch {run.global_batch_size}, "
-        f"seq {run.seq_length}",
-        f"training    {_precision(run)}, sequence parallel "
-        f"{'on' if run.sequence_parallel else 'off'}, recompute {recompute}, "
-        f"{'distributed' if run.distributed_optimizer else 'plain'} {run.optimizer}, "
-        f"{'GIFT (frozen reference on every stage)' if run.reference else 'SFT (no reference)'}",
-        f"student     {plan.student_parameters / 1e9:.2f} B parameters; "
-        "Transformer Engine layers assumed",
-        "",
-        f"{'GiB per GPU':<20}" + "".join(f"{'stage ' + str(s.pipeline_rank):>10}" for s in stages),
-    ]
-    for label, key in _ROWS:
-        lines.append(f"{label:<20}" + "".join(f"{s.bytes[key] / GIB:>10.2f}" for s in stages))
-    lines.append(f"{'in flight':<20}" + "".join(f"{s.in_flight:>10d}" for s in stages))
-    lines.append(f"{'parameters per GPU':<20}"
-                 + "".join(f"{s.parameters_per_gpu / 1e9:>9.2f}B" for s in stages))
-    worst = plan.worst
-    budget = (f"{plan.gpu_memory_bytes / GIB:.1f} GiB GPU, {plan.usable_bytes / GIB:.1f} GiB "
-              f"usable ({USABLE_FRACTION:.0%})")
-    lines.append("")
-    if plan.fits:
-        lines.append(f"fits: stage {worst.pipeline_rank} needs "
-                     f"{worst.bytes['total'] / GIB:.1f} GiB of {budget}")
-    else:
-        lines.append(f"does not fit: stage {worst.pipeline_rank} needs "
-                     f"{worst.bytes['total'] / GIB:.1f} GiB of {budget}")
-        lines.append(f"suggestion: {plan.suggestion}")
-    step, save = stop_seconds(run)
-    lines.append(f"stopping: a step (~{step:.0f} s) and a save of "
-                 f"{checkpoint_bytes(run) / GIB:.0f} GiB (~{save:.0f} s), estimated: "
-                 f"torchrun --shutdown-timeout {shutdown_timeout(run)}, "
-                 f"sbatch --signal=B:TERM@{shutdown_timeout(run)}")
-    return "\n".join(lines)
-
-
-def _precision(run) -> str:
-    """``bf16``, ``fp32`` or ``bf16 + FP8 tensorwise (FP8 weights), reference FP8``."""
-    text = "bf16" if run.param_bytes == 2 else "fp32"
-    if not run.fp8:
-        return text
-    text += f" + FP8 {run.fp8_recipe}" + (" (FP8 weights)" if run.fp8_param else "")
-    start, end = run.fp8_bf16_layers
-    if start or end:
-        text += f", first {start} and last {end} layers bf16"
-    if run.reference:
-        text += ", reference " + ("FP8" if run.reference_fp8 else "bf16") + (
-            " (FP8 weights)" if run.reference_fp8_weights else "")
-    return text
-
-
 @entry_point
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -146,7 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     own, rest = _own_parser().parse_known_args(argv)
     from megatron_gift.config import parse_config
-    from megatron_gift.core import memory
+    from megatron_gift.planning import memory
+    from megatron_gift.planning.table import as_text
     from megatron_gift.errors import UserError
 
     if not math.isfinite(own.gpu_memory_gib) or own.gpu_memory_gib <= 0:

@@ -7,7 +7,6 @@ concatenated on the hidden dim (``[s, b, 2h]``); the last stage returns both voc
 logits ``[b, s, V/tp]`` (never gathered). With ``beta = inf`` there is no reference at all.
 """
 
-import math
 from typing import Optional, Sequence, TypeVar, Union
 
 import torch
@@ -22,6 +21,7 @@ from megatron.core.transformer.transformer_block import (TransformerBlockSubmodu
 from megatron.core.transformer.transformer_config import TransformerConfig
 from omegaconf import DictConfig
 
+from megatron_gift.core import vocab
 from megatron_gift.platform import kernels, te
 
 _Module = TypeVar("_Module", bound=torch.nn.Module)
@@ -102,14 +102,10 @@ def fp8_fields(precision: DictConfig, frozen: bool = False) -> dict:
 
 
 def padded_vocab_size(vocab_size: int, config: DictConfig) -> int:
-    """The vocab padded to a multiple of ``make_vocab_size_divisible_by`` that TP divides.
-
-    Unlike Megatron-LM's ``128 * tp``, this does not change with TP (for TP dividing 128), so
-    checkpoints load at any layout.
-    """
-    multiple = math.lcm(config.model.make_vocab_size_divisible_by,
-                        config.parallel.tensor_model_parallel_size)
-    return -(-vocab_size // multiple) * multiple
+    """The vocab padded to a multiple of ``make_vocab_size_divisible_by`` that TP divides
+    (:func:`megatron_gift.core.vocab.padded_vocab_size`)."""
+    return vocab.padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by,
+                                   config.parallel.tensor_model_parallel_size)
 
 
 def build_chunks(config: DictConfig, tf_config: TransformerConfig, vocab_size: int,

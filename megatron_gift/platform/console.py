@@ -90,11 +90,12 @@ def quiet_third_party() -> None:
     # torch reports at import that the CUDA toolkit has no runtime: true and moot on a CPU.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     for name in QUIET_LOGGERS:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.addFilter(_DropMessages(QUIET_MESSAGES))
         third_party = logging.getLogger(name)
         third_party.setLevel(logging.WARNING)
-        third_party.addHandler(handler)
+        third_party.handlers[:] = [h for h in third_party.handlers
+                                   if not isinstance(h, _CurrentStderrHandler)] + [handler]
         third_party.propagate = False
 
 
@@ -236,6 +237,19 @@ class _ProgressBarSafeHandler(logging.StreamHandler):
             tqdm.write(self.format(record), file=self.stream)
         except Exception:
             self.handleError(record)
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record comes (the handler outlives whoever
+    redirected stderr when it was made, e.g. a caller capturing a command's output)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
 
 
 class _DropMessages(logging.Filter):

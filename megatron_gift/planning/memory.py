@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
 
 from megatron_gift.config.checks import layer_split_problems, raise_problems
+from megatron_gift.core.vocab import padded_vocab_size
 from megatron_gift.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -209,13 +210,6 @@ class Plan:
 
 # ----------------------------------------------------------------------------------------------
 # The run from its config
-
-
-def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel: int) -> int:
-    """The vocab padded to a multiple of ``lcm(multiple, TP)`` (rows, all TP ranks together),
-    as :func:`megatron_gift.core.model.padded_vocab_size` pads it."""
-    step = math.lcm(multiple, tensor_parallel)
-    return -(-vocab_size // step) * step
 
 
 def run_from_config(config: "DictConfig", num_gpus: Optional[int] = None,
