@@ -215,9 +215,23 @@ class Checkpoint:
 
 @dataclass
 class Logging:
-    """Console, TensorBoard and the metrics file (global rank 0 writes them)."""
+    """Console, TensorBoard, Weights & Biases, MLflow and the metrics file (global rank 0 writes
+    them)."""
 
     tensorboard_dir: Optional[str] = option(None, "TensorBoard log directory")
+    wandb_project: Optional[str] = option(
+        None, "Weights & Biases project to log to (off when unset; needs the wandb package)")
+    wandb_exp_name: Optional[str] = option(
+        None, "W&B run name; default: the save directory's name")
+    wandb_save_dir: Optional[str] = option(
+        None, "directory for W&B's local files; default SAVE/wandb")
+    mlflow_tracking_uri: Optional[str] = option(
+        None, "MLflow tracking server or store to log to (off unless this or --mlflow-experiment "
+        "is set; default: MLFLOW_TRACKING_URI; needs the mlflow-skinny package)")
+    mlflow_experiment: Optional[str] = option(
+        None, "MLflow experiment name; default: MLFLOW_EXPERIMENT_NAME, else MLflow's Default")
+    mlflow_run_name: Optional[str] = option(
+        None, "MLflow run name; default: the save directory's name")
     metrics_file: Optional[str] = option(None, "JSON lines, one object per logged iteration")
     log_interval: int = option(1, "log every N iterations")
     progress: bool = option(True, "show the progress bar")

@@ -358,7 +358,7 @@ def run(job: Job, stop: Optional[StopOnSignal] = None) -> int:
             stop.restore()
     config = job.config
     training = config.training
-    logger = MetricsLogger(config.logging, training.train_iters, job.iteration,
+    logger = MetricsLogger(config, training.train_iters, job.iteration,
                            dist.get_rank() == 0)
     stop.start_training(job.chunks[0].device)
     started = time.monotonic()
