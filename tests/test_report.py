@@ -248,3 +248,22 @@ def test_a_bad_run_is_one_line_naming_it_and_exit_status_2(case, runs, tmp_path)
     assert expected in result.stderr and (str(out) if case == "out is a file" else run) in \
         result.stderr
     assert case == "out is a file" or not out.exists()  # nothing written
+
+
+def test_a_run_ends_with_its_summary_and_the_command_that_draws_it(tiny_world, tmp_path, capfd):
+    """The trainer's last lines (rank 0): the summary of its metrics file, then the report
+    command for its save directory."""
+    from support.parallel_harness import TINY_MODEL, train_here
+
+    save = tmp_path / "run"
+    train_here({"model": dict(TINY_MODEL), "data": {"train_path": tiny_world["demos"],
+                                                     "valid_path": tiny_world["valid"]},
+                "training": {"train_iters": 2, "micro_batch_size": 2, "global_batch_size": 4,
+                             "eval_interval": 2, "eval_iters": 1},
+                "gift": {"beta": 3.0}, "logging": {"progress": False},
+                "checkpoint": {"pretrained_checkpoint": tiny_world["base"], "save": str(save)}})
+    out = capfd.readouterr().out
+    expected = report.run_summary(str(save / "metrics.jsonl"))
+    assert expected[0].startswith("iterations 2") and any(l.startswith("valid_ce:") for l in expected)
+    tail = [line.removeprefix("[gift] ") for line in out.strip().splitlines()[-len(expected) - 1:]]
+    assert tail == expected + [f"draw it: megatron-gift report {save} --out {save}/report"]

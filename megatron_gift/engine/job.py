@@ -86,7 +86,7 @@ def changed_keys(saved: dict, config: DictConfig) -> list[str]:
             if key in saved.get(section, {}) and saved[section][key] != value:
                 changed.append(f"{section}.{key}")
     placement = ("checkpoint.load", "checkpoint.save", "logging.metrics_file",
-                 "logging.tensorboard_dir")
+                 "logging.tensorboard_dir", "logging.wandb_save_dir")
     return [k for k in changed if k not in placement]
 
 

@@ -48,6 +48,7 @@ from megatron_gift.loss.passes import triton_can_run
 from megatron_gift.platform import te
 from megatron_gift.platform.distributed import world_size_from_env
 from megatron_gift.platform.once import cache_root
+from megatron_gift.tracking.loggers import check_available
 
 log = logging.getLogger(__name__)
 # What a resumed run may change only with --override-opt-param-scheduler.
@@ -56,7 +57,11 @@ SCHEDULE_KEYS = ("optimizer.lr", "optimizer.min_lr", "optimizer.lr_warmup_iters"
 # Path-valued settings, made absolute when the run is resolved.
 PATH_KEYS = ("data.train_path", "data.valid_path", "data.cache_dir", "model.tokenizer",
              "gift.reference_load", "checkpoint.save", "checkpoint.load",
-             "checkpoint.pretrained_checkpoint", "logging.metrics_file", "logging.tensorboard_dir")
+             "checkpoint.pretrained_checkpoint", "logging.metrics_file", "logging.tensorboard_dir",
+             "logging.wandb_save_dir")
+# Where a run writes beside its checkpoints: relative to the save directory in a checkpoint, so
+# that a resumed, copied or branched run writes into its own.
+RUN_OUTPUTS = ("metrics_file", "tensorboard_dir", "wandb_save_dir")
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ def resolve(config: DictConfig) -> RunSpec:
     config = _with_run_paths(config)
     _refuse_overwrite(config, resume_from)
     _check_writable(config)
+    check_available(config.logging)  # a tracker's missing package, before any work
     common = checkpoint.common_state(resume_from) if resume_from else {}
     recorded = common.get("run", {})
     if resume_from:
@@ -209,7 +215,7 @@ def portable_config(config: JobConfig) -> dict:
     values["checkpoint"].update(save=None, load=None)
     if config.model.tokenizer in (hf_assets(sources.model_source(config)), hf_assets(save)):
         values["model"]["tokenizer"] = None  # the base's: taken from the run's hf/ on resume
-    for key in ("metrics_file", "tensorboard_dir"):
+    for key in RUN_OUTPUTS:
         path = values["logging"][key]
         inside = save is not None and path is not None and _is_inside(path, save)
         values["logging"][key] = os.path.relpath(path, save) if inside else None
@@ -222,7 +228,7 @@ def inherited_config(saved: dict, run_dir: str) -> dict:
     of older versions) dropped, so that no resumed or branched run writes into another's."""
     values = json.loads(json.dumps(saved))
     values.setdefault("checkpoint", {}).update(save=None, load=None)
-    for key in ("metrics_file", "tensorboard_dir"):
+    for key in RUN_OUTPUTS:
         path = values.get("logging", {}).get(key)
         keep = path is not None and not os.path.isabs(path) and not path.startswith("..")
         values.setdefault("logging", {})[key] = os.path.join(run_dir, path) if keep else None

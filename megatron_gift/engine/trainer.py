@@ -56,6 +56,7 @@ from megatron_gift.platform import console, te
 from megatron_gift.platform.cpu import enable_cpu_megatron
 from megatron_gift.platform.distributed import init_distributed, local_device
 from megatron_gift.platform.run_lock import RunLock
+from megatron_gift.tracking.report import run_summary
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +397,21 @@ def run(job: Job, stop: Optional[StopOnSignal] = None) -> int:
                        ("tensorboard", logging_config.tensorboard_dir)):
         if path:
             log.info(f"{what}: {os.path.abspath(path)}")
+    _summarize(config)
     return job.iteration
+
+
+def _summarize(config: JobConfig) -> None:
+    """Rank 0 prints the run's summary from its metrics file (iterations, wall time of the
+    steps, final and best values) and the command that draws it."""
+    metrics = config.logging.metrics_file
+    if dist.get_rank() != 0 or not metrics or not os.path.isfile(metrics):
+        return
+    for line in run_summary(metrics):
+        log.info(line)
+    save = config.checkpoint.save
+    out = os.path.join(save, "report") if save else "REPORT_DIR"
+    log.info(f"draw it: megatron-gift report {save or metrics} --out {out}")
 
 
 def _record_config(job: Job) -> None:
