@@ -184,3 +184,43 @@ def test_each_step_tells_the_fp8_layers_of_both_models_to_quantize_their_weights
     assert hasattr(chunk, "set_is_first_microbatch")
     chunk.set_is_first_microbatch()
     assert [layer.is_first_microbatch for layer in flags] == [True, True]
+
+
+def _model_size_at(tp, world, out):
+    import json
+
+    import torch.distributed as dist
+
+    from megatron_gift.core.model import GiftModel
+    from megatron_gift.engine.job import job_config
+    from megatron_gift.engine.run_spec import resolve
+
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items()]
+    config = resolve(job_config(["--train-path", world["demos"], "--gift-beta", "3",
+                                 "--pretrained-checkpoint", world["base"],
+                                 "--tensor-model-parallel-size", str(tp), *flags])).config
+    trainer._init_parallel_state(config)
+    _, _, students, references = trainer._build_models(config)
+    job = SimpleNamespace(config=config, chunks=[GiftModel(s, r) for s, r in
+                                                 zip(students, references)])
+    line = trainer._model_size(job)
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(line, f)
+
+
+@pytest.mark.distributed
+def test_the_model_size_line_counts_each_parameter_once_at_any_tp(tiny_world, tmp_path):
+    """The start-up's model line (layers, parameters, of which trainable) is the same at TP=1
+    and TP=2: TP-sharded parameters summed over ranks, replicated ones (norms) counted once."""
+    import json
+
+    from support.parallel_harness import run_distributed
+
+    lines = []
+    for tp in (1, 2):
+        run_distributed(tp, _model_size_at, tp, tiny_world, str(tmp_path / f"{tp}.json"))
+        lines.append(json.loads((tmp_path / f"{tp}.json").read_text()))
+    assert lines[0] == lines[1]
+    assert lines[0].startswith("model: 4 layers; student ") and "all trainable" in lines[0]
+    assert lines[0].endswith(", frozen")

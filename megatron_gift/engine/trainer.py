@@ -364,6 +364,7 @@ def run(job: Job, stop: Optional[StopOnSignal] = None) -> int:
     stop.start_training(job.chunks[0].device)
     started = time.monotonic()
     log.info(_describe(job))
+    log.info(_model_size(job))
     _record_config(job)
     save, last_saved, stopped_by = config.checkpoint.save, job.iteration, None
     try:
@@ -633,6 +634,31 @@ def _scheduler(config: JobConfig, optimizer) -> OptimizerParamScheduler:
         start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=iters,
         wd_incr_style="constant", override_opt_param_scheduler=opt.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=not opt.override_opt_param_scheduler)
+
+
+def _model_size(job: Job) -> str:
+    """The models' size: layers, the student's parameters (of which trainable) and the
+    reference's, over every TP and PP rank (a TP-replicated parameter counted once)."""
+    student = [models.unwrap(chunk.student) for chunk in job.chunks]
+    reference = [chunk.reference for chunk in job.chunks if chunk.reference is not None]
+    counts = torch.tensor([_parameters(student), _parameters(student, trainable=True),
+                           _parameters(reference)], dtype=torch.float64,
+                          device=job.chunks[0].device)
+    dist.all_reduce(counts, group=parallel_state.get_model_parallel_group())
+    total, trainable, frozen = (float(c) for c in counts)
+    text = (f"model: {job.config.model.num_layers} layers; student {total / 1e6:.2f} M "
+            f"parameters, {'all' if trainable == total else f'{trainable / 1e6:.2f} M'} "
+            "trainable")
+    return text + (f"; reference {frozen / 1e6:.2f} M, frozen" if reference else "")
+
+
+def _parameters(modules: list, trainable: bool = False) -> int:
+    """This rank's parameters of ``modules``: TP-sharded ones, and replicated ones on TP rank 0
+    only (so a sum over the model-parallel group counts each once)."""
+    first = parallel_state.get_tensor_model_parallel_rank() == 0
+    return sum(p.numel() for m in modules for p in m.parameters()
+               if (first or getattr(p, "tensor_model_parallel", False))
+               and (p.requires_grad or not trainable))
 
 
 def _describe(job: Job) -> str:
