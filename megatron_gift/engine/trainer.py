@@ -646,10 +646,14 @@ def _model_size(job: Job) -> str:
                           device=job.chunks[0].device)
     dist.all_reduce(counts, group=parallel_state.get_model_parallel_group())
     total, trainable, frozen = (float(c) for c in counts)
-    text = (f"model: {job.config.model.num_layers} layers; student {total / 1e6:.2f} M "
-            f"parameters, {'all' if trainable == total else f'{trainable / 1e6:.2f} M'} "
-            "trainable")
-    return text + (f"; reference {frozen / 1e6:.2f} M, frozen" if reference else "")
+    text = (f"model: {job.config.model.num_layers} layers; student {_count(total)} "
+            f"parameters, {'all' if trainable == total else _count(trainable)} trainable")
+    return text + (f"; reference {_count(frozen)}, frozen" if reference else "")
+
+
+def _count(n: float) -> str:
+    """``70.55 B``, ``494.03 M`` or, below a million, exact: ``31,872``."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{int(n):,}"
 
 
 def _parameters(modules: list, trainable: bool = False) -> int:
