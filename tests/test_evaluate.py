@@ -177,15 +177,15 @@ def test_evaluate_refuses_missing_files_and_fields(tmp_path):
     bad.write_text(json.dumps({"prompt": "Q: 1 + 1 = ?", "answer": "2"}) + "\n\n"
                    + json.dumps({"prompt": "Q: 1 + 2 = ?", "solution": "3"}) + "\n")
     with pytest.raises(UserError, match=re.escape(
-            f"--data {bad}, line 3: no field 'answer' (name the field with --answer-field; "
+            f"--data {bad}:3: no field 'answer' (name the field with --answer-field; "
             "the record has 'prompt', 'solution')")):
         read_records(str(bad))
-    with pytest.raises(UserError, match=re.escape(f"--data {bad}, line 1: no field 'question' "
+    with pytest.raises(UserError, match=re.escape(f"--data {bad}:1: no field 'question' "
                                                   "(name the field with --prompt-field")):
         read_records(str(bad), prompt_field="question")
     assert len(read_records(str(bad), limit=1)) == 1  # the bad record is past the limit
     bad.write_text('{"prompt": "Q: 1 + 1 = ?", "answer": "2"}\n{"prompt": \n')
-    with pytest.raises(UserError, match=re.escape(f"--data {bad}, line 2: not JSON")):
+    with pytest.raises(UserError, match=re.escape(f"--data {bad}:2: not a JSON record")):
         read_records(str(bad))
     bad.write_text("")
     with pytest.raises(UserError, match="no records"):

@@ -70,6 +70,13 @@ def read_examples(path: str, fields: Fields,
         raise UserError(f"data file has no records: {path}")
 
 
+def rows(path: str, split: str = "train") -> Iterator[tuple[str, Union[dict, Malformed]]]:
+    """``(place, record or Malformed)`` of every record of a JSONL or Parquet file or a
+    ``datasets`` directory (``split``), in file order: ``path:line`` or ``path row N``. A line
+    that is not JSON or not UTF-8 is a :class:`Malformed`, not an exception."""
+    return _read(path, split)
+
+
 def _read(path, split):
     if os.path.isdir(path):
         return _dataset_rows(path, split)

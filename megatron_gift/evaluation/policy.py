@@ -7,11 +7,10 @@ prompts have styles (the embedded arithmetic world's: :mod:`megatron_gift.demo.c
 """
 
 import itertools
-import json
 import math
 import os
 from collections import Counter
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from megatron_gift.errors import MissingFileError, UserError
 
@@ -21,18 +20,25 @@ StyleOf = Callable[[str], str]  # a completion -> its solution style
 
 def read_records(path: str, prompt_field: str = "prompt", answer_field: str = "answer",
                  response_field: Optional[str] = "response", limit: Optional[int] = None) -> list[dict]:
-    """``[{"prompt", "answer"[, "response"]}]`` from a JSONL or parquet file (the first
-    ``limit`` records when given). Raises UserError naming the file, the line or record and the
-    flag for a record that lacks a field."""
-    if not os.path.isfile(path):
+    """``[{"prompt", "answer"[, "response"]}]`` from a JSONL or Parquet file or a ``datasets``
+    directory, read as the training data is (:func:`megatron_gift.data.records.rows`; the first
+    ``limit`` records when given). Raises UserError naming the file, the line or row and the
+    flag for a record that is not one or lacks a field."""
+    from megatron_gift.data.records import Malformed, rows
+
+    if not os.path.exists(path):
         raise MissingFileError(f"--data {path}: no such file")
     records = []
-    for where, row in itertools.islice(_rows(path), limit):
+    for place, row in itertools.islice(rows(path), limit):
+        if isinstance(row, Malformed):
+            raise UserError(f"--data {place}: {row}")
+        if not isinstance(row, dict):
+            raise UserError(f"--data {place}: not a JSON object")
         for flag, field in (("--prompt-field", prompt_field), ("--answer-field", answer_field)):
             if field not in row:
                 has = ", ".join(map(repr, row)) or "none"
-                raise UserError(f"--data {path}, {where}: no field {field!r} (name the field "
-                                f"with {flag}; the record has {has})")
+                raise UserError(f"--data {place}: no field {field!r} (name the field with "
+                                f"{flag}; the record has {has})")
         record = {"prompt": row[prompt_field], "answer": str(row[answer_field])}
         if response_field and response_field in row:
             record["response"] = row[response_field]
@@ -40,27 +46,6 @@ def read_records(path: str, prompt_field: str = "prompt", answer_field: str = "a
     if not records:
         raise UserError(f"--data {path}: no records")
     return records
-
-
-def _rows(path: str) -> Iterator[tuple[str, dict]]:
-    """``(where, row)`` for each record: ``line N`` of a JSONL file, ``record N`` of parquet."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield f"record {i}", row
-        return
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"--data {path}, line {number}: not JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"--data {path}, line {number}: not a JSON object")
-            yield f"line {number}", row
 
 
 def stated_answer(text: str) -> Optional[str]:
