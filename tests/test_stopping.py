@@ -85,8 +85,8 @@ def _last_logged_iteration(tmp_path):
 def test_sigterm_saves_at_tp2(tiny_world, tmp_path, save_interval, at_least, to_every_process):
     """``kill``, ``docker stop`` and Kubernetes signal torchrun alone, which forwards SIGTERM
     to its workers; SLURM signals every process of the job. Either way the workers finish the
-    step, save it and exit 0; torchrun itself then exits 1 (its SignalException), as the README
-    says."""
+    step, save it and exit 0; torchrun itself then exits 1 (its SignalException), as
+    docs/training/resume-and-stop.md says."""
     recipe = _recipe(tiny_world, tmp_path)
     launcher = _torchrun(recipe, tmp_path, "--save-interval", str(save_interval))
     metrics = tmp_path / "metrics.jsonl"

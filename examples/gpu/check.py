@@ -260,7 +260,7 @@ def te_rows(te: bool) -> list[Row]:
     names = ("TE spec vs local spec (HF logits, 5 GIFT iterations)",
              "FP8 reference tail report (bf16 vs FP8)")
     why = ("Transformer Engine is not installed" if not te else
-           "not automated in this script yet: see the README's GPU section")
+           "not automated in this script yet: see docs/gpu-check.md")
     return [Row(name, "not run", why) for name in names]
 
 

@@ -3,7 +3,7 @@
 Every rank makes the same file reads and gets the same answer; the trainer's stages only build
 from the result.
 
-What it settles, and the rules (README "Resuming a run"):
+What it settles, and the rules (docs/training/resume-and-stop.md):
 
 * **Where the run writes.** ``--save``, else the ``--load`` directory (a resumed run writes
   where it was saved; ``--load A --save B`` branches into B and never writes into A). The

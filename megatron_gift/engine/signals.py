@@ -1,6 +1,6 @@
 """Stopping on request: SIGTERM and Ctrl-C (SIGINT) save the run and exit, on every rank.
 
-What a run does with each signal (see README "Stopping a run"):
+What a run does with each signal (see docs/training/resume-and-stop.md):
 
 ===========================  ==============================================  ===========
 signal                       effect                                          exit status
