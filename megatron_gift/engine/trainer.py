@@ -411,8 +411,9 @@ def _summarize(config: JobConfig) -> None:
     for line in run_summary(metrics):
         log.info(line)
     save = config.checkpoint.save
+    own = save and os.path.abspath(metrics) == os.path.join(os.path.abspath(save), "metrics.jsonl")
     out = os.path.join(save, "report") if save else "REPORT_DIR"
-    log.info(f"draw it: megatron-gift report {save or metrics} --out {out}")
+    log.info(f"draw it: megatron-gift report {save if own else metrics} --out {out}")
 
 
 def _record_config(job: Job) -> None:
