@@ -8,6 +8,7 @@ that run; a new run, or a branch (``--load A --save B``, whose ``B`` holds no id
 its own. Neither tracker is forced online or offline: ``WANDB_MODE`` and the MLflow URI decide.
 """
 
+import abc
 import importlib
 import json
 import logging
@@ -23,14 +24,14 @@ log = logging.getLogger(__name__)
 EXTRA = "pip install -e .[tracking]"
 
 
-class Tracker:
+class Tracker(abc.ABC):
     """Where a run's numbers go: scalars at an iteration, the config of each start."""
 
     name = "tracker"
 
+    @abc.abstractmethod
     def log_scalars(self, scalars: Mapping[str, float], iteration: int) -> None:
         """Record ``scalars`` (name -> value) at training iteration ``iteration``."""
-        raise NotImplementedError
 
     def log_config(self, config: Mapping[str, Any], iteration: int) -> None:
         """Record the resolved run config (nested dict, section -> key -> value) of the start
