@@ -1,0 +1,388 @@
+"""GIFT loss fused with the output layer: from final hidden states to per-token loss without
+ever holding the ``[T, V/tp]`` logits of either model.
+
+Per token (see :mod:`megatron_gift.loss.gift` for the closed form of ``q``)::
+
+    z = h W^T          student logits      h: [T, H]      W: [V/tp, H] (this rank's vocab rows)
+    r = h_ref W_ref^T  reference logits    h_ref: [T, H_ref]  W_ref: [V/tp, H_ref]
+    loss_t = -sum_v q_v log softmax(z)_v,   dloss_t / dz = softmax(z) - q =: G_t
+
+Design:
+
+- **Chunking.** Tokens go through in chunks of ``chunk_tokens`` rows. Per chunk: one fp32 GEMM
+  per model (``[c, H] x [H, V/tp]``), the row maxima (MAX all-reduce of ``[c, 2]``), the
+  statistics of :mod:`megatron_gift.loss.columns` (SUM all-reduce of ``[c, 7]``), the loss, and
+  the gradient tile ``G`` ``[c, V/tp]``. The largest live buffers are three fp32 ``[c, V/tp]``
+  tiles (student, reference, one product), never ``[T, V/tp]``.
+- **Gradient in the forward (Liger's way).** The loss is the last op of the step, so ``G`` is
+  multiplied out while the tile is live: ``grad_hidden[chunk] = G @ W`` and
+  ``grad_weight += G^T @ h[chunk]`` (fp32 accumulators). Only those two (and small per-token
+  coefficients) are saved; the backward scales them by the upstream gradient.
+- **Collectives** (TP > 1; none at TP = 1): forward ``2 * ceil(T / chunk_tokens)`` small
+  all-reduces (MAX then SUM per chunk) plus one SUM all-reduce of ``grad_hidden`` ``[T, H]``
+  fp32 at the end of the forward (each rank's ``G @ W`` covers only its vocab shard); backward
+  none. The caller must therefore hand the final hidden state in *without* Megatron's
+  ``copy_to_tensor_model_parallel_region`` (whose backward would all-reduce a second time).
+- **Upstream gradient.** ``grad_hidden`` scales row by row, so any per-token upstream gradient
+  is exact. ``grad_weight = sum_t g_t G_t^T h_t`` needs ``g_t`` inside the sum: when ``g`` is
+  one value over the non-ignored tokens (Megatron's ``loss_sum.backward()``, a scalar times the
+  loss mask) the saved sum is scaled; otherwise the backward recomputes the tiles chunk by chunk
+  from the saved per-token maxima and coefficients (two GEMMs per chunk, no collective) and
+  accumulates ``G^T (g * h)``. Deciding which reads one boolean on the host (a device sync)
+  unless the gradient is an expanded scalar (stride 0), as ``sum().backward()`` gives.
+
+Why in-forward (Liger) and not recompute-in-backward (Cut Cross-Entropy) by default: for a
+7B-like shard (T = 8192, H = 3584, V/tp = 76032) the saved state is ``grad_hidden`` fp32
+``T * H * 4`` = 112 MiB plus ``grad_weight`` fp32 ``V/tp * H * 4`` = 1.02 GiB (the size of an
+fp32 main-grad of the output layer, which the optimizer holds anyway). Materialised logits
+instead cost 2.32 GiB per fp32 ``[T, V/tp]`` buffer (the eager loss keeps one fp32 gap plus
+both models' logits). Recomputing in the backward saves the 1.1 GiB but redoes both logits
+GEMMs, ``2 * 2 * T * H * V/tp`` = 8.9 TFLOP, i.e. +50 % of the head's 17.9 TFLOP
+(2 logits GEMMs + 2 gradient GEMMs), and needs the reference's hidden states kept alive until
+the backward. The head's memory is dominated by the logits, not by these accumulators, so the
+compute is the better trade.
+
+Precision: logits are computed from fp32 copies of the chunk and of the weights (an fp32 copy
+of a bf16 ``W`` costs ``V/tp * H * 4`` bytes for the call), so the loss matches the float64
+oracle to fp32 rounding. Gradients are returned in the inputs' dtypes.
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import FunctionCtx
+
+from megatron_gift.loss.columns import (R_LABEL, STAT_COLUMNS, SUM_EXP_R, SUM_EXP_Z, SUM_Z,
+                                        Z_LABEL, DOT_EXP_R_Z)
+from megatron_gift.loss.gift import (_all_reduce, _check_labels, _checked_hyperparameters,
+                                     _default_tp_group, _gibbs_weight)
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def fused_gift_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    *,
+    beta: float,
+    smooth_lambda: float = 0.0,
+    vocab_size: Optional[int] = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    group: Optional[dist.ProcessGroup] = None,
+    ignore_index: int = -100,
+    check_labels: bool = True,
+) -> torch.Tensor:
+    """Per-token GIFT loss of the output layer ``hidden @ weight.T`` against a frozen reference.
+
+    Args:
+        hidden: the student's final hidden states (after the final norm) ``[..., H]``, any float
+            dtype; gets a gradient.
+        weight: the student's output weight, this rank's vocab rows ``[V/tp, H]`` (rank ``k``
+            owns rows ``[k V/tp, (k+1) V/tp)`` of the padded vocab); gets a gradient. Tied
+            embeddings: pass the embedding weight.
+        labels: global token ids ``[...]`` (int64), ``ignore_index`` where there is no loss.
+        ref_hidden: the reference's final hidden states ``[..., H_ref]``; no gradient. ``None``
+            only for ``beta = inf``.
+        ref_weight: the reference's output weight ``[V/tp, H_ref]``; no gradient.
+        beta: inverse temperature ``>= 0``; ``inf`` is plain cross-entropy.
+        smooth_lambda: uniform mass mixed into the reference, in ``[0, 1]``.
+        vocab_size: the real vocab size when the vocab is padded; rows ``>= vocab_size`` of the
+            padded vocab take no part and get zero gradient. Default ``V/tp * tp``.
+        chunk_tokens: tokens per chunk; bounds the fp32 workspace to ~3 ``[chunk, V/tp]`` tiles.
+        group: tensor-parallel group the vocab is sharded over; default Megatron-Core's when
+            model parallelism is initialised, else none.
+        ignore_index: label of positions with loss 0 and gradient 0.
+        check_labels: raise ValueError for a label outside ``[0, vocab_size)`` (reads the labels
+            on the host).
+
+    Returns:
+        The loss ``[...]`` (labels' shape), fp32 (fp64 for fp64 inputs), nats per token,
+        identical on every TP rank.
+    """
+    beta, smooth_lambda = _checked_hyperparameters(beta, smooth_lambda)
+    if math.isinf(beta):
+        ref_hidden = ref_weight = None  # q is one-hot: the reference cannot change the loss
+    elif ref_hidden is None or ref_weight is None:
+        raise ValueError(f"ref_hidden and ref_weight are required for finite beta={beta} "
+                         "(only beta=inf skips them)")
+    _check_shapes(hidden, weight, labels, ref_hidden, ref_weight)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    group = _default_tp_group(group)
+    tp_size = dist.get_world_size(group) if group is not None else 1
+    padded_vocab = weight.size(0) * tp_size
+    vocab_size = padded_vocab if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded_vocab}] "
+                         f"(the weight's {weight.size(0)} rows x tp {tp_size})")
+    if check_labels:
+        _check_labels(labels, vocab_size, ignore_index)
+    config = _HeadConfig(beta, smooth_lambda, vocab_size, chunk_tokens, group, ignore_index)
+    return _FusedGiftHead.apply(hidden, weight, labels, ref_hidden, ref_weight, config)
+
+
+class _HeadConfig(NamedTuple):
+    beta: float
+    smooth_lambda: float
+    vocab_size: int  # the real (unpadded) global vocab
+    chunk_tokens: int
+    group: Optional[dist.ProcessGroup]
+    ignore_index: int
+
+
+def _check_shapes(hidden, weight, labels, ref_hidden, ref_weight):
+    if weight.dim() != 2 or hidden.size(-1) != weight.size(1):
+        raise ValueError(f"weight {tuple(weight.shape)} must be [V/tp, H] with H = hidden's "
+                         f"last dim ({tuple(hidden.shape)})")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden "
+                         f"{tuple(hidden.shape)} without the hidden dim")
+    if ref_hidden is None:
+        return
+    if ref_hidden.shape[:-1] != hidden.shape[:-1] or ref_weight.dim() != 2 or (
+            ref_weight.size(0) != weight.size(0) or ref_hidden.size(-1) != ref_weight.size(1)):
+        raise ValueError(
+            f"reference shapes hidden {tuple(ref_hidden.shape)}, weight {tuple(ref_weight.shape)} "
+            f"do not fit the student's {tuple(hidden.shape)}, {tuple(weight.shape)}: same "
+            "tokens and vocab shard, any hidden size")
+
+
+class _Shard(NamedTuple):
+    """Where this rank's vocab rows sit: padding rows (>= vocab) are a suffix of the shard."""
+
+    start: int  # first global vocab id of the shard
+    local: int  # real (non-padding) rows on this rank
+
+
+def _shard(weight: torch.Tensor, config: _HeadConfig) -> _Shard:
+    rank = dist.get_rank(config.group) if config.group is not None else 0
+    start = rank * weight.size(0)
+    return _Shard(start, min(max(config.vocab_size - start, 0), weight.size(0)))
+
+
+class _Coefficients(NamedTuple):
+    """Per-token ``[rows]`` terms of ``G = softmax(z) - q`` on this shard::
+
+        G = exp(z - max_z) * inv_sum_exp_z - ref_w * exp(r - max_r) - uniform_w
+            - onehot_w * onehot(column)           (rows of ignored tokens are 0)
+    """
+
+    maxima: torch.Tensor  # [rows, 2]: global max of z and of r
+    inv_sum_exp_z: torch.Tensor
+    ref_w: Optional[torch.Tensor]
+    uniform_w: Optional[torch.Tensor]
+    onehot_w: torch.Tensor  # 1 - g where this rank owns the label, else 0
+    column: torch.Tensor  # label's local column (0 where not owned)
+    valid: torch.Tensor  # label != ignore_index
+
+
+def _logits(x: torch.Tensor, weight: torch.Tensor, local: int) -> torch.Tensor:
+    """``x @ weight[:local].T`` ``[rows, local]`` in ``weight``'s (fp32/fp64) dtype."""
+    return torch.matmul(x.to(weight.dtype), weight[:local].T)
+
+
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    if x.size(-1) == 0:
+        return torch.full(x.shape[:1], -math.inf, dtype=x.dtype, device=x.device)
+    return x.amax(-1)
+
+
+def _gather(x: torch.Tensor, column: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
+    if x.size(-1) == 0:
+        return torch.zeros(x.shape[:1], dtype=x.dtype, device=x.device)
+    return torch.where(owned, x.gather(-1, column.unsqueeze(-1)).squeeze(-1), 0.0)
+
+
+def _statistics(z: torch.Tensor, r: Optional[torch.Tensor], column: torch.Tensor,
+                owned: torch.Tensor, smooth: bool) -> torch.Tensor:
+    """``[rows, STAT_COLUMNS]`` sums of this shard from max-shifted ``z`` and ``r``; turns ``r``
+    into ``exp(r - max_r)`` in place (the tile needs it)."""
+    stats = torch.zeros(z.size(0), STAT_COLUMNS, dtype=z.dtype, device=z.device)
+    stats[:, SUM_EXP_Z] = torch.exp(z).sum(-1)
+    stats[:, Z_LABEL] = _gather(z, column, owned)
+    if r is not None:
+        stats[:, R_LABEL] = _gather(r, column, owned)
+        exp_r = r.exp_()
+        stats[:, SUM_EXP_R] = exp_r.sum(-1)
+        stats[:, DOT_EXP_R_Z] = (exp_r * z).sum(-1)
+        if smooth:
+            stats[:, SUM_Z] = z.sum(-1)
+    return stats
+
+
+def _loss_and_coefficients(stats: torch.Tensor, maxima: torch.Tensor, column: torch.Tensor,
+                           owned: torch.Tensor, valid: torch.Tensor, has_ref: bool,
+                           config: _HeadConfig) -> tuple[torch.Tensor, _Coefficients]:
+    """Per-token loss ``[rows]`` (0 where ignored) and the tile's coefficients, from the
+    all-reduced statistics (the closed form of :mod:`megatron_gift.loss.gift`)."""
+    t = stats.unbind(-1)
+    log_sum_exp_z = torch.log(t[SUM_EXP_Z])
+    nll = log_sum_exp_z - t[Z_LABEL]
+    ref_w = uniform_w = None
+    if has_ref:
+        g, _, ce_ref = _gibbs_weight(t, log_sum_exp_z, config.beta, config.smooth_lambda,
+                                     config.vocab_size)
+        loss = nll + g * (ce_ref - nll)
+        ref_w = g * (1 - config.smooth_lambda) / t[SUM_EXP_R]
+        if config.smooth_lambda > 0:
+            uniform_w = g * config.smooth_lambda / config.vocab_size
+    else:
+        g, loss = torch.zeros_like(nll), nll
+    coefficients = _Coefficients(maxima, t[SUM_EXP_Z].reciprocal(), ref_w, uniform_w,
+                                 torch.where(owned, 1 - g, 0.0), column, valid)
+    return torch.where(valid, loss, 0.0), coefficients
+
+
+def _gradient_tile(exp_z: torch.Tensor, exp_r: Optional[torch.Tensor], c: _Coefficients,
+                   rows: slice) -> torch.Tensor:
+    """``G = softmax(z) - q`` ``[rows, V_local]`` written over ``exp_z`` (``exp(z - max_z)``);
+    ``exp_r``: ``exp(r - max_r)`` or None; ``c``: coefficients of every token, ``rows`` this
+    chunk's."""
+    tile = exp_z.mul_(c.inv_sum_exp_z[rows].unsqueeze(-1))
+    if exp_r is not None:
+        tile.addcmul_(exp_r, c.ref_w[rows].unsqueeze(-1), value=-1)
+        if c.uniform_w is not None:
+            tile.sub_(c.uniform_w[rows].unsqueeze(-1))
+    if tile.size(-1):
+        tile.scatter_add_(-1, c.column[rows].unsqueeze(-1), -c.onehot_w[rows].unsqueeze(-1))
+    return tile.mul_(c.valid[rows].unsqueeze(-1))
+
+
+def _chunks(rows: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
+
+
+class _FusedGiftHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
+                labels: torch.Tensor, ref_hidden: Optional[torch.Tensor],
+                ref_weight: Optional[torch.Tensor], config: _HeadConfig) -> torch.Tensor:
+        """The loss ``[...]``; computes and saves the unscaled gradients of ``hidden``
+        (``[T, H]`` fp32, all-reduced over TP) and ``weight`` (``[V/tp, H]`` fp32)."""
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        shard = _shard(weight, config)
+        h = hidden.reshape(-1, hidden.size(-1))
+        h_ref = ref_hidden.reshape(-1, ref_hidden.size(-1)) if ref_hidden is not None else None
+        w = weight.to(dtype)  # no copy when already fp32
+        w_ref = ref_weight.to(dtype) if ref_weight is not None else None
+        y = labels.reshape(-1)
+        valid = y != config.ignore_index
+        owned = valid & (y >= shard.start) & (y < shard.start + shard.local)
+        column = torch.where(owned, y - shard.start, 0)
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+
+        loss = torch.empty(h.size(0), dtype=dtype, device=h.device)
+        coefficient_parts = []
+        grad_hidden = torch.zeros_like(h, dtype=dtype) if want_hidden else None
+        grad_weight = torch.zeros_like(w) if want_weight else None
+        for rows in _chunks(h.size(0), config.chunk_tokens):
+            z = _logits(h[rows], w, shard.local)
+            r = _logits(h_ref[rows], w_ref, shard.local) if h_ref is not None else None
+            maxima = torch.stack([_row_max(z), _row_max(r) if r is not None else torch.full(
+                z.shape[:1], -math.inf, dtype=dtype, device=z.device)], -1)
+            maxima = _all_reduce(maxima, dist.ReduceOp.MAX, config.group)
+            z.sub_(maxima[:, :1])
+            if r is not None:
+                r.sub_(maxima[:, 1:])
+            stats = _statistics(z, r, column[rows], owned[rows], config.smooth_lambda > 0)
+            stats = _all_reduce(stats, dist.ReduceOp.SUM, config.group)
+            loss[rows], c = _loss_and_coefficients(stats, maxima, column[rows], owned[rows],
+                                                   valid[rows], r is not None, config)
+            coefficient_parts.append(c)
+            if want_hidden or want_weight:
+                tile = _gradient_tile(z.exp_(), r, c, slice(None))
+                if want_hidden:
+                    torch.matmul(tile, w[:shard.local], out=grad_hidden[rows])
+                if want_weight:
+                    grad_weight[:shard.local].addmm_(tile.T, h[rows].to(dtype))
+        if want_hidden:
+            _all_reduce(grad_hidden, dist.ReduceOp.SUM, config.group)
+
+        c = _concat(coefficient_parts, h.size(0), dtype, h.device)
+        ctx.save_for_backward(grad_hidden, grad_weight, hidden, weight, ref_hidden, ref_weight,
+                              *_flatten(c))
+        ctx.config, ctx.has_uniform = config, c.uniform_w is not None
+        return loss.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        """``grad_hidden * g[:, None]`` and ``sum_t g_t G_t^T h_t`` for the upstream ``g``
+        (labels' shape); the weight's by scaling the saved sum when ``g`` is one value over the
+        non-ignored tokens, else by recomputing the tiles."""
+        (grad_hidden, grad_weight, hidden, weight, ref_hidden, ref_weight,
+         *flat) = ctx.saved_tensors
+        c = _unflatten(flat, ctx.has_uniform)
+        g = grad_loss.reshape(-1)
+        out_hidden = out_weight = None
+        if grad_hidden is not None:
+            scale = torch.where(c.valid, g.to(grad_hidden.dtype), 0.0)
+            out_hidden = (grad_hidden * scale.unsqueeze(-1)).to(hidden.dtype).view(hidden.shape)
+        if grad_weight is not None:
+            uniform = _uniform_value(grad_loss, c.valid)
+            if uniform is not None:
+                out_weight = (grad_weight * uniform.to(grad_weight.dtype)).to(weight.dtype)
+            else:
+                out_weight = _recomputed_weight_grad(hidden, weight, ref_hidden, ref_weight, c,
+                                                     g, ctx.config).to(weight.dtype)
+        return out_hidden, out_weight, None, None, None, None
+
+
+def _uniform_value(grad_loss: torch.Tensor, valid: torch.Tensor) -> Optional[torch.Tensor]:
+    """The upstream gradient's one value over the non-ignored tokens (a 0-dim tensor), or None
+    when it varies. An expanded scalar (``loss.sum().backward()``) is recognised without reading
+    anything on the host."""
+    if grad_loss.numel() == 0:
+        return grad_loss.new_zeros(())
+    if all(s == 0 for s in grad_loss.stride()):
+        return grad_loss.reshape(-1)[0]
+    values = grad_loss.reshape(-1)[valid]
+    if values.numel() == 0:
+        return grad_loss.new_zeros(())
+    return values[0] if bool((values == values[0]).all()) else None
+
+
+def _recomputed_weight_grad(hidden, weight, ref_hidden, ref_weight, c: _Coefficients,
+                            g: torch.Tensor, config: _HeadConfig) -> torch.Tensor:
+    """``sum_t g_t G_t^T h_t`` ``[V/tp, H]``: each chunk's tiles rebuilt from the saved maxima and
+    coefficients (two GEMMs, no collective), then one GEMM into the accumulator."""
+    dtype = c.inv_sum_exp_z.dtype
+    shard = _shard(weight, config)
+    h = hidden.reshape(-1, hidden.size(-1))
+    h_ref = ref_hidden.reshape(-1, ref_hidden.size(-1)) if ref_hidden is not None else None
+    w = weight.to(dtype)
+    w_ref = ref_weight.to(dtype) if ref_weight is not None else None
+    grad_weight = torch.zeros_like(w)
+    for rows in _chunks(h.size(0), config.chunk_tokens):
+        exp_z = _logits(h[rows], w, shard.local).sub_(c.maxima[rows, :1]).exp_()
+        exp_r = None
+        if h_ref is not None:
+            exp_r = _logits(h_ref[rows], w_ref, shard.local).sub_(c.maxima[rows, 1:]).exp_()
+        tile = _gradient_tile(exp_z, exp_r, c, rows)
+        scaled = h[rows].to(dtype) * g[rows].to(dtype).unsqueeze(-1)
+        grad_weight[:shard.local].addmm_(tile.T, scaled)
+    return grad_weight
+
+
+def _concat(parts: list[_Coefficients], rows: int, dtype: torch.dtype,
+            device: torch.device) -> _Coefficients:
+    if not parts:
+        empty = torch.zeros(rows, dtype=dtype, device=device)
+        return _Coefficients(torch.zeros(rows, 2, dtype=dtype, device=device), empty, None, None,
+                             empty, torch.zeros(rows, dtype=torch.long, device=device),
+                             torch.zeros(rows, dtype=torch.bool, device=device))
+    return _Coefficients(*(None if parts[0][i] is None else torch.cat([p[i] for p in parts])
+                           for i in range(len(_Coefficients._fields))))
+
+
+def _flatten(c: _Coefficients) -> tuple[Optional[torch.Tensor], ...]:
+    return tuple(c)
+
+
+def _unflatten(flat: list[Optional[torch.Tensor]], has_uniform: bool) -> _Coefficients:
+    c = _Coefficients(*flat)
+    return c if has_uniform else c._replace(uniform_w=None)
