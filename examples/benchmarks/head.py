@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,8 @@ import time
 from typing import Callable
 
 import torch
-import torch.distributed as dist
+
+from loss import world_of_one  # examples/benchmarks/loss.py: a one-rank group and Megatron's state
 
 PATHS = ("fused", "gift logits", "ce logits")
 MIB = 2**20
@@ -118,19 +118,6 @@ def measure(name: str, args, vocab: int, device: torch.device) -> dict:
     return {"ms": 1e3 * statistics.median(times), "peak_mib": peak / MIB,
             "theory_mib": theoretical_bytes(name, args.tokens, args.hidden, vocab, dtype,
                                             args.chunk_tokens) / MIB}
-
-
-def world_of_one(device: torch.device) -> None:
-    """A one-rank process group and Megatron's parallel state (its cross-entropy needs one)."""
-    from megatron.core import parallel_state
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group(rank=0, world_size=1,
-                            device_id=device if device.type != "cpu" else None)
-    parallel_state.initialize_model_parallel()
 
 
 def default_device(name=None) -> torch.device:
