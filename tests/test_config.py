@@ -232,3 +232,11 @@ def test_launcher_reports_a_bad_flag_in_one_line():
     assert result.stderr.strip().splitlines() == [
         "error: argument --gift-beta: gift.beta must be a number (inf allowed), got 'abc'"]
     assert result.stdout == ""
+
+
+def test_the_fused_head_with_sequence_parallelism_is_refused_naming_both():
+    with pytest.raises(ConfigError, match=r"gift.head \(--gift-head\)=fused does not yet take "
+                                          r"parallel.sequence_parallel \(--sequence-parallel\)"):
+        parse_config(["--gift-head", "fused", "--sequence-parallel",
+                      "--tensor-model-parallel-size", "2"])
+    assert parse_config(["--gift-head", "fused"]).gift.head == "fused"

@@ -26,7 +26,8 @@ def test_gift_loss_reports_its_declared_metrics_over_the_loss_tokens(world_of_on
     logits, reference = torch.randn(2, 5, V), torch.randn(2, 5, V)
     loss = GiftLoss(beta, 0.0, V, implementation="eager")
     loss_sum, tokens, report = loss(logits, reference, batch)
-    assert set(report) == set(GiftLoss.metrics) and GiftLoss.reduction == TOKEN_MEAN
+    assert set(report) == set(loss.metrics) and loss.reduction == TOKEN_MEAN
+    assert loss.metrics == ("loss", "student_entropy", "target_mass", "student_label_prob")
     assert int(tokens) == 8 and all(float(v[1]) == 8 for v in report.values())
     expected = gift_loss_full_vocab(logits.double(), reference.double(), batch["labels"], beta)
     assert float(loss_sum) == pytest.approx(float(expected.sum()), rel=1e-5)
@@ -44,3 +45,23 @@ def test_the_evaluation_reports_cross_entropy_and_accuracy(world_of_one):
     assert report["valid_accuracy"].tolist() == [float(right), 8.0] and int(tokens) == 8
     ce = torch.nn.functional.cross_entropy(logits[valid], batch["labels"][valid], reduction="sum")
     assert float(report["valid_ce"][0]) == pytest.approx(float(ce), rel=1e-5)
+
+
+@pytest.mark.parametrize("beta", [5.0, math.inf])
+def test_the_fused_head_reports_the_loss_of_the_logits(world_of_one, beta):
+    """Given both models' hidden states ``[s, b, h]`` and output weights, the fused head's loss
+    is the loss of the logits they make; it declares the loss alone (no diagnostics yet)."""
+    from megatron_gift.core.model import HeadInputs
+
+    batch = _batch()
+    hidden, ref_hidden = torch.randn(5, 2, 6), torch.randn(5, 2, 4)
+    weight, ref_weight = torch.randn(V, 6), torch.randn(V, 4)
+    logits = torch.einsum("sbh,vh->bsv", hidden, weight)
+    ref_logits = torch.einsum("sbh,vh->bsv", ref_hidden, ref_weight)
+    expected, tokens, _ = GiftLoss(beta, 0.0, V, "eager")(logits, ref_logits, batch)
+    fused = GiftLoss(beta, 0.0, V, "eager", head="fused", chunk_tokens=3)
+    loss_sum, fused_tokens, report = fused(HeadInputs(hidden, weight),
+                                           HeadInputs(ref_hidden, ref_weight), batch)
+    assert fused.metrics == ("loss",) and set(report) == {"loss"}
+    assert int(fused_tokens) == int(tokens) == 8
+    assert float(loss_sum) == pytest.approx(float(expected), rel=1e-5)

@@ -56,7 +56,8 @@ SGD = {"optimizer": "sgd", "sgd_momentum": 0.9, "lr": 0.5, "weight_decay": 0.0,
        "lr_decay_style": "constant", "clip_grad": 1.0}
 
 
-def _layout_run(world, tmp, name, tp=1, pp=1, vpp=None, dp=1, parallel=(), training=()):
+def _layout_run(world, tmp, name, tp=1, pp=1, vpp=None, dp=1, parallel=(), training=(),
+                gift=()):
     """Three SGD steps at a layout: ``(losses, model tensors after the last step)``.
 
     SGD, not Adam: its update is linear in the gradient, so the last-bit differences that a
@@ -67,7 +68,7 @@ def _layout_run(world, tmp, name, tp=1, pp=1, vpp=None, dp=1, parallel=(), train
     overrides = _overrides(world, parallel={
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
         "virtual_pipeline_model_parallel_size": vpp, **dict(parallel)},
-        training=dict(training), optimizer=SGD,
+        training=dict(training), optimizer=SGD, gift=dict(gift),
         checkpoint={"pretrained_checkpoint": world["base"], "save": str(out / "ckpt")},
         logging={"metrics_file": str(out / "metrics.jsonl"), "progress": False})
     _train(overrides, world_size=tp * pp * dp)
@@ -149,6 +150,16 @@ def assert_same_training(losses, weights, expected_losses, expected_weights, bas
 def test_layouts_train_like_one_process(world, single_process_run, base_weights, tmp_path,
                                         tp, pp, vpp, dp):
     losses, weights = _layout_run(world, tmp_path, f"tp{tp}pp{pp}vpp{vpp}dp{dp}", tp, pp, vpp, dp)
+    assert_same_training(losses, weights, *single_process_run, base_weights)
+
+
+@pytest.mark.parametrize("tp,pp,chunk", [(1, 1, 5), (2, 1, 1024), (1, 2, 7), (2, 2, 3)])
+def test_the_fused_head_trains_like_the_logits_head(world, single_process_run, base_weights,
+                                                    tmp_path, tp, pp, chunk):
+    """--gift-head fused (hidden states and output weights into the loss, logits never held
+    beyond a chunk) gives the losses and weight updates of the logits head at TP=1."""
+    losses, weights = _layout_run(world, tmp_path, "fused", tp, pp,
+                                  gift={"head": "fused", "head_chunk_tokens": chunk})
     assert_same_training(losses, weights, *single_process_run, base_weights)
 
 

@@ -57,6 +57,13 @@ def config_problems(config: DictConfig) -> list[str]:
                         f"attention window {model.sliding_window}; full attention is only exact "
                         "up to it (--seq-length)")
     problems += _layout_problems(config)
+    if config.gift.head == "fused" and config.parallel.sequence_parallel:
+        problems.append(f"{_name('gift', 'head')}=fused does not yet take "
+                        f"{_name('parallel', 'sequence_parallel')}: use --gift-head logits, or "
+                        "drop --sequence-parallel")
+    if config.gift.head_chunk_tokens < 1:
+        problems.append(f"{_name('gift', 'head_chunk_tokens')} must be >= 1, got "
+                        f"{config.gift.head_chunk_tokens}")
     problems += _recompute_problems(config.training)
     problems += _precision_problems(config)
     if config.optimizer.min_lr > config.optimizer.lr:

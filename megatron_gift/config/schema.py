@@ -96,6 +96,12 @@ class Gift:
         "auto", "passes over the logits: fused Triton kernels (CUDA), eager PyTorch, or auto "
         "(Triton on CUDA where installed, else eager)", choices=("auto", "triton", "eager"),
         flag="--gift-loss-implementation")
+    head: str = option(
+        "logits", "how the loss meets the output layer: logits (materialised, then the loss) or "
+        "fused (hidden states and output weights in, logits never held beyond a chunk of "
+        "--gift-head-chunk-tokens)", choices=("logits", "fused"), flag="--gift-head")
+    head_chunk_tokens: int = option(
+        1024, "tokens per chunk of the fused head", flag="--gift-head-chunk-tokens")
 
 
 @dataclass

@@ -7,7 +7,7 @@ concatenated on the hidden dim (``[s, b, 2h]``); the last stage returns both voc
 logits ``[b, s, V/tp]`` (never gathered). With ``beta = inf`` there is no reference at all.
 """
 
-from typing import Optional, Sequence, TypeVar, Union
+from typing import NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,22 @@ def freeze(model: _Module) -> _Module:
     return model
 
 
+class HeadInputs(NamedTuple):
+    """What a model's output layer would take on the last stage: the final hidden states
+    ``[s, b, h]`` (after the final norm) and the output weight ``[V/tp, h]`` (the embedding's
+    where they are tied)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+
+def _head_inputs(hidden_states, output_layer, output_weight, **_) -> HeadInputs:
+    """Megatron-Core's ``GPTModel.forward(output_processor=...)`` hook: the output layer's
+    inputs instead of its logits."""
+    return HeadInputs(hidden_states,
+                      output_weight if output_weight is not None else output_layer.weight)
+
+
 class GiftModel(torch.nn.Module):
     """One pipeline chunk of the student (usually DDP-wrapped) beside its frozen reference.
 
@@ -155,6 +171,7 @@ class GiftModel(torch.nn.Module):
         self.student = student
         self.reference = freeze(reference) if reference is not None else None
         self.use_reference = True
+        self.head = "logits"  # "fused": the last stage returns HeadInputs instead of logits
         inner = unwrap(student)
         self.config, self.model_type = inner.config, inner.model_type
         self.pre_process, self.post_process = inner.pre_process, inner.post_process
@@ -209,6 +226,8 @@ class GiftModel(torch.nn.Module):
         forwards build it.
         """
         extra = {} if packed_seq_params is None else {"packed_seq_params": packed_seq_params}
+        if self.post_process and self.head == "fused":
+            extra["output_processor"] = _head_inputs
         reference_out = None
         if self.runs_reference:
             with torch.no_grad():

@@ -442,7 +442,10 @@ def _train_step(job: Job) -> dict:
     job.optimizer.zero_grad()
     batches = _batches(job, job.train_data, job.consumed_samples, shuffle_seed=config.training.seed)
     loss = GiftLoss(config.gift.beta, config.gift.smooth_lambda, job.vocab_size,
-                    config.gift.loss_implementation)
+                    config.gift.loss_implementation, config.gift.head,
+                    config.gift.head_chunk_tokens)
+    for chunk in job.chunks:
+        chunk.head = loss.head
     step = pipeline.forward_step_func(loss, pipeline.causal_attention_mask, thd=_packs_thd(config))
     reports = _run_schedule(job, batches, forward_only=False, step=step)
     _, grad_norm, _ = job.optimizer.step()
@@ -465,6 +468,7 @@ def _evaluate(job: Job) -> dict:
     for chunk in job.chunks:  # the metrics read the student alone: the reference stays idle
         chunk.student.eval()
         chunk.use_reference = loss.uses_reference
+        chunk.head = "logits"
     sums = {key: [0.0, 0.0] for key in loss.metrics}
     step = pipeline.forward_step_func(loss, pipeline.causal_attention_mask, thd=_packs_thd(config))
     with torch.no_grad():
