@@ -48,9 +48,9 @@ def test_the_evaluation_reports_cross_entropy_and_accuracy(world_of_one):
 
 
 @pytest.mark.parametrize("beta", [5.0, math.inf])
-def test_the_fused_head_reports_the_loss_of_the_logits(world_of_one, beta):
+def test_the_fused_head_reports_what_the_logits_report(world_of_one, beta):
     """Given both models' hidden states ``[s, b, h]`` and output weights, the fused head's loss
-    is the loss of the logits they make; it declares the loss alone (no diagnostics yet)."""
+    and diagnostics are those of the logits they make."""
     from megatron_gift.core.model import HeadInputs
 
     batch = _batch()
@@ -58,10 +58,11 @@ def test_the_fused_head_reports_the_loss_of_the_logits(world_of_one, beta):
     weight, ref_weight = torch.randn(V, 6), torch.randn(V, 4)
     logits = torch.einsum("sbh,vh->bsv", hidden, weight)
     ref_logits = torch.einsum("sbh,vh->bsv", ref_hidden, ref_weight)
-    expected, tokens, _ = GiftLoss(beta, 0.0, V, "eager")(logits, ref_logits, batch)
-    fused = GiftLoss(beta, 0.0, V, "eager", head="fused", chunk_tokens=3)
+    expected, tokens, want = GiftLoss(beta, 0.3, V, "eager")(logits, ref_logits, batch)
+    fused = GiftLoss(beta, 0.3, V, "eager", head="fused", chunk_tokens=3)
     loss_sum, fused_tokens, report = fused(HeadInputs(hidden, weight),
                                            HeadInputs(ref_hidden, ref_weight), batch)
-    assert fused.metrics == ("loss",) and set(report) == {"loss"}
-    assert int(fused_tokens) == int(tokens) == 8
+    assert set(report) == set(fused.metrics) and int(fused_tokens) == int(tokens) == 8
     assert float(loss_sum) == pytest.approx(float(expected), rel=1e-5)
+    for key in fused.metrics:
+        torch.testing.assert_close(report[key], want[key], rtol=1e-5, atol=1e-6, msg=key)

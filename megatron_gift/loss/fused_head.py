@@ -48,16 +48,16 @@ oracle to fp32 rounding. Gradients are returned in the inputs' dtypes.
 """
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import FunctionCtx
 
-from megatron_gift.loss.columns import (R_LABEL, STAT_COLUMNS, SUM_EXP_R, SUM_EXP_Z, SUM_Z,
-                                        Z_LABEL, DOT_EXP_R_Z)
-from megatron_gift.loss.gift import (_all_reduce, _check_labels, _checked_hyperparameters,
-                                     _default_tp_group, _gibbs_weight)
+from megatron_gift.loss.columns import (DOT_EXP_R_Z, DOT_EXP_Z_Z, R_LABEL, STAT_COLUMNS,
+                                        SUM_EXP_R, SUM_EXP_Z, SUM_Z, Z_LABEL)
+from megatron_gift.loss.gift import (GiftTokenStats, _all_reduce, _check_labels,
+                                     _checked_hyperparameters, _default_tp_group, _gibbs_weight)
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -76,7 +76,8 @@ def fused_gift_head_loss(
     group: Optional[dist.ProcessGroup] = None,
     ignore_index: int = -100,
     check_labels: bool = True,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, GiftTokenStats]]:
     """Per-token GIFT loss of the output layer ``hidden @ weight.T`` against a frozen reference.
 
     Args:
@@ -99,10 +100,12 @@ def fused_gift_head_loss(
         ignore_index: label of positions with loss 0 and gradient 0.
         check_labels: raise ValueError for a label outside ``[0, vocab_size)`` (reads the labels
             on the host).
+        return_stats: also return the per-token diagnostics of
+            :func:`megatron_gift.loss.vocab_parallel_gift_loss` (no gradient).
 
     Returns:
         The loss ``[...]`` (labels' shape), fp32 (fp64 for fp64 inputs), nats per token,
-        identical on every TP rank.
+        identical on every TP rank; with ``return_stats``, ``(loss, GiftTokenStats)``.
     """
     beta, smooth_lambda = _checked_hyperparameters(beta, smooth_lambda)
     if math.isinf(beta):
@@ -123,7 +126,8 @@ def fused_gift_head_loss(
     if check_labels:
         _check_labels(labels, vocab_size, ignore_index)
     config = _HeadConfig(beta, smooth_lambda, vocab_size, chunk_tokens, group, ignore_index)
-    return _FusedGiftHead.apply(hidden, weight, labels, ref_hidden, ref_weight, config)
+    loss, *stats = _FusedGiftHead.apply(hidden, weight, labels, ref_hidden, ref_weight, config)
+    return (loss, GiftTokenStats(*stats)) if return_stats else loss
 
 
 class _HeadConfig(NamedTuple):
@@ -203,7 +207,9 @@ def _statistics(z: torch.Tensor, r: Optional[torch.Tensor], column: torch.Tensor
     """``[rows, STAT_COLUMNS]`` sums of this shard from max-shifted ``z`` and ``r``; turns ``r``
     into ``exp(r - max_r)`` in place (the tile needs it)."""
     stats = torch.zeros(z.size(0), STAT_COLUMNS, dtype=z.dtype, device=z.device)
-    stats[:, SUM_EXP_Z] = torch.exp(z).sum(-1)
+    exp_z = torch.exp(z)
+    stats[:, SUM_EXP_Z] = exp_z.sum(-1)
+    stats[:, DOT_EXP_Z_Z] = (exp_z * z).sum(-1)  # the student's entropy
     stats[:, Z_LABEL] = _gather(z, column, owned)
     if r is not None:
         stats[:, R_LABEL] = _gather(r, column, owned)
@@ -218,16 +224,19 @@ def _statistics(z: torch.Tensor, r: Optional[torch.Tensor], column: torch.Tensor
 def _loss_and_coefficients(stats: torch.Tensor, maxima: torch.Tensor, column: torch.Tensor,
                            owned: torch.Tensor, valid: torch.Tensor, has_ref: bool,
                            config: _HeadConfig) -> tuple[torch.Tensor, _Coefficients]:
-    """Per-token loss ``[rows]`` (0 where ignored) and the tile's coefficients, from the
+    """Per-token ``[4, rows]``: the loss, the student's entropy, the target's mass on the label
+    ``q(y)`` and the student's ``p(y)`` (0 where ignored), and the tile's coefficients, from the
     all-reduced statistics (the closed form of :mod:`megatron_gift.loss.gift`)."""
     t = stats.unbind(-1)
     log_sum_exp_z = torch.log(t[SUM_EXP_Z])
     nll = log_sum_exp_z - t[Z_LABEL]
     ref_w = uniform_w = None
+    target_mass = torch.ones_like(nll)
     if has_ref:
-        g, _, ce_ref = _gibbs_weight(t, log_sum_exp_z, config.beta, config.smooth_lambda,
-                                     config.vocab_size)
+        g, log_p_label, ce_ref = _gibbs_weight(t, log_sum_exp_z, config.beta,
+                                               config.smooth_lambda, config.vocab_size)
         loss = nll + g * (ce_ref - nll)
+        target_mass = 1 - g * (1 - torch.exp(log_p_label))
         ref_w = g * (1 - config.smooth_lambda) / t[SUM_EXP_R]
         if config.smooth_lambda > 0:
             uniform_w = g * config.smooth_lambda / config.vocab_size
@@ -235,7 +244,9 @@ def _loss_and_coefficients(stats: torch.Tensor, maxima: torch.Tensor, column: to
         g, loss = torch.zeros_like(nll), nll
     coefficients = _Coefficients(maxima, t[SUM_EXP_Z].reciprocal(), ref_w, uniform_w,
                                  torch.where(owned, 1 - g, 0.0), column, valid)
-    return torch.where(valid, loss, 0.0), coefficients
+    entropy = log_sum_exp_z - t[DOT_EXP_Z_Z] / t[SUM_EXP_Z]
+    per_token = torch.stack([loss, entropy, target_mass, torch.exp(-nll)])
+    return torch.where(valid, per_token, 0.0), coefficients
 
 
 def _gradient_tile(exp_z: torch.Tensor, exp_r: Optional[torch.Tensor], c: _Coefficients,
@@ -276,7 +287,7 @@ class _FusedGiftHead(torch.autograd.Function):
         column = torch.where(owned, y - shard.start, 0)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
 
-        loss = torch.empty(h.size(0), dtype=dtype, device=h.device)
+        loss = torch.empty(4, h.size(0), dtype=dtype, device=h.device)  # loss and diagnostics
         coefficient_parts = []
         grad_hidden = torch.zeros_like(h, dtype=dtype) if want_hidden else None
         grad_weight = torch.zeros_like(w) if want_weight else None
@@ -291,8 +302,8 @@ class _FusedGiftHead(torch.autograd.Function):
                 r.sub_(maxima[:, 1:])
             stats = _statistics(z, r, column[rows], owned[rows], config.smooth_lambda > 0)
             stats = _all_reduce(stats, dist.ReduceOp.SUM, config.group)
-            loss[rows], c = _loss_and_coefficients(stats, maxima, column[rows], owned[rows],
-                                                   valid[rows], r is not None, config)
+            loss[:, rows], c = _loss_and_coefficients(stats, maxima, column[rows], owned[rows],
+                                                      valid[rows], r is not None, config)
             coefficient_parts.append(c)
             if want_hidden or want_weight:
                 tile = _gradient_tile(z.exp_(), r, c, slice(None))
@@ -307,10 +318,13 @@ class _FusedGiftHead(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight, hidden, weight, ref_hidden, ref_weight,
                               *_flatten(c))
         ctx.config, ctx.has_uniform = config, c.uniform_w is not None
-        return loss.view(labels.shape)
+        outputs = tuple(x.view(labels.shape) for x in loss)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: FunctionCtx, grad_loss: torch.Tensor,
+                 *_: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         """``grad_hidden * g[:, None]`` and ``sum_t g_t G_t^T h_t`` for the upstream ``g``
         (labels' shape); the weight's by scaling the saved sum when ``g`` is one value over the
         non-ignored tokens, else by recomputing the tiles."""

@@ -37,16 +37,10 @@ class GiftLoss:
     implementation: str = "auto"
     head: str = "logits"  # "fused": the inputs are both models' hidden states and weights
     chunk_tokens: int = 1024
+    metrics: ClassVar[tuple[str, ...]] = ("loss", "student_entropy", "target_mass",
+                                          "student_label_prob")
     reduction: ClassVar[str] = TOKEN_MEAN
     uses_reference: ClassVar[bool] = True
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        """The loss and, on materialised logits, its diagnostics (the fused head has none
-        yet)."""
-        if self.head == "fused":
-            return ("loss",)
-        return ("loss", "student_entropy", "target_mass", "student_label_prob")
 
     def __call__(self, logits, reference_logits, batch: Batch
                  ) -> tuple[torch.Tensor, torch.Tensor, Report]:
@@ -55,11 +49,12 @@ class GiftLoss:
         ``[V/tp, h]``); ``batch``: labels and loss mask ``[b, s]``. Returns the loss summed
         over tokens, the token count and the report."""
         if self.head == "fused":
-            return self._fused(logits, reference_logits, batch)
-        loss, stats = vocab_parallel_gift_loss(
-            logits, reference_logits, batch["labels"], beta=self.beta,
-            smooth_lambda=self.smooth_lambda, vocab_size=self.vocab_size, return_stats=True,
-            check_labels=False, implementation=self.implementation)
+            loss, stats = self._fused(logits, reference_logits, batch)
+        else:
+            loss, stats = vocab_parallel_gift_loss(
+                logits, reference_logits, batch["labels"], beta=self.beta,
+                smooth_lambda=self.smooth_lambda, vocab_size=self.vocab_size,
+                return_stats=True, check_labels=False, implementation=self.implementation)
         num_tokens = batch["loss_mask"].sum().to(torch.int)
         count = num_tokens.float()
         report = {"loss": loss.sum().detach()}
@@ -68,22 +63,20 @@ class GiftLoss:
                       student_label_prob=stats.student_label_prob.sum())
         return loss.sum(), num_tokens, {k: torch.stack([v, count]) for k, v in report.items()}
 
-
     def _fused(self, student, reference, batch: Batch):
+        """The loss and its diagnostics from both models' head inputs, no logits held."""
         from megatron.core import parallel_state
 
         from megatron_gift.loss.fused_head import fused_gift_head_loss
 
         ref_hidden, ref_weight = ((reference.hidden.transpose(0, 1), reference.weight)
                                   if reference is not None else (None, None))
-        loss = fused_gift_head_loss(
+        return fused_gift_head_loss(
             student.hidden.transpose(0, 1), student.weight, batch["labels"], ref_hidden,
             ref_weight, beta=self.beta, smooth_lambda=self.smooth_lambda,
             vocab_size=self.vocab_size, chunk_tokens=self.chunk_tokens,
-            group=parallel_state.get_tensor_model_parallel_group(), check_labels=False)
-        num_tokens = batch["loss_mask"].sum().to(torch.int)
-        return loss.sum(), num_tokens, {"loss": torch.stack([loss.sum().detach(),
-                                                            num_tokens.float()])}
+            group=parallel_state.get_tensor_model_parallel_group(), check_labels=False,
+            return_stats=True)
 
 
 @dataclass(frozen=True)
