@@ -267,3 +267,27 @@ def test_a_run_ends_with_its_summary_and_the_command_that_draws_it(tiny_world, t
     assert expected[0].startswith("iterations 2") and any(l.startswith("valid_ce:") for l in expected)
     tail = [line.removeprefix("[gift] ") for line in out.strip().splitlines()[-len(expected) - 1:]]
     assert tail == expected + [f"draw it: megatron-gift report {save} --out {save}/report"]
+
+
+def test_a_report_replaces_an_earlier_one_and_never_writes_over_other_files(runs, tmp_path,
+                                                                           monkeypatch):
+    out = tmp_path / "report"
+    report.write_report(runs, str(out))
+    first = (out / "report.html").read_text()
+    report.write_report(runs, str(out))  # again over itself: the trainer suggests just that
+    assert (out / "report.html").read_text() == first
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=rf"--out {out} holds other files \(notes.txt\)"):
+        report.write_report(runs, str(out))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.html").read_text() == first
+    (out / "notes.txt").unlink()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill while the page is written
+
+    monkeypatch.setattr(report, "_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(runs, str(out))
+    assert (out / "report.html").read_text() == first
+    assert sorted(os.listdir(out)) == sorted(p for p in report.REPORT_FILES
+                                             if (out / p).exists())  # no temporary left

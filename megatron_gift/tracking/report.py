@@ -470,7 +470,7 @@ def write_figures(runs: Sequence[Run], out: str) -> dict[str, str]:
         figure = build_figure(runs, panel)
         if figure is not None:
             path = os.path.join(out, f"{panel.name}.png")
-            figure.savefig(path)
+            _write_replacing(path, lambda tmp: figure.savefig(tmp, format="png"))
             figures[panel.name] = path
     return figures
 
@@ -553,17 +553,44 @@ def write_report(runs: Sequence[str], out: str) -> Report:
     try:
         figures = write_figures(read, out)
         page = os.path.join(out, "report.html")
-        with open(page, "w", encoding="utf-8") as f:
-            f.write(html_page(read, figures))
+        text = html_page(read, figures)
+        _write_replacing(page, lambda tmp: _write_text(tmp, text))
     except OSError as error:
         raise UserError(f"--out {out}: cannot write the report there ({error.strerror}); give "
                         "a writable directory") from None
     return Report(page, figures, summary_text(read))
 
 
+REPORT_FILES = frozenset({"report.html", *(f"{panel.name}.png" for panel in PANELS)})
+
+
+def _write_replacing(path: str, write) -> None:
+    """``write(tmp)`` beside ``path``, then rename it into place: a killed report leaves the
+    previous file whole."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def _make_directory(out: str) -> None:
+    """Create ``out``; one that holds anything but an earlier report is refused (a report never
+    writes over other files)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out}: a file is there; give a directory (it is created)")
+    others = sorted(set(os.listdir(out)) - REPORT_FILES) if os.path.isdir(out) else []
+    if others:
+        raise UserError(f"--out {out} holds other files ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}); give an empty directory or one "
+                        "an earlier report wrote")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as error:
