@@ -234,9 +234,10 @@ def test_launcher_reports_a_bad_flag_in_one_line():
     assert result.stdout == ""
 
 
-def test_the_fused_head_with_sequence_parallelism_is_refused_naming_both():
-    with pytest.raises(ConfigError, match=r"gift.head \(--gift-head\)=fused does not yet take "
-                                          r"parallel.sequence_parallel \(--sequence-parallel\)"):
-        parse_config(["--gift-head", "fused", "--sequence-parallel",
-                      "--tensor-model-parallel-size", "2"])
-    assert parse_config(["--gift-head", "fused"]).gift.head == "fused"
+def test_the_fused_heads_chunk_is_checked_and_defaults_to_the_tile_budget():
+    with pytest.raises(ConfigError, match=r"gift.head_chunk_tokens \(--gift-head-chunk-tokens\) "
+                                          r"must be >= 1, got 0"):
+        parse_config(["--gift-head", "fused", "--gift-head-chunk-tokens", "0"])
+    config = parse_config(["--gift-head", "fused", "--sequence-parallel",
+                           "--tensor-model-parallel-size", "2"])
+    assert config.gift.head == "fused" and config.gift.head_chunk_tokens is None

@@ -258,3 +258,184 @@ def _tp2_matches_tp1(expected):
 @pytest.mark.distributed
 def test_tp2_matches_tp1():
     run_distributed(2, _tp2_matches_tp1, _tp1_results())
+
+
+# --- evaluation metrics without logits --------------------------------------------------------
+
+def _metrics_oracle(h, w, labels, real):
+    logits = (h.double() @ w.double().T)[:, :real]
+    valid = labels != -100
+    ce = torch.logsumexp(logits, -1) - logits.gather(-1, labels.clamp(min=0)[:, None])[:, 0]
+    first_max = (logits == logits.max(-1, keepdim=True).values).int().argmax(-1)  # lowest id
+    return torch.where(valid, ce, 0.0), (first_max == labels) & valid
+
+
+def _tied_inputs():
+    """Inputs where some tokens' argmax is a tie between two vocab rows (lowest id wins) and
+    where a padding row would win if it counted."""
+    h, w, _, _, labels = _inputs()
+    w[7] = w[3]  # rows 3 and 7 tie for every token
+    w[REAL:] = 10 * w[3].abs().max()  # padding rows: the largest logits, never counted
+    h[2] = w[3] * 5  # token 2's argmax is the 3/7 tie
+    labels[2], labels[6] = 3, 7
+    return h, w, labels
+
+
+def test_the_metrics_equal_full_vocab_cross_entropy_and_argmax():
+    h, w, labels = _tied_inputs()
+    for chunk in (1, CHUNK, None):
+        ce, correct = fused_head.fused_next_token_metrics(h, w, labels, vocab_size=REAL,
+                                                          chunk_tokens=chunk)
+        want_ce, want_correct = _metrics_oracle(h, w, labels, REAL)
+        torch.testing.assert_close(ce.double(), want_ce, **FP32_TOL)
+        assert torch.equal(correct, want_correct) and bool(correct[2])
+
+
+def test_the_metrics_count_padding_rows_only_in_a_planted_bug():
+    h, w, labels = _tied_inputs()
+    ce, correct = fused_head.fused_next_token_metrics(h, w, labels)  # padding counted
+    want_ce, want_correct = _metrics_oracle(h, w, labels, REAL)
+    assert not torch.allclose(ce.double(), want_ce) and not torch.equal(correct, want_correct)
+
+
+# --- gradient-accumulation fusion -------------------------------------------------------------
+
+def test_the_weight_gradient_goes_into_main_grad_in_fp32():
+    h, w, h_ref, w_ref, labels = _inputs(torch.bfloat16)
+    expected = _oracle(h, w, h_ref, w_ref, labels, 20.0, 0.3)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ww.main_grad = torch.full(w.shape, 0.5, dtype=torch.float32)  # an earlier micro-batch's
+    ww.grad_added_to_main_grad = False
+    loss = fused_gift_head_loss(hh, ww, labels, h_ref, w_ref, beta=20.0, smooth_lambda=0.3,
+                                vocab_size=REAL, chunk_tokens=CHUNK,
+                                accumulate_into_main_grad=True)
+    loss.sum().backward()
+    assert ww.grad_added_to_main_grad and torch.count_nonzero(ww.grad) == 0
+    # fp32 all the way into main_grad: far closer than one bf16 rounding of the gradient.
+    torch.testing.assert_close(ww.main_grad.double() - 0.5, expected[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hh.grad.double(), expected[1], rtol=2**-8, atol=1e-3)
+
+
+def test_accumulation_into_main_grad_needs_one():
+    h, w, h_ref, w_ref, labels = _inputs()
+    with pytest.raises(ValueError, match="main_grad"):
+        fused_gift_head_loss(h, w.requires_grad_(), labels, h_ref, w_ref, beta=5.0,
+                             accumulate_into_main_grad=True)
+
+
+def test_megatron_ddp_gets_each_micro_batchs_weight_gradient_once(world_of_one, monkeypatch):
+    """Megatron-Core's DDP (its gradient buffer and backward hook) over two micro-batches, with
+    the head returning the gradient and with the head adding it into main_grad: the same
+    main_grad, the sum of the two micro-batches' oracle gradients. A head that adds into
+    main_grad without telling the hook (the gradient counted twice) fails."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_gift.platform.cpu import enable_cpu_megatron
+
+    enable_cpu_megatron()  # where CUDA is absent: Megatron's buffers on the CPU
+    weight = _inputs(seed=1)[1]
+    micro_batches = [(h, weight, h_ref, w_ref, labels)
+                     for h, _, h_ref, w_ref, labels in (_inputs(seed=s) for s in (1, 2))]
+    want = sum(_oracle(*m, 5.0, 0.0)[2] for m in micro_batches)
+
+    def main_grad(accumulate: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        module = torch.nn.Linear(H, V, bias=False)
+        module.weight.data.copy_(weight)
+        config = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=1)
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True), module)
+        ddp.zero_grad_buffer()
+        param = ddp.module.weight
+        for h, _, h_ref, w_ref, labels in micro_batches:
+            fused_gift_head_loss(h, param, labels, h_ref, w_ref, beta=5.0, vocab_size=REAL,
+                                 chunk_tokens=CHUNK,
+                                 accumulate_into_main_grad=accumulate).sum().backward()
+        return param.main_grad.double().clone()
+
+    torch.testing.assert_close(main_grad(False), want, **FP32_TOL)
+    torch.testing.assert_close(main_grad(True), want, **FP32_TOL)
+    monkeypatch.setattr(fused_head, "_add_to_main_grad",
+                        lambda weight, grad: (weight.main_grad.add_(grad), grad)[1])
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(main_grad(True), want, **FP32_TOL)
+
+
+# --- low-precision GEMMs (CUDA) ---------------------------------------------------------------
+
+def test_the_low_precision_gemm_path_takes_the_weights_as_they_are(monkeypatch):
+    """CUDA's ``out_dtype`` GEMMs (bf16 in, fp32 accumulation and out), emulated on CPU by
+    their definition: the weights enter uncopied, the tile is rounded to bf16 for the gradient
+    GEMMs (as the logits path rounds the logits' gradient), the result is within one bf16
+    rounding of the oracle."""
+    def mm_out_dtype(a, b, dtype):
+        assert a.dtype == b.dtype == torch.bfloat16 and dtype == torch.float32
+        return a.float() @ b.float()
+
+    def addmm_out_dtype(acc, a, b, dtype, out):
+        assert a.dtype == b.dtype == torch.bfloat16 and out is acc
+        return acc.add_(a.float() @ b.float())
+
+    monkeypatch.setattr(fused_head, "_MM_OUT_DTYPE", mm_out_dtype)
+    monkeypatch.setattr(fused_head, "_ADDMM_OUT_DTYPE", addmm_out_dtype)
+    monkeypatch.setattr(fused_head, "_multiplies_in_low_precision",
+                        lambda weight, dtype: weight.dtype == torch.bfloat16)
+    inputs = _inputs(torch.bfloat16)
+    assert fused_head._gemm_operand(inputs[1], torch.float32) is inputs[1]
+    for upstream in ("sum", "varying"):  # the saved sum and the recomputed weight gradient
+        ours = _ours(*inputs, 20.0, 0.3, _upstream(upstream))
+        expected = _oracle(*inputs, 20.0, 0.3, _upstream(upstream))
+        torch.testing.assert_close(ours[0].double(), expected[0], **FP32_TOL)
+        # Each element of the tile rounded to bf16 (relative 2^-9), then summed in fp32: the
+        # error of dW[v] = sum_t G[t, v] h[t] is at most 2^-9 sum_t |G[t, v] h[t]|, likewise dh;
+        # then one rounding of the result to bf16 (2^-9 of it).
+        tile = _oracle_tile(*inputs, 20.0, 0.3, _upstream(upstream)).abs()
+        h, w = inputs[0].double().abs(), inputs[1].double().abs()
+        for got, want, scale in ((ours[1], expected[1], tile @ w), (ours[2], expected[2], tile.T @ h)):
+            bound = 2**-8 * (scale + want.abs()) + 1e-6
+            assert torch.all((got.double() - want).abs() <= bound)
+
+
+def _oracle_tile(h, w, h_ref, w_ref, labels, beta, smooth_lambda, upstream=None, real=REAL):
+    """The float64 gradient of the loss by the logits ``[T, V]`` (padding columns 0)."""
+    logits = (h.double() @ w.double().T).requires_grad_()
+    ref = (h_ref.double() @ w_ref.double().T)[:, :real]
+    loss = gift_loss_full_vocab(logits[:, :real], ref, labels, beta, smooth_lambda)
+    loss.backward(torch.ones_like(loss) if upstream is None else upstream.double())
+    return logits.grad
+
+
+# --- TP = 2: the metrics, and the hidden gradient left to a sequence-parallel gather ----------
+
+def _tp2_metrics_and_unreduced_gradient(want_ce, want_correct, want_hidden_grad):
+    from megatron.core import parallel_state
+
+    with model_parallel(tp=2):
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        rows = slice(rank * V // 2, (rank + 1) * V // 2)
+        h, w, labels = _tied_inputs()
+        ce, correct = fused_head.fused_next_token_metrics(h, w[rows], labels, vocab_size=REAL,
+                                                          chunk_tokens=CHUNK)
+        torch.testing.assert_close(ce.double(), want_ce, **FP32_TOL)
+        assert torch.equal(correct, want_correct)
+        # Unreduced: this rank's share; the two shares sum to the whole (what the
+        # reduce-scatter of Megatron's sequence-parallel gather does on the way back).
+        h, w, h_ref, w_ref, labels = _inputs(seed=4)
+        hh = h.clone().requires_grad_()
+        fused_gift_head_loss(hh, w[rows].clone().requires_grad_(), labels, h_ref, w_ref[rows],
+                             beta=5.0, vocab_size=REAL, chunk_tokens=CHUNK,
+                             reduce_hidden_grad=False).sum().backward()
+        total = hh.grad.clone()
+        dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+        assert not torch.allclose(hh.grad, want_hidden_grad, rtol=1e-3)  # a share, not all
+        torch.testing.assert_close(total, want_hidden_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_tp2_metrics_and_the_unreduced_hidden_gradient():
+    h, w, labels = _tied_inputs()
+    want_ce, want_correct = _metrics_oracle(h, w, labels, REAL)
+    want_hidden_grad = _ours(*_inputs(seed=4), 5.0, 0.0)[1]
+    run_distributed(2, _tp2_metrics_and_unreduced_gradient, want_ce, want_correct,
+                    want_hidden_grad)

@@ -123,8 +123,20 @@ def base_weights(world):
 
 
 @pytest.fixture(scope="module")
-def single_process_run(world, tmp_path_factory):
-    return _layout_run(world, tmp_path_factory.mktemp("tp1"), "tp1")
+def single_process_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tp1")
+
+
+@pytest.fixture(scope="module")
+def single_process_run(world, single_process_dir):
+    """The one-process run with the logits head, whatever the default head."""
+    return _layout_run(world, single_process_dir, "tp1", gift={"head": "logits"})
+
+
+def _evaluations(path) -> dict:
+    """The last evaluation's metrics in a metrics file."""
+    return {k: v for k, v in [r for r in _metrics(path) if "valid_ce" in r][-1].items()
+            if k.startswith("valid_")}
 
 
 # fp32; only the order of reductions differs between layouts (TP shards, pipeline stages).
@@ -153,14 +165,28 @@ def test_layouts_train_like_one_process(world, single_process_run, base_weights,
     assert_same_training(losses, weights, *single_process_run, base_weights)
 
 
-@pytest.mark.parametrize("tp,pp,chunk", [(1, 1, 5), (2, 1, 1024), (1, 2, 7), (2, 2, 3)])
-def test_the_fused_head_trains_like_the_logits_head(world, single_process_run, base_weights,
-                                                    tmp_path, tp, pp, chunk):
+@pytest.mark.parametrize("tp,pp,vpp,chunk,parallel,training", [
+    (1, 1, None, 5, {}, {}), (2, 1, None, None, {}, {}), (1, 2, None, 7, {}, {}),
+    (2, 2, None, 3, {}, {}), (2, 1, None, 5, {"sequence_parallel": True}, {}),
+    (2, 2, None, None, {"sequence_parallel": True}, {}), (1, 2, 2, 4, {}, {}),
+    (1, 1, None, 6, {}, {"recompute_granularity": "full", "recompute_method": "uniform",
+                         "recompute_num_layers": 1}),
+], ids=["tp1", "tp2", "pp2", "tp2-pp2", "tp2-sp", "tp2-pp2-sp", "vpp", "full-recompute"])
+def test_the_fused_head_trains_like_the_logits_head(world, single_process_run, single_process_dir,
+                                                    base_weights, tmp_path, tp, pp, vpp, chunk,
+                                                    parallel, training):
     """--gift-head fused (hidden states and output weights into the loss, logits never held
-    beyond a chunk) gives the losses and weight updates of the logits head at TP=1."""
-    losses, weights = _layout_run(world, tmp_path, "fused", tp, pp,
-                                  gift={"head": "fused", "head_chunk_tokens": chunk})
+    beyond a chunk) gives the losses and weight updates of the logits head at TP=1, and its
+    evaluation the same valid_ce and valid_accuracy."""
+    losses, weights = _layout_run(world, tmp_path, "fused", tp, pp, vpp, 1, parallel.items(),
+                                  training.items(), gift={"head": "fused",
+                                                          "head_chunk_tokens": chunk})
     assert_same_training(losses, weights, *single_process_run, base_weights)
+    evaluation = _evaluations(tmp_path / "fused" / "metrics.jsonl")
+    expected = _evaluations(single_process_dir / "tp1" / "metrics.jsonl")
+    assert evaluation.keys() == expected.keys() == {"valid_ce", "valid_accuracy"}
+    for key, value in expected.items():
+        assert evaluation[key] == pytest.approx(value, rel=1e-5), key
 
 
 SP = {"sequence_parallel": True}

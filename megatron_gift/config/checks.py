@@ -57,11 +57,7 @@ def config_problems(config: DictConfig) -> list[str]:
                         f"attention window {model.sliding_window}; full attention is only exact "
                         "up to it (--seq-length)")
     problems += _layout_problems(config)
-    if config.gift.head == "fused" and config.parallel.sequence_parallel:
-        problems.append(f"{_name('gift', 'head')}=fused does not yet take "
-                        f"{_name('parallel', 'sequence_parallel')}: use --gift-head logits, or "
-                        "drop --sequence-parallel")
-    if config.gift.head_chunk_tokens < 1:
+    if config.gift.head_chunk_tokens is not None and config.gift.head_chunk_tokens < 1:
         problems.append(f"{_name('gift', 'head_chunk_tokens')} must be >= 1, got "
                         f"{config.gift.head_chunk_tokens}")
     problems += _recompute_problems(config.training)

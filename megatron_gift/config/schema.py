@@ -100,8 +100,9 @@ class Gift:
         "logits", "how the loss meets the output layer: logits (materialised, then the loss) or "
         "fused (hidden states and output weights in, logits never held beyond a chunk of "
         "--gift-head-chunk-tokens)", choices=("logits", "fused"), flag="--gift-head")
-    head_chunk_tokens: int = option(
-        1024, "tokens per chunk of the fused head", flag="--gift-head-chunk-tokens")
+    head_chunk_tokens: Optional[int] = option(
+        None, "tokens per chunk of the fused head; default: as many as keep one fp32 "
+        "[chunk, V/tp] tile within 128 MiB", flag="--gift-head-chunk-tokens")
 
 
 @dataclass

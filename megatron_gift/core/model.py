@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -144,18 +144,25 @@ def freeze(model: _Module) -> _Module:
 
 class HeadInputs(NamedTuple):
     """What a model's output layer would take on the last stage: the final hidden states
-    ``[s, b, h]`` (after the final norm) and the output weight ``[V/tp, h]`` (the embedding's
-    where they are tied)."""
+    ``[s, b, h]`` (after the final norm; with sequence parallelism gathered over the TP group,
+    as the output layer gathers them) and the output weight ``[V/tp, h]`` (the embedding's where
+    they are tied). ``gathered``: the hidden states came through Megatron's
+    ``gather_from_sequence_parallel_region``, whose backward reduce-scatters their gradient,
+    so the head must leave its gradient unreduced over TP."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
+    gathered: bool = False
 
 
 def _head_inputs(hidden_states, output_layer, output_weight, **_) -> HeadInputs:
     """Megatron-Core's ``GPTModel.forward(output_processor=...)`` hook: the output layer's
     inputs instead of its logits."""
-    return HeadInputs(hidden_states,
-                      output_weight if output_weight is not None else output_layer.weight)
+    weight = output_weight if output_weight is not None else output_layer.weight
+    if not output_layer.sequence_parallel:
+        return HeadInputs(hidden_states, weight)
+    return HeadInputs(tensor_parallel.gather_from_sequence_parallel_region(
+        hidden_states, tensor_parallel_output_grad=True), weight, gathered=True)
 
 
 class GiftModel(torch.nn.Module):

@@ -443,7 +443,7 @@ def _train_step(job: Job) -> dict:
     batches = _batches(job, job.train_data, job.consumed_samples, shuffle_seed=config.training.seed)
     loss = GiftLoss(config.gift.beta, config.gift.smooth_lambda, job.vocab_size,
                     config.gift.loss_implementation, config.gift.head,
-                    config.gift.head_chunk_tokens)
+                    config.gift.head_chunk_tokens, _head_accumulates_into_main_grad(job))
     for chunk in job.chunks:
         chunk.head = loss.head
     step = pipeline.forward_step_func(loss, pipeline.causal_attention_mask, thd=_packs_thd(config))
@@ -464,11 +464,11 @@ def _train_step(job: Job) -> dict:
 def _evaluate(job: Job) -> dict:
     """Plain next-token cross-entropy and accuracy of the student on the response tokens."""
     config = job.config
-    loss = NextTokenEvaluation(job.vocab_size)
+    loss = NextTokenEvaluation(job.vocab_size, config.gift.head, config.gift.head_chunk_tokens)
     for chunk in job.chunks:  # the metrics read the student alone: the reference stays idle
         chunk.student.eval()
         chunk.use_reference = loss.uses_reference
-        chunk.head = "logits"
+        chunk.head = loss.head
     sums = {key: [0.0, 0.0] for key in loss.metrics}
     step = pipeline.forward_step_func(loss, pipeline.causal_attention_mask, thd=_packs_thd(config))
     with torch.no_grad():
@@ -484,6 +484,17 @@ def _evaluate(job: Job) -> dict:
         chunk.student.train()
         chunk.use_reference = True
     return {k: total / max(count, 1) for k, (total, count) in sums.items()}
+
+
+def _head_accumulates_into_main_grad(job: Job) -> bool:
+    """Whether the fused head adds the output weight's gradient into its ``main_grad``:
+    where Megatron-Core's gradient-accumulation fusion is on (its linear layers do the same),
+    except for a tied output weight on the stage that also holds the embedding. There the
+    embedding's gradient reaches the same parameter, and DDP's hook, told the gradient is in
+    ``main_grad`` already, would drop the embedding's share; the head returns its gradient."""
+    chunk = job.chunks[-1]
+    tied = not job.config.model.untie_embeddings_and_output_weights
+    return bool(chunk.config.gradient_accumulation_fusion) and not (tied and chunk.pre_process)
 
 
 def _batches(job: Job, data: SFTDataset, consumed: int, shuffle_seed: Optional[int]) -> list:

@@ -59,7 +59,14 @@ from megatron_gift.loss.columns import (DOT_EXP_R_Z, DOT_EXP_Z_Z, R_LABEL, STAT_
 from megatron_gift.loss.gift import (GiftTokenStats, _all_reduce, _check_labels,
                                      _checked_hyperparameters, _default_tp_group, _gibbs_weight)
 
-DEFAULT_CHUNK_TOKENS = 1024
+TILE_BYTES = 128 * 2**20  # one fp32 [chunk, V/tp] tile when chunk_tokens is not given
+
+
+def default_chunk_tokens(vocab_shard: int) -> int:
+    """Tokens per chunk such that one fp32 ``[chunk, vocab_shard]`` tile takes at most
+    :data:`TILE_BYTES` (128 MiB: 1048 tokens at V/tp = 32000, 261 at 128256, 220 at 76032), at
+    least 1. Three tiles are live at once; the GEMMs stay large enough to run at full rate."""
+    return max(1, TILE_BYTES // (4 * max(1, vocab_shard)))
 
 
 def fused_gift_head_loss(
@@ -72,11 +79,13 @@ def fused_gift_head_loss(
     beta: float,
     smooth_lambda: float = 0.0,
     vocab_size: Optional[int] = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: Optional[int] = None,
     group: Optional[dist.ProcessGroup] = None,
     ignore_index: int = -100,
     check_labels: bool = True,
     return_stats: bool = False,
+    reduce_hidden_grad: bool = True,
+    accumulate_into_main_grad: bool = False,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, GiftTokenStats]]:
     """Per-token GIFT loss of the output layer ``hidden @ weight.T`` against a frozen reference.
 
@@ -95,6 +104,7 @@ def fused_gift_head_loss(
         vocab_size: the real vocab size when the vocab is padded; rows ``>= vocab_size`` of the
             padded vocab take no part and get zero gradient. Default ``V/tp * tp``.
         chunk_tokens: tokens per chunk; bounds the fp32 workspace to ~3 ``[chunk, V/tp]`` tiles.
+            Default :func:`default_chunk_tokens` (128 MiB a tile).
         group: tensor-parallel group the vocab is sharded over; default Megatron-Core's when
             model parallelism is initialised, else none.
         ignore_index: label of positions with loss 0 and gradient 0.
@@ -102,6 +112,14 @@ def fused_gift_head_loss(
             on the host).
         return_stats: also return the per-token diagnostics of
             :func:`megatron_gift.loss.vocab_parallel_gift_loss` (no gradient).
+        reduce_hidden_grad: sum the hidden states' gradient over the TP group (each rank's
+            ``G @ W`` covers its vocab shard). ``False`` where the caller's own backward reduces
+            it: a sequence-parallel input gathered by Megatron's
+            ``gather_from_sequence_parallel_region``, whose backward reduce-scatters.
+        accumulate_into_main_grad: Megatron-Core's gradient-accumulation fusion: add the
+            weight's gradient (fp32) straight into ``weight.main_grad`` (the DDP gradient
+            buffer), mark ``weight.grad_added_to_main_grad`` and hand autograd a zero gradient,
+            as Megatron's linear layers do. Requires ``weight.main_grad``.
 
     Returns:
         The loss ``[...]`` (labels' shape), fp32 (fp64 for fp64 inputs), nats per token,
@@ -114,8 +132,13 @@ def fused_gift_head_loss(
         raise ValueError(f"ref_hidden and ref_weight are required for finite beta={beta} "
                          "(only beta=inf skips them)")
     _check_shapes(hidden, weight, labels, ref_hidden, ref_weight)
+    if chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(weight.size(0))
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if accumulate_into_main_grad and getattr(weight, "main_grad", None) is None:
+        raise ValueError("accumulate_into_main_grad needs weight.main_grad (the weight of a "
+                         "model wrapped by Megatron-Core's DistributedDataParallel)")
     group = _default_tp_group(group)
     tp_size = dist.get_world_size(group) if group is not None else 1
     padded_vocab = weight.size(0) * tp_size
@@ -125,7 +148,8 @@ def fused_gift_head_loss(
                          f"(the weight's {weight.size(0)} rows x tp {tp_size})")
     if check_labels:
         _check_labels(labels, vocab_size, ignore_index)
-    config = _HeadConfig(beta, smooth_lambda, vocab_size, chunk_tokens, group, ignore_index)
+    config = _HeadConfig(beta, smooth_lambda, vocab_size, chunk_tokens, group, ignore_index,
+                         reduce_hidden_grad, accumulate_into_main_grad)
     loss, *stats = _FusedGiftHead.apply(hidden, weight, labels, ref_hidden, ref_weight, config)
     return (loss, GiftTokenStats(*stats)) if return_stats else loss
 
@@ -137,6 +161,8 @@ class _HeadConfig(NamedTuple):
     chunk_tokens: int
     group: Optional[dist.ProcessGroup]
     ignore_index: int
+    reduce_hidden_grad: bool = True
+    accumulate_into_main_grad: bool = False
 
 
 def _check_shapes(hidden, weight, labels, ref_hidden, ref_weight):
@@ -185,9 +211,47 @@ class _Coefficients(NamedTuple):
     valid: torch.Tensor  # label != ignore_index
 
 
-def _logits(x: torch.Tensor, weight: torch.Tensor, local: int) -> torch.Tensor:
-    """``x @ weight[:local].T`` ``[rows, local]`` in ``weight``'s (fp32/fp64) dtype."""
-    return torch.matmul(x.to(weight.dtype), weight[:local].T)
+def _gemm_operand(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as the GEMMs take it: itself where it is in ``dtype``, or where
+    :func:`_multiplies_in_low_precision` (no copy); else (CPU) an fp32 copy for the call."""
+    if weight.dtype == dtype or _multiplies_in_low_precision(weight, dtype):
+        return weight
+    return weight.to(dtype)
+
+
+def _multiplies_in_low_precision(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a bf16/fp16 weight enters the GEMMs as it is: on CUDA, whose ``out_dtype`` GEMMs
+    (``aten::mm.dtype``, ``aten::addmm.dtype_out``) accumulate in fp32 and return fp32, as the
+    output layer's GEMM accumulates (CPU has no such kernel)."""
+    return (weight.is_cuda and dtype == torch.float32 and _MM_OUT_DTYPE is not None
+            and weight.dtype in (torch.bfloat16, torch.float16))
+
+
+_MM_OUT_DTYPE = getattr(torch.ops.aten.mm, "dtype", None)
+_ADDMM_OUT_DTYPE = getattr(torch.ops.aten.addmm, "dtype_out", None)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in ``dtype`` (fp32/fp64); ``b`` in a lower precision (a CUDA operand of
+    :func:`_gemm_operand`): ``a`` rounded to it, fp32 accumulation and result."""
+    if b.dtype == dtype:
+        return torch.matmul(a.to(dtype), b)
+    return _MM_OUT_DTYPE(a.to(b.dtype), b, dtype)
+
+
+def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` in ``acc``'s dtype (fp32/fp64), as :func:`_mm`, no ``acc``-sized
+    temporary."""
+    if b.dtype == acc.dtype:
+        acc.addmm_(a.to(acc.dtype), b)
+    else:
+        _ADDMM_OUT_DTYPE(acc, a.to(b.dtype), b, acc.dtype, out=acc)
+
+
+def _logits(x: torch.Tensor, weight: torch.Tensor, local: int, dtype: torch.dtype
+            ) -> torch.Tensor:
+    """``x @ weight[:local].T`` ``[rows, local]`` in ``dtype``."""
+    return _mm(x, weight[:local].T, dtype)
 
 
 def _row_max(x: torch.Tensor) -> torch.Tensor:
@@ -279,8 +343,8 @@ class _FusedGiftHead(torch.autograd.Function):
         shard = _shard(weight, config)
         h = hidden.reshape(-1, hidden.size(-1))
         h_ref = ref_hidden.reshape(-1, ref_hidden.size(-1)) if ref_hidden is not None else None
-        w = weight.to(dtype)  # no copy when already fp32
-        w_ref = ref_weight.to(dtype) if ref_weight is not None else None
+        w = _gemm_operand(weight, dtype)
+        w_ref = _gemm_operand(ref_weight, dtype) if ref_weight is not None else None
         y = labels.reshape(-1)
         valid = y != config.ignore_index
         owned = valid & (y >= shard.start) & (y < shard.start + shard.local)
@@ -290,10 +354,10 @@ class _FusedGiftHead(torch.autograd.Function):
         loss = torch.empty(4, h.size(0), dtype=dtype, device=h.device)  # loss and diagnostics
         coefficient_parts = []
         grad_hidden = torch.zeros_like(h, dtype=dtype) if want_hidden else None
-        grad_weight = torch.zeros_like(w) if want_weight else None
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if want_weight else None
         for rows in _chunks(h.size(0), config.chunk_tokens):
-            z = _logits(h[rows], w, shard.local)
-            r = _logits(h_ref[rows], w_ref, shard.local) if h_ref is not None else None
+            z = _logits(h[rows], w, shard.local, dtype)
+            r = _logits(h_ref[rows], w_ref, shard.local, dtype) if h_ref is not None else None
             maxima = torch.stack([_row_max(z), _row_max(r) if r is not None else torch.full(
                 z.shape[:1], -math.inf, dtype=dtype, device=z.device)], -1)
             maxima = _all_reduce(maxima, dist.ReduceOp.MAX, config.group)
@@ -308,10 +372,10 @@ class _FusedGiftHead(torch.autograd.Function):
             if want_hidden or want_weight:
                 tile = _gradient_tile(z.exp_(), r, c, slice(None))
                 if want_hidden:
-                    torch.matmul(tile, w[:shard.local], out=grad_hidden[rows])
+                    grad_hidden[rows] = _mm(tile, w[:shard.local], dtype)
                 if want_weight:
-                    grad_weight[:shard.local].addmm_(tile.T, h[rows].to(dtype))
-        if want_hidden:
+                    _addmm_(grad_weight[:shard.local], tile.T, h[rows].to(w.dtype))
+        if want_hidden and config.reduce_hidden_grad:
             _all_reduce(grad_hidden, dist.ReduceOp.SUM, config.group)
 
         c = _concat(coefficient_parts, h.size(0), dtype, h.device)
@@ -339,11 +403,27 @@ class _FusedGiftHead(torch.autograd.Function):
         if grad_weight is not None:
             uniform = _uniform_value(grad_loss, c.valid)
             if uniform is not None:
-                out_weight = (grad_weight * uniform.to(grad_weight.dtype)).to(weight.dtype)
+                grad_weight.mul_(uniform.to(grad_weight.dtype))
             else:
-                out_weight = _recomputed_weight_grad(hidden, weight, ref_hidden, ref_weight, c,
-                                                     g, ctx.config).to(weight.dtype)
+                grad_weight = _recomputed_weight_grad(hidden, weight, ref_hidden, ref_weight, c,
+                                                      g, ctx.config)
+            if ctx.config.accumulate_into_main_grad:
+                out_weight = _add_to_main_grad(weight, grad_weight)
+            else:
+                out_weight = grad_weight.to(weight.dtype)
         return out_hidden, out_weight, None, None, None, None
+
+
+def _add_to_main_grad(weight: torch.Tensor, grad_weight: torch.Tensor) -> torch.Tensor:
+    """Megatron-Core's gradient-accumulation fusion (tensor_parallel/layers.py,
+    ``LinearWithGradAccumulationAndAsyncCommunication.backward``): the gradient goes into the
+    fp32 ``main_grad`` at full precision, the weight is marked ``grad_added_to_main_grad`` so
+    that DDP's hook adds nothing more, and autograd gets a zero gradient (Megatron's dummy, which
+    keeps DDP's hook on the main thread under ``overlap_grad_reduce``)."""
+    weight.main_grad.add_(grad_weight.to(weight.main_grad.dtype))
+    if hasattr(weight, "grad_added_to_main_grad"):
+        weight.grad_added_to_main_grad = True
+    return torch.zeros_like(weight)
 
 
 def _uniform_value(grad_loss: torch.Tensor, valid: torch.Tensor) -> Optional[torch.Tensor]:
@@ -368,17 +448,17 @@ def _recomputed_weight_grad(hidden, weight, ref_hidden, ref_weight, c: _Coeffici
     shard = _shard(weight, config)
     h = hidden.reshape(-1, hidden.size(-1))
     h_ref = ref_hidden.reshape(-1, ref_hidden.size(-1)) if ref_hidden is not None else None
-    w = weight.to(dtype)
-    w_ref = ref_weight.to(dtype) if ref_weight is not None else None
-    grad_weight = torch.zeros_like(w)
+    w = _gemm_operand(weight, dtype)
+    w_ref = _gemm_operand(ref_weight, dtype) if ref_weight is not None else None
+    grad_weight = torch.zeros_like(weight, dtype=dtype)
     for rows in _chunks(h.size(0), config.chunk_tokens):
-        exp_z = _logits(h[rows], w, shard.local).sub_(c.maxima[rows, :1]).exp_()
+        exp_z = _logits(h[rows], w, shard.local, dtype).sub_(c.maxima[rows, :1]).exp_()
         exp_r = None
         if h_ref is not None:
-            exp_r = _logits(h_ref[rows], w_ref, shard.local).sub_(c.maxima[rows, 1:]).exp_()
+            exp_r = _logits(h_ref[rows], w_ref, shard.local, dtype).sub_(c.maxima[rows, 1:]).exp_()
         tile = _gradient_tile(exp_z, exp_r, c, rows)
         scaled = h[rows].to(dtype) * g[rows].to(dtype).unsqueeze(-1)
-        grad_weight[:shard.local].addmm_(tile.T, scaled)
+        _addmm_(grad_weight[:shard.local], tile.T, scaled.to(w.dtype))
     return grad_weight
 
 
@@ -400,3 +480,53 @@ def _flatten(c: _Coefficients) -> tuple[Optional[torch.Tensor], ...]:
 def _unflatten(flat: list[Optional[torch.Tensor]], has_uniform: bool) -> _Coefficients:
     c = _Coefficients(*flat)
     return c if has_uniform else c._replace(uniform_w=None)
+
+
+@torch.no_grad()
+def fused_next_token_metrics(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_size: Optional[int] = None,
+    chunk_tokens: Optional[int] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's next-token cross-entropy and whether its argmax is the label, from the
+    head's inputs (no gradient, no ``[T, V/tp]`` logits beyond a chunk).
+
+    Args: as :func:`fused_gift_head_loss` (``hidden`` ``[..., H]``, ``weight`` ``[V/tp, H]``,
+    ``labels`` ``[...]``). Returns ``(ce, correct)``, each labels' shape: cross-entropy in nats
+    (fp32, 0 where ignored) and a bool that the global argmax over the real vocab (lowest id on
+    ties, as :func:`megatron_gift.loss.objectives.vocab_parallel_argmax`) is the label (False
+    where ignored). Collectives at TP > 1: three small all-reduces a chunk.
+    """
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    group = _default_tp_group(group)
+    tp_size = dist.get_world_size(group) if group is not None else 1
+    vocab_size = weight.size(0) * tp_size if vocab_size is None else vocab_size
+    config = _HeadConfig(math.inf, 0.0, vocab_size, chunk_tokens or default_chunk_tokens(
+        weight.size(0)), group, ignore_index)
+    shard = _shard(weight, config)
+    h, y = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+    w = _gemm_operand(weight, dtype)
+    valid = y != ignore_index
+    owned = valid & (y >= shard.start) & (y < shard.start + shard.local)
+    column = torch.where(owned, y - shard.start, 0)
+    ce = torch.zeros(h.size(0), dtype=dtype, device=h.device)
+    argmax = torch.zeros(h.size(0), dtype=torch.long, device=h.device)
+    for rows in _chunks(h.size(0), config.chunk_tokens):
+        z = _logits(h[rows], w, shard.local, dtype)
+        local_max = _row_max(z)
+        local_arg = (z.argmax(-1) if z.size(-1) else torch.zeros_like(local_max, dtype=torch.long))
+        maxima = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, group)
+        candidate = torch.where(local_max == maxima, local_arg + shard.start,
+                                torch.iinfo(torch.long).max)
+        argmax[rows] = _all_reduce(candidate, dist.ReduceOp.MIN, group)
+        z.sub_(maxima.unsqueeze(-1))
+        sums = torch.stack([torch.exp(z).sum(-1), _gather(z, column[rows], owned[rows])], -1)
+        sums = _all_reduce(sums, dist.ReduceOp.SUM, group)
+        ce[rows] = torch.log(sums[:, 0]) - sums[:, 1]
+    ce = torch.where(valid, ce, 0.0)
+    return ce.view(labels.shape), ((argmax == y) & valid).view(labels.shape)

@@ -36,7 +36,10 @@ class GiftLoss:
     vocab_size: int
     implementation: str = "auto"
     head: str = "logits"  # "fused": the inputs are both models' hidden states and weights
-    chunk_tokens: int = 1024
+    chunk_tokens: Optional[int] = None  # the fused head's; None: its default
+    # The fused head adds the output weight's gradient into its main_grad (Megatron-Core's
+    # gradient_accumulation_fusion) instead of returning it.
+    accumulate_into_main_grad: bool = False
     metrics: ClassVar[tuple[str, ...]] = ("loss", "student_entropy", "target_mass",
                                           "student_label_prob")
     reduction: ClassVar[str] = TOKEN_MEAN
@@ -76,7 +79,8 @@ class GiftLoss:
             ref_weight, beta=self.beta, smooth_lambda=self.smooth_lambda,
             vocab_size=self.vocab_size, chunk_tokens=self.chunk_tokens,
             group=parallel_state.get_tensor_model_parallel_group(), check_labels=False,
-            return_stats=True)
+            return_stats=True, reduce_hidden_grad=not student.gathered,
+            accumulate_into_main_grad=self.accumulate_into_main_grad)
 
 
 @dataclass(frozen=True)
@@ -84,21 +88,39 @@ class NextTokenEvaluation:
     """The student alone: next-token cross-entropy and accuracy on the loss tokens."""
 
     vocab_size: int
+    head: str = "logits"  # "fused": the input is the student's HeadInputs
+    chunk_tokens: Optional[int] = None
     metrics: ClassVar[tuple[str, ...]] = ("valid_ce", "valid_accuracy")
     reduction: ClassVar[str] = TOKEN_MEAN
     uses_reference: ClassVar[bool] = False
 
-    def __call__(self, logits: torch.Tensor, reference_logits: Optional[torch.Tensor],
+    def __call__(self, logits, reference_logits: Optional[torch.Tensor],
                  batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Report]:
+        """``logits``: ``[b, s, V/tp]``, or with the fused head the student's
+        :class:`megatron_gift.core.model.HeadInputs`; ``batch``: labels ``[b, s]``."""
         labels = batch["labels"]
-        loss = vocab_parallel_gift_loss(logits, None, labels, beta=float("inf"),
-                                        vocab_size=self.vocab_size, check_labels=False)
+        if self.head == "fused":
+            loss, correct = self._fused(logits, labels)
+        else:
+            loss = vocab_parallel_gift_loss(logits, None, labels, beta=float("inf"),
+                                            vocab_size=self.vocab_size, check_labels=False)
+            correct = vocab_parallel_argmax(logits, self.vocab_size) == labels
         valid = labels != -100
         count = valid.sum().float()
-        correct = (vocab_parallel_argmax(logits, self.vocab_size) == labels) & valid
+        correct = correct & valid
         report = {"valid_ce": torch.stack([loss.sum(), count]),
                   "valid_accuracy": torch.stack([correct.sum().float(), count])}
         return loss.sum(), valid.sum().to(torch.int), report
+
+    def _fused(self, student, labels: torch.Tensor):
+        from megatron.core import parallel_state
+
+        from megatron_gift.loss.fused_head import fused_next_token_metrics
+
+        return fused_next_token_metrics(
+            student.hidden.transpose(0, 1), student.weight, labels, vocab_size=self.vocab_size,
+            chunk_tokens=self.chunk_tokens,
+            group=parallel_state.get_tensor_model_parallel_group())
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
