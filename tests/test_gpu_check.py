@@ -27,6 +27,8 @@ def test_the_check_runs_its_rows_on_cpu_and_names_what_it_cannot_run(tmp_path):
         for dtype in ("float32", "bfloat16"):
             assert rows[f"loss oracle, {implementation}, {dtype}"]["status"] == "ok"
         assert rows[f"loss speed, {implementation}, V=4096"]["status"] == "ok"
+    for row in ("exact", "memory", "time"):
+        assert rows[f"fused head, {row}, V=4096"]["status"] == "ok", rows
     tail = rows["reference tail, bf16 vs fp32 (default job's base, beta 20)"]
     assert tail["status"] == "ok", tail
     shift = json.load(open(tmp_path / "reference-tail.json"))
@@ -57,3 +59,17 @@ def test_a_wrong_loss_fails_its_row_and_the_exit_status(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", [CHECK, "--quick", "--device", "cpu", "--skip", "speed",
                                       "step", "--out", str(tmp_path)])
     assert check.main() == 1
+
+
+def test_a_wrong_fused_head_fails_its_row(monkeypatch):
+    sys.path.insert(0, os.path.dirname(CHECK))
+    import check
+
+    from megatron_gift.loss import fused_head
+
+    real = fused_head.fused_gift_head_loss
+    rows = check.fused_head_rows(torch.device("cpu"), True)
+    assert rows[0].check == "fused head, exact, V=4096" and rows[0].status == "ok", rows[0]
+    monkeypatch.setattr(fused_head, "fused_gift_head_loss",
+                        lambda *args, **kwargs: real(*args, **kwargs) * (1 + 1e-2))
+    assert check.fused_head_rows(torch.device("cpu"), True)[0].status == "FAILED"

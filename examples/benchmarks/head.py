@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -46,7 +46,7 @@ def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
     }
 
 
-def path_fn(name: str, beta: float, chunk_tokens: int) -> Callable[[dict], torch.Tensor]:
+def path_fn(name: str, beta: float, chunk_tokens: Optional[int]) -> Callable[[dict], torch.Tensor]:
     """The per-token loss of one path, from the inputs of :func:`make_inputs`."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -70,14 +70,17 @@ def path_fn(name: str, beta: float, chunk_tokens: int) -> Callable[[dict], torch
 
 
 def theoretical_bytes(name: str, tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
-                      chunk_tokens: int) -> int:
+                      chunk_tokens: Optional[int], on_cuda: bool = False) -> int:
     """The big buffers a path allocates beyond its inputs and the output grads (``[T, V]``
     logits, fp32 loss buffers; the fused path's chunk tiles and fp32 accumulators)."""
     item = torch.empty((), dtype=dtype).element_size()
     tv = tokens * vocab
     if name == "fused":
-        tile = min(chunk_tokens, tokens) * vocab * 4
-        fp32_weights = 0 if dtype == torch.float32 else 2 * vocab * hidden * 4
+        from megatron_gift.loss.fused_head import default_chunk_tokens
+
+        tile = min(chunk_tokens or default_chunk_tokens(vocab), tokens) * vocab * 4
+        # bf16 weights: CUDA multiplies them as they are (out_dtype GEMMs), CPU copies to fp32.
+        fp32_weights = 0 if dtype == torch.float32 or on_cuda else 2 * vocab * hidden * 4
         return 3 * tile + (tokens * hidden + vocab * hidden) * 4 + fp32_weights
     if name == "gift logits":  # z, r, fp32 gap saved, fp32 workspace chunks, grad of z
         return 2 * tv * item + tv * 4 + tv * item
@@ -117,7 +120,7 @@ def measure(name: str, args, vocab: int, device: torch.device) -> dict:
     times = [step(fn, x, device) for _ in range(args.repeats)]
     return {"ms": 1e3 * statistics.median(times), "peak_mib": peak / MIB,
             "theory_mib": theoretical_bytes(name, args.tokens, args.hidden, vocab, dtype,
-                                            args.chunk_tokens) / MIB}
+                                            args.chunk_tokens, device.type == "cuda") / MIB}
 
 
 def default_device(name=None) -> torch.device:
@@ -142,8 +145,9 @@ _ARGS = None
 def _passthrough() -> list[str]:
     a = _ARGS
     return ["--tokens", str(a.tokens), "--hidden", str(a.hidden), "--beta", str(a.beta),
-            "--dtype", a.dtype, "--repeats", str(a.repeats), "--chunk-tokens",
-            str(a.chunk_tokens)] + (["--device", a.device] if a.device else [])
+            "--dtype", a.dtype, "--repeats", str(a.repeats)] + (
+                ["--chunk-tokens", str(a.chunk_tokens)] if a.chunk_tokens else []) + (
+                ["--device", a.device] if a.device else [])
 
 
 def print_table(vocab: int, rows: dict, args) -> None:
@@ -167,7 +171,8 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     parser.add_argument("--beta", type=float, default=20.0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--chunk-tokens", type=int, default=1024)
+    parser.add_argument("--chunk-tokens", type=int, default=None,
+                        help="default: the fused head's (a 128 MiB fp32 tile)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default=None)
     parser.add_argument("--only", choices=PATHS, help=argparse.SUPPRESS)

@@ -136,7 +136,9 @@ def print_result(result: dict) -> bool:
 
 def world_of_one(device: torch.device) -> None:
     """A one-rank process group and Megatron's parallel state (its cross-entropy reduces over
-    the tensor-parallel group)."""
+    the tensor-parallel group); a no-op where this process has them already."""
+    if dist.is_initialized():
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))

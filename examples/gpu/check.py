@@ -11,9 +11,14 @@ Rows:
   loss speed       forward+backward against Megatron-Core's cross-entropy, side by side
                    (examples/benchmarks/loss.py): tokens 8192, V = 152064, 19008 (152064 / TP 8),
                    32000; the fused loss must stay within 1.3x of the cross-entropy
+  fused head       the fused GIFT head (no logits) against the logits head and Megatron's
+                   cross-entropy, bf16, T = 8192, H = 2048, V = 152064 (examples/benchmarks/
+                   head.py): loss and gradients against the logits head's, memory below the
+                   cross-entropy's, time within 1.05x the logits head's
   training step    a ~1B model (16 layers, hidden 2048, vocab 128256, seq 2048), SFT vs GIFT, bf16
                    (examples/benchmarks/step.py): step-time ratio and peak memory; the same in FP8
-                   (student FP8, reference bf16 and FP8) where TE is installed
+                   (student FP8, reference bf16 and FP8) where TE is installed, and GIFT
+                   with the fused head
   reference tail   how much a bf16 reference moves GIFT's target (beta 20) against an fp32 one,
                    on the default job's base model (trained here, run by transformers)
   resume           the distributed optimizer with --overlap-param-gather: a run saved at
@@ -135,6 +140,57 @@ def loss_speed_rows(device: torch.device, quick: bool) -> list[Row]:
     return rows
 
 
+def fused_head_rows(device: torch.device, quick: bool) -> list[Row]:
+    """The fused head (no logits) against the logits head and Megatron's cross-entropy on
+    materialised logits, bf16, one ~1B model's head: T = 8192, H = 2048, V = 152064
+    (examples/benchmarks/head.py)."""
+    from argparse import Namespace
+
+    from head import make_inputs, measure
+    from loss import world_of_one
+
+    world_of_one(device)
+    tokens, hidden, vocab = (256, 64, 4096) if quick else (8192, 2048, 152064)
+    args = Namespace(tokens=tokens, hidden=hidden, beta=20.0, dtype="bfloat16",
+                     chunk_tokens=None, repeats=3 if quick else 10)
+    exact = _fused_against_logits(make_inputs(tokens, hidden, vocab, torch.bfloat16, device))
+    loss_ok = exact["loss"] <= 5e-3 and max(exact["grad_h"], exact["grad_w"]) <= 2e-2
+    rows = [Row(f"fused head, exact, V={vocab}", "ok" if loss_ok else "FAILED",
+                f"vs the logits head (bf16 logits): loss rel {exact['loss']:.1e} (<= 5e-3), "
+                f"gradients rel {exact['grad_h']:.1e} / {exact['grad_w']:.1e} (<= 2e-2)")]
+    result = {name: measure(name, args, vocab, device)
+              for name in ("fused", "gift logits", "ce logits")}
+    fused, logits, ce = result["fused"], result["gift logits"], result["ce logits"]
+    time_ratio = fused["ms"] / logits["ms"]
+    memory_ratio = fused["peak_mib"] / max(ce["peak_mib"], 1e-9)  # CPU: RSS may not rise
+    gpu = device.type == "cuda"
+    rows.append(Row(f"fused head, memory, V={vocab}",
+                    "ok" if memory_ratio < 1 or not gpu else "FAILED",
+                    f"{fused['peak_mib']:.0f} MiB vs Megatron CE {ce['peak_mib']:.0f} MiB, GIFT "
+                    f"logits {logits['peak_mib']:.0f} MiB: {memory_ratio:.2f}x CE's (< 1)"))
+    rows.append(Row(f"fused head, time, V={vocab}",
+                    "ok" if time_ratio <= 1.05 or not gpu else "FAILED",
+                    f"{fused['ms']:.1f} ms vs logits head {logits['ms']:.1f} ms: "
+                    f"{time_ratio:.2f}x (<= 1.05); Megatron CE {ce['ms']:.1f} ms"))
+    return rows
+
+
+def _fused_against_logits(x: dict) -> dict:
+    """Relative differences of the fused head's loss sum and (norm-wise) gradients from the
+    logits head's on the same inputs."""
+    from head import path_fn
+
+    out = {}
+    for name in ("fused", "gift logits"):
+        loss = path_fn(name, 20.0, None)(x).float().sum()
+        loss.backward()
+        out[name] = (loss.detach(), x["h"].grad.float(), x["w"].grad.float())
+        x["h"].grad = x["w"].grad = None
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))
+    (lf, hf, wf), (ll, hl, wl) = out["fused"], out["gift logits"]
+    return {"loss": rel(lf, ll), "grad_h": rel(hf, hl), "grad_w": rel(wf, wl)}
+
+
 def _saved(result, implementation):
     return result["ratios"][f"{implementation} saved vs cross-entropy"][0]
 
@@ -150,6 +206,8 @@ def step_rows(device: torch.device, quick: bool, te: bool, out: str,
     variants = [("bf16" if device.type == "cuda" else "fp32", "", "")]
     if device.type == "cuda" and not skip_eager:
         variants.append(("bf16, eager GIFT loss", "", "--gift-loss-implementation eager"))
+    variants.append(("bf16, fused head" if device.type == "cuda" else "fp32, fused head", "",
+                     "--gift-head fused"))
     fp8 = "--fp8-format hybrid --fp8-recipe delayed"
     variants += [("FP8 student, bf16 reference", fp8, "--reference-precision bf16"),
                  ("FP8 student, FP8 reference", fp8, "--reference-precision fp8")]
@@ -295,7 +353,7 @@ def main() -> int:
     parser.add_argument("--device", default=None, help="default: the accelerator")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run of the rows)")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["oracle", "speed", "step", "eager-step", "tail", "resume"])
+                        choices=["oracle", "speed", "head", "step", "eager-step", "tail", "resume"])
     args = parser.parse_args()
     from loss import default_device
 
@@ -314,6 +372,8 @@ def main() -> int:
         rows += _timed(loss_oracle_rows, device, args.quick)
     if "speed" not in args.skip:
         rows += _timed(loss_speed_rows, device, args.quick)
+    if "head" not in args.skip:
+        rows += _timed(fused_head_rows, device, args.quick)
     if "step" not in args.skip:
         rows += _timed(step_rows, device, args.quick, te, args.out, "eager-step" in args.skip)
     if "tail" not in args.skip:
