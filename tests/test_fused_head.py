@@ -260,6 +260,37 @@ def test_tp2_matches_tp1():
     run_distributed(2, _tp2_matches_tp1, _tp1_results())
 
 
+# --- the Triton passes over the tiles ----------------------------------------------------------
+
+@pytest.mark.parametrize("beta,smooth_lambda", [(0.0, 0.0), (20.0, 0.3), (math.inf, 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_tiles_match_the_oracle(beta, smooth_lambda, dtype):
+    """implementation="triton": the loss's fused kernels over each chunk's tiles (here in
+    Triton's interpreter), same results as the eager tiles and the oracle."""
+    pytest.importorskip("triton")
+    inputs = _inputs(dtype)
+    for upstream in ("sum", "varying"):
+        ours = _ours(*inputs, beta, smooth_lambda, _upstream(upstream), implementation="triton")
+        eager = _ours(*inputs, beta, smooth_lambda, _upstream(upstream), implementation="eager")
+        expected = _oracle(*inputs, beta, smooth_lambda, _upstream(upstream))
+        torch.testing.assert_close(ours[0].double(), expected[0], **FP32_TOL)
+        for got, want in zip(ours, eager):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_wrong_triton_tile_is_caught(monkeypatch):
+    pytest.importorskip("triton")
+    from megatron_gift.loss import triton_kernels
+
+    real = triton_kernels.TritonPasses.soft_target_gap
+    monkeypatch.setattr(triton_kernels.TritonPasses, "soft_target_gap",
+                        lambda self, *args: real(self, *args) * 1.01)
+    inputs = _inputs()
+    ours = _ours(*inputs, 5.0, 0.0, implementation="triton")
+    with pytest.raises(AssertionError):
+        _assert_matches(ours, _oracle(*inputs, 5.0, 0.0))
+
+
 # --- evaluation metrics without logits --------------------------------------------------------
 
 def _metrics_oracle(h, w, labels, real):
@@ -430,6 +461,13 @@ def _tp2_metrics_and_unreduced_gradient(want_ce, want_correct, want_hidden_grad)
         dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
         assert not torch.allclose(hh.grad, want_hidden_grad, rtol=1e-3)  # a share, not all
         torch.testing.assert_close(total, want_hidden_grad, rtol=1e-5, atol=1e-6)
+        # The Triton tiles where rank 1's shard is all padding (real vocab 17 of 40).
+        h, w, h_ref, w_ref, labels = _inputs(seed=4, real=17)
+        loss = fused_gift_head_loss(h, w[rows], labels, h_ref, w_ref[rows], beta=5.0,
+                                    vocab_size=17, chunk_tokens=CHUNK, implementation="triton")
+        want = fused_gift_head_loss(h, w, labels, h_ref, w_ref, beta=5.0, vocab_size=17,
+                                    chunk_tokens=CHUNK, group=None)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.distributed

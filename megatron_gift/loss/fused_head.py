@@ -48,6 +48,7 @@ oracle to fp32 rounding. Gradients are returned in the inputs' dtypes.
 """
 
 import math
+from functools import partial
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -58,6 +59,7 @@ from megatron_gift.loss.columns import (DOT_EXP_R_Z, DOT_EXP_Z_Z, R_LABEL, STAT_
                                         SUM_EXP_R, SUM_EXP_Z, SUM_Z, Z_LABEL)
 from megatron_gift.loss.gift import (GiftTokenStats, _all_reduce, _check_labels,
                                      _checked_hyperparameters, _default_tp_group, _gibbs_weight)
+from megatron_gift.loss.passes import select
 
 TILE_BYTES = 128 * 2**20  # one fp32 [chunk, V/tp] tile when chunk_tokens is not given
 
@@ -86,6 +88,7 @@ def fused_gift_head_loss(
     return_stats: bool = False,
     reduce_hidden_grad: bool = True,
     accumulate_into_main_grad: bool = False,
+    implementation: str = "auto",
 ) -> Union[torch.Tensor, tuple[torch.Tensor, GiftTokenStats]]:
     """Per-token GIFT loss of the output layer ``hidden @ weight.T`` against a frozen reference.
 
@@ -120,6 +123,9 @@ def fused_gift_head_loss(
             weight's gradient (fp32) straight into ``weight.main_grad`` (the DDP gradient
             buffer), mark ``weight.grad_added_to_main_grad`` and hand autograd a zero gradient,
             as Megatron's linear layers do. Requires ``weight.main_grad``.
+        implementation: the passes over each chunk's tiles, as the loss's
+            (:func:`megatron_gift.loss.passes.select`): ``triton`` (the loss's fused kernels,
+            CUDA), ``eager`` (PyTorch ops) or ``auto`` (Triton on CUDA where installed).
 
     Returns:
         The loss ``[...]`` (labels' shape), fp32 (fp64 for fp64 inputs), nats per token,
@@ -149,7 +155,7 @@ def fused_gift_head_loss(
     if check_labels:
         _check_labels(labels, vocab_size, ignore_index)
     config = _HeadConfig(beta, smooth_lambda, vocab_size, chunk_tokens, group, ignore_index,
-                         reduce_hidden_grad, accumulate_into_main_grad)
+                         reduce_hidden_grad, accumulate_into_main_grad, implementation)
     loss, *stats = _FusedGiftHead.apply(hidden, weight, labels, ref_hidden, ref_weight, config)
     return (loss, GiftTokenStats(*stats)) if return_stats else loss
 
@@ -163,6 +169,7 @@ class _HeadConfig(NamedTuple):
     ignore_index: int
     reduce_hidden_grad: bool = True
     accumulate_into_main_grad: bool = False
+    implementation: str = "eager"
 
 
 def _check_shapes(hidden, weight, labels, ref_hidden, ref_weight):
@@ -332,6 +339,57 @@ def _chunks(rows: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
 
 
+class _Chunk(NamedTuple):
+    """Per token ``[rows]`` of one chunk: the label's local column, whether this rank owns
+    it, whether the token has a loss."""
+
+    column: torch.Tensor
+    owned: torch.Tensor
+    valid: torch.Tensor
+
+
+def _tile_kernels(implementation: str, dtype: torch.dtype, device: torch.device):
+    """The Triton passes of :mod:`megatron_gift.loss.passes` for the tiles, or None for this
+    module's own eager ops (``auto``: Triton on CUDA where installed)."""
+    passes = select(implementation, torch.empty(0, dtype=dtype, device=device))
+    return None if passes.name == "eager" else passes
+
+
+def _eager_chunk(z: torch.Tensor, r: Optional[torch.Tensor], chunk: _Chunk,
+                 config: _HeadConfig, want_tile: bool):
+    """``(loss and diagnostics [4, rows], coefficients, G [rows, V_local] or None)`` of one
+    chunk from its fp32 logits ``z`` and ``r`` (overwritten), in PyTorch ops."""
+    maxima = torch.stack([_row_max(z), _row_max(r) if r is not None else torch.full(
+        z.shape[:1], -math.inf, dtype=z.dtype, device=z.device)], -1)
+    maxima = _all_reduce(maxima, dist.ReduceOp.MAX, config.group)
+    z.sub_(maxima[:, :1])
+    if r is not None:
+        r.sub_(maxima[:, 1:])
+    stats = _statistics(z, r, chunk.column, chunk.owned, config.smooth_lambda > 0)
+    stats = _all_reduce(stats, dist.ReduceOp.SUM, config.group)
+    loss, c = _loss_and_coefficients(stats, maxima, chunk.column, chunk.owned, chunk.valid,
+                                     r is not None, config)
+    return loss, c, _gradient_tile(z.exp_(), r, c, slice(None)) if want_tile else None
+
+
+def _kernel_chunk(kernels, z: torch.Tensor, r: Optional[torch.Tensor], chunk: _Chunk,
+                  config: _HeadConfig, want_tile: bool):
+    """:func:`_eager_chunk` with the loss's fused kernels (:mod:`.triton_kernels`), each
+    reading the tiles once: maxima, statistics, ``softmax(z) - g p'``, the label term."""
+    maxima = _all_reduce(kernels.maxima(z, r, torch.float32), dist.ReduceOp.MAX, config.group)
+    stats, _ = kernels.statistics(z, r, maxima, chunk.column, chunk.owned, with_stats=True,
+                                  smooth=config.smooth_lambda > 0)
+    stats = _all_reduce(stats, dist.ReduceOp.SUM, config.group)
+    loss, c = _loss_and_coefficients(stats, maxima, chunk.column, chunk.owned, chunk.valid,
+                                     r is not None, config)
+    if not want_tile:
+        return loss, c, None
+    gap = kernels.soft_target_gap(z, r, maxima, c.inv_sum_exp_z, c.ref_w, c.uniform_w)
+    tile = kernels.logits_grad(gap, chunk.valid.to(gap.dtype), chunk.column, -c.onehot_w,
+                               z.size(1), gap.dtype)
+    return loss, c, tile
+
+
 class _FusedGiftHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
@@ -355,26 +413,18 @@ class _FusedGiftHead(torch.autograd.Function):
         coefficient_parts = []
         grad_hidden = torch.zeros_like(h, dtype=dtype) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=dtype) if want_weight else None
+        kernels = _tile_kernels(config.implementation, dtype, h.device)
         for rows in _chunks(h.size(0), config.chunk_tokens):
             z = _logits(h[rows], w, shard.local, dtype)
             r = _logits(h_ref[rows], w_ref, shard.local, dtype) if h_ref is not None else None
-            maxima = torch.stack([_row_max(z), _row_max(r) if r is not None else torch.full(
-                z.shape[:1], -math.inf, dtype=dtype, device=z.device)], -1)
-            maxima = _all_reduce(maxima, dist.ReduceOp.MAX, config.group)
-            z.sub_(maxima[:, :1])
-            if r is not None:
-                r.sub_(maxima[:, 1:])
-            stats = _statistics(z, r, column[rows], owned[rows], config.smooth_lambda > 0)
-            stats = _all_reduce(stats, dist.ReduceOp.SUM, config.group)
-            loss[:, rows], c = _loss_and_coefficients(stats, maxima, column[rows], owned[rows],
-                                                      valid[rows], r is not None, config)
+            chunk = _Chunk(column[rows], owned[rows], valid[rows])
+            loss[:, rows], c, tile = (_eager_chunk if kernels is None else partial(
+                _kernel_chunk, kernels))(z, r, chunk, config, want_hidden or want_weight)
             coefficient_parts.append(c)
-            if want_hidden or want_weight:
-                tile = _gradient_tile(z.exp_(), r, c, slice(None))
-                if want_hidden:
-                    grad_hidden[rows] = _mm(tile, w[:shard.local], dtype)
-                if want_weight:
-                    _addmm_(grad_weight[:shard.local], tile.T, h[rows].to(w.dtype))
+            if want_hidden:
+                grad_hidden[rows] = _mm(tile, w[:shard.local], dtype)
+            if want_weight:
+                _addmm_(grad_weight[:shard.local], tile.T, h[rows].to(w.dtype))
         if want_hidden and config.reduce_hidden_grad:
             _all_reduce(grad_hidden, dist.ReduceOp.SUM, config.group)
 

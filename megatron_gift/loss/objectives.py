@@ -80,7 +80,8 @@ class GiftLoss:
             vocab_size=self.vocab_size, chunk_tokens=self.chunk_tokens,
             group=parallel_state.get_tensor_model_parallel_group(), check_labels=False,
             return_stats=True, reduce_hidden_grad=not student.gathered,
-            accumulate_into_main_grad=self.accumulate_into_main_grad)
+            accumulate_into_main_grad=self.accumulate_into_main_grad,
+            implementation=self.implementation)
 
 
 @dataclass(frozen=True)
