@@ -291,11 +291,10 @@ def test_reference_is_bit_identical_after_training(world):
 
 
 def _sft_with_megatron_ce(overrides, use_megatron_ce):
-    import megatron_gift.engine.pipeline as pipeline
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron_gift.loss import GiftTokenStats
+    from megatron_gift.loss import GiftTokenStats, objectives
 
     if use_megatron_ce:
         def megatron_ce(logits, reference_logits, labels, vocab_size, **kwargs):
@@ -305,26 +304,32 @@ def _sft_with_megatron_ce(overrides, use_megatron_ce):
             columns = torch.arange(shard) + parallel_state.get_tensor_model_parallel_rank() * shard
             logits = logits.masked_fill(columns >= vocab_size, -torch.inf)
             loss = vocab_parallel_cross_entropy(logits, labels.clamp(min=0)) * (labels != -100)
+            calls.append(1)
             if not kwargs.get("return_stats"):
                 return loss
             return loss, GiftTokenStats(*[torch.zeros_like(loss)] * 3)
-        pipeline.vocab_parallel_gift_loss = megatron_ce
+        objectives.vocab_parallel_gift_loss = megatron_ce  # the training step's loss
+    calls = []
     train_rank([], overrides)
+    assert bool(calls) == use_megatron_ce  # the stand-in did run the steps
 
 
 def test_infinite_beta_is_megatron_cross_entropy_sft_without_reference(world, tmp_path):
+    """SFT (beta = inf) trains as with Megatron-Core's cross-entropy, through the logits head
+    and through the fused head (a cross-entropy that makes no logits)."""
     losses = {}
-    for use_megatron_ce in (False, True):
-        metrics = tmp_path / f"{use_megatron_ce}.jsonl"
+    for head, use_megatron_ce in (("logits", False), ("logits", True), ("fused", False)):
+        metrics = tmp_path / f"{head}-{use_megatron_ce}.jsonl"
         overrides = _overrides(
-            world, gift={"beta": math.inf, "reference_load": str(tmp_path / "does-not-exist")},
+            world, gift={"beta": math.inf, "reference_load": str(tmp_path / "does-not-exist"),
+                         "head": head},
             parallel={"tensor_model_parallel_size": 2},
             logging={"metrics_file": str(metrics), "progress": False})
         run_distributed(2, _sft_with_megatron_ce, overrides, use_megatron_ce, initialize=False)
-        losses[use_megatron_ce] = _losses(metrics)
-    assert len(losses[True]) == 3
-    torch.testing.assert_close(torch.tensor(losses[False]), torch.tensor(losses[True]),
-                               rtol=1e-6, atol=1e-6)
+        losses[head, use_megatron_ce] = torch.tensor(_losses(metrics))
+    assert len(losses["logits", True]) == 3
+    for ours in (losses["logits", False], losses["fused", False]):
+        torch.testing.assert_close(ours, losses["logits", True], rtol=1e-6, atol=1e-6)
 
 
 def test_save_at_tp2_resume_at_pp2_continues_exactly(world, single_process_run, tmp_path):
