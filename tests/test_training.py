@@ -165,20 +165,21 @@ def test_layouts_train_like_one_process(world, single_process_run, base_weights,
     assert_same_training(losses, weights, *single_process_run, base_weights)
 
 
-@pytest.mark.parametrize("tp,pp,vpp,chunk,parallel,training", [
-    (1, 1, None, 5, {}, {}), (2, 1, None, None, {}, {}), (1, 2, None, 7, {}, {}),
-    (2, 2, None, 3, {}, {}), (2, 1, None, 5, {"sequence_parallel": True}, {}),
-    (2, 2, None, None, {"sequence_parallel": True}, {}), (1, 2, 2, 4, {}, {}),
-    (1, 1, None, 6, {}, {"recompute_granularity": "full", "recompute_method": "uniform",
-                         "recompute_num_layers": 1}),
-], ids=["tp1", "tp2", "pp2", "tp2-pp2", "tp2-sp", "tp2-pp2-sp", "vpp", "full-recompute"])
+@pytest.mark.parametrize("tp,pp,vpp,dp,chunk,parallel,training", [
+    (1, 1, None, 1, 5, {}, {}), (2, 1, None, 1, None, {}, {}), (1, 2, None, 1, 7, {}, {}),
+    (2, 2, None, 1, 3, {}, {}), (2, 1, None, 1, 5, {"sequence_parallel": True}, {}),
+    (2, 2, None, 1, None, {"sequence_parallel": True}, {}), (1, 2, 2, 1, 4, {}, {}),
+    (1, 1, None, 2, 3, {}, {}),
+    (1, 1, None, 1, 6, {}, {"recompute_granularity": "full", "recompute_method": "uniform",
+                            "recompute_num_layers": 1}),
+], ids=["tp1", "tp2", "pp2", "tp2-pp2", "tp2-sp", "tp2-pp2-sp", "vpp", "dp2", "full-recompute"])
 def test_the_fused_head_trains_like_the_logits_head(world, single_process_run, single_process_dir,
-                                                    base_weights, tmp_path, tp, pp, vpp, chunk,
-                                                    parallel, training):
+                                                    base_weights, tmp_path, tp, pp, vpp, dp,
+                                                    chunk, parallel, training):
     """--gift-head fused (hidden states and output weights into the loss, logits never held
     beyond a chunk) gives the losses and weight updates of the logits head at TP=1, and its
     evaluation the same valid_ce and valid_accuracy."""
-    losses, weights = _layout_run(world, tmp_path, "fused", tp, pp, vpp, 1, parallel.items(),
+    losses, weights = _layout_run(world, tmp_path, "fused", tp, pp, vpp, dp, parallel.items(),
                                   training.items(), gift={"head": "fused",
                                                           "head_chunk_tokens": chunk})
     assert_same_training(losses, weights, *single_process_run, base_weights)
