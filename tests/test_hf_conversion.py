@@ -1,4 +1,5 @@
-"""Hugging Face <-> Megatron-Core: tiny random Llama / Qwen2 / Mistral models built from configs.
+"""Hugging Face <-> Megatron-Core: tiny random Llama / Qwen2 / Qwen3 / Mistral models built from
+configs.
 
 Imports give the same logits as ``transformers`` at TP=1, TP=2 and PP=2 (fp32, atol 2e-5);
 exports reload in ``transformers`` with bit-identical weights; GIFT trains from an HF
@@ -13,7 +14,7 @@ import sys
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig,
-                          MistralConfig, Qwen2Config)
+                          MistralConfig, Qwen2Config, Qwen3Config)
 
 from megatron_gift.demo import synthetic
 from support.commands import run_main
@@ -30,6 +31,9 @@ FAMILIES = {
         max_position_embeddings=16384, rms_norm_eps=1e-5, **_dims()),
     # Qwen2.5: QKV bias, tied embeddings.
     "qwen2": lambda: Qwen2Config(tie_word_embeddings=True, rope_theta=1e6, **_dims()),
+    # Qwen3: q/k RMSNorm per head, a head dim other than hidden / heads, untied.
+    "qwen3": lambda: Qwen3Config(head_dim=24, tie_word_embeddings=False, rope_theta=1e6,
+                                 **_dims()),
     # Mistral: a head dim other than hidden / heads, and a window the sequence stays within.
     "mistral": lambda: MistralConfig(head_dim=24, sliding_window=64, **_dims()),
 }
@@ -46,7 +50,7 @@ def make_hf_model(directory, family, dtype=torch.float32, seed=0):
     model = AutoModelForCausalLM.from_config(FAMILIES[family]()).to(dtype)
     with torch.no_grad():  # random biases, so the QKV bias mapping is checked too
         for name, param in model.named_parameters():
-            if name.endswith(("bias", "norm.weight", "layernorm.weight")):
+            if name.endswith(("bias", "norm.weight", "layernorm.weight")):  # q_norm, k_norm too
                 param.normal_(1.0 if "norm" in name else 0.0, 0.1)
     model.save_pretrained(directory)
     AutoTokenizer.from_pretrained(synthetic.TOKENIZER_DIR).save_pretrained(directory)
@@ -130,6 +134,7 @@ def test_export_reloads_in_transformers_with_identical_weights(imported, tmp_pat
     original = AutoModelForCausalLM.from_pretrained(root / "hf").state_dict()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(exported).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                       "qwen3": "Qwen3ForCausalLM",
                                        "mistral": "MistralForCausalLM"}[family]
     state = exported.state_dict()
     assert sorted(state) == sorted(original)
@@ -386,3 +391,46 @@ def test_convert_over_an_existing_model_is_refused_unless_overwrite(tmp_path):
     other = convert_cli("megatron-to-hf", "--load", out, "--out", tmp_path / "notes", "--overwrite")
     assert other.returncode == 2 and "holds other files" in other.stderr
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def _final_tensors(directory):
+    """Unsharded model tensors of a checkpoint, read in a one-rank world."""
+    from megatron.core import dist_checkpointing
+
+    from support.parallel_harness import one_rank_world
+
+    with one_rank_world():
+        tensors = dist_checkpointing.load_plain_tensors(str(directory))
+    return {k: v for k, v in tensors.items()
+            if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
+
+
+@pytest.mark.distributed
+def test_qwen3_trains_at_tp2_like_one_process(tmp_path):
+    """Qwen3's per-head query/key norms are replicated while their heads are split over TP:
+    their gradients must be summed over TP (Megatron-Core's finalize_model_grads does it by
+    name under qk_layernorm). Three SGD steps at TP=2 give the losses and updates of TP=1."""
+    make_hf_model(tmp_path / "hf", "qwen3")
+    assert convert_cli("hf-to-megatron", "--hf", tmp_path / "hf",
+                       "--out", tmp_path / "megatron").returncode == 0
+    losses, weights = {}, {}
+    for tp in (1, 2):
+        overrides = _gift_overrides(tmp_path, tmp_path / "megatron", save=str(tmp_path / f"tp{tp}"))
+        overrides["parallel"]["tensor_model_parallel_size"] = tp
+        overrides["optimizer"] = {"optimizer": "sgd", "lr": 0.5, "weight_decay": 0.0,
+                                  "lr_decay_style": "constant"}
+        overrides["logging"]["metrics_file"] = str(tmp_path / f"tp{tp}.jsonl")
+        run_distributed(tp, _train_rank, overrides, initialize=False)
+        with open(tmp_path / f"tp{tp}.jsonl") as f:
+            losses[tp] = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+        weights[tp] = _final_tensors(tmp_path / f"tp{tp}" / "iter_0000003")
+    torch.testing.assert_close(torch.tensor(losses[2]), torch.tensor(losses[1]), rtol=1e-5,
+                               atol=1e-6)
+    base = _final_tensors(tmp_path / "megatron" / "iter_0000000")
+    norms = [k for k in base if "q_layernorm" in k or "k_layernorm" in k]
+    assert norms
+    for key in norms:
+        update = weights[1][key] - base[key]
+        assert update.abs().max() > 0, key
+        torch.testing.assert_close(weights[2][key] - base[key], update, rtol=0,
+                                   atol=1e-4 * float(update.abs().max()), msg=key)

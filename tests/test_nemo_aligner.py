@@ -223,6 +223,10 @@ def test_bad_inputs_are_named(tmp_path):
         nemo_aligner.write_nemo_aligner(str(tmp_path), None, str(tmp_path / "o"), tp=3)
     with pytest.raises(FileNotFoundError, match=f"--checkpoint {tmp_path}: no Megatron"):
         nemo_aligner.write_nemo_aligner(str(tmp_path), None, str(tmp_path / "o"))
+    qwen3 = OmegaConf.create({"family": "qwen3", "qk_layernorm": True, "num_layers": 2})
+    with pytest.raises(ValueError, match="model.family=qwen3 has per-head query/key norms "
+                                         r"\(qk_layernorm\).*use the NeMo RL hand-off"):
+        nemo_aligner.nemo_model_config(qwen3, 128, "/tok", 1, 1, 64)
     model = OmegaConf.create({"rope_scaling_factor": 32.0, "num_layers": 2})
     with pytest.raises(ValueError, match="rope_scaling_factor=32.0: NeMo 1.x applies"):
         nemo_aligner.nemo_model_config(model, 128, "/tok", 1, 1, 64)

@@ -47,10 +47,12 @@ class Model:
     tokenizer: Optional[str] = option(
         None, "Hugging Face tokenizer directory; default: the base model's, else the bundled one")
     family: str = option("llama", "HF architecture of exports (set from an HF base model)",
-                         choices=("llama", "qwen2", "mistral"))
+                         choices=("llama", "qwen2", "qwen3", "mistral"))
     kv_channels: Optional[int] = option(None, "head dim; default hidden_size / num_attention_heads")
     rope_scaling_factor: Optional[float] = option(None, "Llama 3.x RoPE scaling factor")
     add_qkv_bias: bool = option(False, "bias on the QKV projection (Qwen2)")
+    qk_layernorm: bool = option(False, "RMSNorm on each head's query and key before RoPE "
+                                "(Qwen3)")
     vocab_size: Optional[int] = option(None, "the real vocab (padded by the model); default: the tokenizer's")
     sliding_window: Optional[int] = option(
         None, "Mistral's attention window; seq_length may not exceed it")

@@ -40,7 +40,7 @@ torch.serialization.add_safe_globals([argparse.Namespace])
 ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                      "ffn_hidden_size", "untie_embeddings_and_output_weights", "kv_channels",
                      "add_qkv_bias", "rotary_base", "rope_scaling_factor", "norm_epsilon",
-                     "vocab_size")
+                     "vocab_size", "qk_layernorm")
 
 
 def save_checkpoint(save_dir: str, iteration: int, chunks: Sequence[torch.nn.Module],

@@ -51,7 +51,7 @@ def transformer_config(config: DictConfig, params_dtype: torch.dtype,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
         ffn_hidden_size=model.ffn_hidden_size,
         kv_channels=model.kv_channels or model.hidden_size // model.num_attention_heads,
-        add_qkv_bias=model.add_qkv_bias,
+        add_qkv_bias=model.add_qkv_bias, qk_layernorm=model.qk_layernorm,
         normalization="RMSNorm", layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, init_method_std=model.init_method_std,
         hidden_dropout=0.0, attention_dropout=0.0,
@@ -274,13 +274,14 @@ class SequenceParallelRMSNorm:
 def _layer_spec(config: TransformerConfig, vp_stage: Optional[int]):
     if not te.available():
         return _local_spec(config, vp_stage)
-    return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
 
 
 def _local_spec(config: Optional[TransformerConfig] = None, vp_stage: Optional[int] = None):
     """Megatron-Core's local layer spec (RMSNorm); with sequence parallelism, the whole block's
     spec with :class:`SequenceParallelRMSNorm` for every norm, the final one included."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm",
+                                    qk_layernorm=config is not None and config.qk_layernorm)
     if config is None or not config.sequence_parallel:
         return spec
     spec.submodules.input_layernorm = SequenceParallelRMSNorm

@@ -1,8 +1,10 @@
 """Which Hugging Face causal LMs map onto the project's Megatron-Core ``GPTModel``, and how a
 Hugging Face ``config.json`` translates to the run's ``model`` config section and back.
 
-Supported: the Llama (Llama 2/3.x), Qwen2 (Qwen2, Qwen2.5, Qwen2.5-Math) and Mistral families,
-all RoPE + RMSNorm + SwiGLU + GQA decoders. Qwen2 adds a bias on the fused QKV projection;
+Supported: the Llama (Llama 2/3.x), Qwen2 (Qwen2, Qwen2.5, Qwen2.5-Math), Qwen3 (dense) and
+Mistral families, all RoPE + RMSNorm + SwiGLU + GQA decoders. Qwen2 adds a bias on the fused
+QKV projection; Qwen3 an RMSNorm on each head's query and key (Megatron-Core's
+``qk_layernorm``) and a head dim of its own (``head_dim``, not hidden / heads);
 Llama 3.1+ scales RoPE ("llama3" rope type, as Megatron-Core implements it); small Qwen2.5 and
 Llama 3.2 models tie the embeddings to the output layer.
 """
@@ -16,9 +18,10 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from transformers import PretrainedConfig
 
-FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig"}  # transformers
+FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+            "mistral": "MistralConfig"}  # transformers
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "mistral": "MistralForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
 # Megatron-Core's llama3 RoPE scaling fixes these (rotary_pos_embedding._apply_scaling).
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -27,8 +30,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 # The model-section keys an HF config determines.
 MODEL_KEYS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "kv_channels", "rotary_base", "rope_scaling_factor",
-              "norm_epsilon", "untie_embeddings_and_output_weights", "add_qkv_bias", "vocab_size",
-              "sliding_window")
+              "norm_epsilon", "untie_embeddings_and_output_weights", "add_qkv_bias", "qk_layernorm",
+              "vocab_size", "sliding_window")
 
 
 def is_hf_directory(path: Optional[str]) -> bool:
@@ -86,6 +89,7 @@ def model_section_from_hf(hf_dir: str) -> dict[str, Any]:
         "norm_epsilon": float(hf.rms_norm_eps),
         "untie_embeddings_and_output_weights": not hf.tie_word_embeddings,
         "add_qkv_bias": family == "qwen2",
+        "qk_layernorm": family == "qwen3",
         "vocab_size": hf.vocab_size,
         "sliding_window": _sliding_window(hf),
     }
@@ -144,6 +148,6 @@ def _check_features(hf, hf_dir):
 
 
 def _sliding_window(hf):
-    if hf.model_type == "qwen2" and not getattr(hf, "use_sliding_window", False):
+    if hf.model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False):
         return None
     return getattr(hf, "sliding_window", None)

@@ -22,6 +22,7 @@ Weight mapping (Megatron local-spec names; HF ``model.`` prefix omitted)::
     embedding.word_embeddings.weight   [Vp, h]        embed_tokens.weight [V, h], zero-padded
     layers.i.self_attention.linear_qkv [g*(q/g+2)*d]  per KV group g: its q heads, then k, v
     layers.i.mlp.linear_fc1            [2f, h]        cat(gate_proj, up_proj)
+    layers.i.self_attention.q_layernorm [d]           self_attn.q_norm (Qwen3; k likewise)
     output_layer.weight                [Vp, h]        lm_head.weight (absent when tied)
 """
 
@@ -56,6 +57,7 @@ _LAYER_MAP = {  # Megatron name in layer i -> HF name in layer i (one-to-one ten
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
+_QK_NORMS = {"q_layernorm.weight": "q_norm.weight", "k_layernorm.weight": "k_norm.weight"}
 
 
 def hf_to_megatron(hf_dir: str, out_dir: str, converter: str = "auto") -> tuple[str, str]:
@@ -144,6 +146,9 @@ def megatron_tensors_from_hf(read: Callable[[str], torch.Tensor], model: DictCon
         for name in ("weight", "bias") if model.add_qkv_bias else ("weight",):
             yield f"{dst}self_attention.linear_qkv.{name}", _fuse_qkv(
                 *(read(f"{attn}{p}_proj.{name}") for p in "qkv"), heads, groups, d)
+        if model.qk_layernorm:
+            for ours, theirs in _QK_NORMS.items():
+                yield f"{dst}self_attention.{ours}", read(attn + theirs)
         yield dst + "mlp.linear_fc1.weight", torch.cat(
             [read(src + "mlp.gate_proj.weight"), read(src + "mlp.up_proj.weight")])
 
@@ -165,6 +170,9 @@ def hf_state_from_megatron(state: dict[str, torch.Tensor],
         for name in ("weight", "bias") if model.add_qkv_bias else ("weight",):
             q, k, v = _split_qkv(state[f"{src}self_attention.linear_qkv.{name}"], heads, groups, d)
             hf.update({f"{dst}self_attn.{p}_proj.{name}": t for p, t in zip("qkv", (q, k, v))})
+        if model.qk_layernorm:
+            for ours, theirs in _QK_NORMS.items():
+                hf[f"{dst}self_attn.{theirs}"] = state[f"{src}self_attention.{ours}"]
         gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2)
         hf[dst + "mlp.gate_proj.weight"], hf[dst + "mlp.up_proj.weight"] = gate, up
     return {k: _own_storage(v) for k, v in hf.items()}

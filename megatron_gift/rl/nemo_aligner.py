@@ -98,8 +98,12 @@ def nemo_model_config(model: Any, padded_vocab: int, tokenizer: str, tp: int, pp
     tokenizer directory as the config names it (``TOKENIZER_REF``, inside the archive);
     ``tp``/``pp``: the layout Aligner starts with;
     ``seq_length``: tokens (``encoder_seq_length``, ``max_position_embeddings``).
-    Raises ValueError for RoPE scaling NeMo 1.x cannot express.
+    Raises UserError for RoPE scaling NeMo 1.x cannot express and for Qwen3's query/key norms.
     """
+    if model.get("qk_layernorm"):
+        raise UserError(
+            f"model.family={model.get('family')} has per-head query/key norms (qk_layernorm), which this "
+            "NeMo-Aligner export does not write or check; use the NeMo RL hand-off (nemo-rl)")
     factor = model.rope_scaling_factor
     if factor and float(factor) != NEMO_ROPE_SCALING_FACTOR:
         raise UserError(
