@@ -308,3 +308,18 @@ def test_a_full_disk_is_one_line_and_the_tracker_keeps_the_last_complete_checkpo
                                         f"--load {save}"):
         train_here(overrides)
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+def test_a_checkpoint_from_before_query_key_norms_loads_as_one_without_them(monkeypatch):
+    """Checkpoints written before ``qk_layernorm`` was recorded had none: they load into a
+    model without query/key norms and are refused, naming it, by one with them."""
+    from megatron_gift.core import checkpoint
+    from megatron_gift.errors import UserError
+
+    older = {k: 1 for k in checkpoint.ARCHITECTURE_KEYS if k != "qk_layernorm"}
+    monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda path: path)
+    monkeypatch.setattr(checkpoint, "run_facts", lambda directory: {"architecture": older})
+    monkeypatch.setattr(checkpoint, "_load_tensors", lambda state, directory: {})
+    assert checkpoint.load_model_weights("old", [], {**older, "qk_layernorm": False}) == {}
+    with pytest.raises(UserError, match="qk_layernorm: checkpoint False vs run True"):
+        checkpoint.load_model_weights("old", [], {**older, "qk_layernorm": True})

@@ -41,6 +41,8 @@ ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_qu
                      "ffn_hidden_size", "untie_embeddings_and_output_weights", "kv_channels",
                      "add_qkv_bias", "rotary_base", "rope_scaling_factor", "norm_epsilon",
                      "vocab_size", "qk_layernorm")
+# Keys added to ARCHITECTURE_KEYS later, and what a checkpoint written before them had.
+ARCHITECTURE_DEFAULTS = {"qk_layernorm": False}
 
 
 def save_checkpoint(save_dir: str, iteration: int, chunks: Sequence[torch.nn.Module],
@@ -216,7 +218,7 @@ def load_model_weights(path: str, chunks: Sequence[torch.nn.Module],
     directory = latest_checkpoint(path)
     if directory is None:
         raise MissingFileError(f"no Megatron checkpoint at {path} (no {TRACKER} or metadata.json)")
-    stored = run_facts(directory)["architecture"]
+    stored = {**ARCHITECTURE_DEFAULTS, **run_facts(directory)["architecture"]}
     differing = {k: (stored.get(k), v) for k, v in expected_architecture.items()
                  if stored.get(k) != v}
     if differing:
