@@ -11,7 +11,10 @@ and reads no weights or data: the architecture is the model section, completed f
 HF config.json as training completes it (``--pretrained-checkpoint HF_DIR``). For each
 pipeline stage, worst first, it prints the bytes per GPU of the student's weights, gradients and
 optimizer state, the frozen reference's weights, the activations the schedule keeps in flight,
-the pipeline buffers (the reference's half included), the loss buffers and, for FP8 runs (the
+the pipeline buffers (the reference's half included), the loss buffers of the head the run
+asks for (``--gift-head``: ``logits``, both models' logit shards and the loss's buffers;
+``fused``, the fused head's chunk tiles, gradient sums and what it keeps, no logits; the
+table's ``head`` line and the JSON's ``head`` object name it) and, for FP8 runs (the
 ``precision`` section), what Transformer Engine keeps beside the weights (FP8 copies and
 transposes, scaling state), then whether the worst stage fits in 90% of the GPU's memory (the
 rest is left to the CUDA context, NCCL and the allocator) and, if not, the cheapest layout that

@@ -12,8 +12,9 @@ Design:
 - **Chunking.** Tokens go through in chunks of ``chunk_tokens`` rows. Per chunk: one fp32 GEMM
   per model (``[c, H] x [H, V/tp]``), the row maxima (MAX all-reduce of ``[c, 2]``), the
   statistics of :mod:`megatron_gift.loss.columns` (SUM all-reduce of ``[c, 7]``), the loss, and
-  the gradient tile ``G`` ``[c, V/tp]``. The largest live buffers are three fp32 ``[c, V/tp]``
-  tiles (student, reference, one product), never ``[T, V/tp]``.
+  the gradient tile ``G`` ``[c, V/tp]``. The largest live buffers are four fp32 ``[c, V/tp]``
+  tiles (student, reference, ``exp(z)``, one product; released before the next chunk), never
+  ``[T, V/tp]``.
 - **Gradient in the forward (Liger's way).** The loss is the last op of the step, so ``G`` is
   multiplied out while the tile is live: ``grad_hidden[chunk] = G @ W`` and
   ``grad_weight += G^T @ h[chunk]`` (fp32 accumulators). Only those two (and small per-token
@@ -66,8 +67,9 @@ TILE_BYTES = 128 * 2**20  # one fp32 [chunk, V/tp] tile when chunk_tokens is not
 
 def default_chunk_tokens(vocab_shard: int) -> int:
     """Tokens per chunk such that one fp32 ``[chunk, vocab_shard]`` tile takes at most
-    :data:`TILE_BYTES` (128 MiB: 1048 tokens at V/tp = 32000, 261 at 128256, 220 at 76032), at
-    least 1. Three tiles are live at once; the GEMMs stay large enough to run at full rate."""
+    :data:`TILE_BYTES` (128 MiB: 1048 tokens at V/tp = 32000, 441 at 76032, 261 at 128256, 220
+    at 152064), at least 1. Up to four tiles are live at once (student, reference, ``exp(z)``
+    and a product); the GEMMs stay large enough to run at full rate."""
     return max(1, TILE_BYTES // (4 * max(1, vocab_shard)))
 
 
@@ -425,6 +427,7 @@ class _FusedGiftHead(torch.autograd.Function):
                 grad_hidden[rows] = _mm(tile, w[:shard.local], dtype)
             if want_weight:
                 _addmm_(grad_weight[:shard.local], tile.T, h[rows].to(w.dtype))
+            del z, r, tile  # before the next chunk's logits: its tiles take their place
         if want_hidden and config.reduce_hidden_grad:
             _all_reduce(grad_hidden, dist.ReduceOp.SUM, config.group)
 

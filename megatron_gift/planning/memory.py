@@ -24,9 +24,13 @@ Every count follows what Megatron-Core 0.19 allocates for this project's models
 * **pipeline buffers**: per micro-batch in flight, the received hidden states ``[s / sp, b, h]``
   plus the reference's half ``[.., h]`` that travels with them (the sent ones are freed once
   sent: ``deallocate_pipeline_outputs``), and the two gradient buffers of the backward;
-* **loss buffers** (last stage, one micro-batch): student and reference logit shards
-  ``[b, s, V/tp]``, the fp32 ``softmax - g p'`` buffer the GIFT loss keeps for the backward
-  and its two fp32 row-chunk workspaces (:mod:`megatron_gift.loss.eager`);
+* **loss buffers** (last stage, one micro-batch), by the head the run asks for
+  (``gift.head``): ``logits``, the student and reference logit shards ``[b, s, V/tp]``, the
+  fp32 ``softmax - g p'`` buffer the GIFT loss keeps for the backward and its two fp32
+  row-chunk workspaces (:mod:`megatron_gift.loss.eager`); ``fused``, the fused head's chunk
+  tiles, its fp32 gradient accumulators and per-token coefficients, the reference's hidden
+  states it keeps and the gradients it returns, never the logits
+  (:mod:`megatron_gift.loss.fused_head`, :func:`fused_head_terms`);
 * **FP8 state** (``precision`` section): what Transformer Engine keeps beside the weights of
   the layers that run FP8: FP8 copies of the GEMM weights and their transposes, and the
   scaling state (:func:`fp8_state_bytes`). FP8 also changes the weights (``--fp8-param-gather``,
@@ -61,6 +65,9 @@ PARTS = ("student_weights", "gradients", "optimizer", "reference_weights", "acti
 USABLE_FRACTION = 0.9
 # Elements of one fp32 row-chunk workspace of the GIFT loss (megatron_gift.loss.eager._Workspace).
 LOSS_WORKSPACE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
+# Bytes of one fp32 [chunk, V/tp] tile of the fused head when gift.head_chunk_tokens is not set
+# (megatron_gift.loss.fused_head.TILE_BYTES).
+FUSED_HEAD_TILE_BYTES = 128 << 20
 LAYER_SPECS = ("te", "local")
 _FP32 = 4
 # Transformer Engine 2.x's FP8 (transformer_engine/pytorch): bytes per element of one FP8 copy of
@@ -126,6 +133,12 @@ class Run:
     fp8_bf16_layers: tuple[int, int] = (0, 0)  # bf16 layers at the start and at the end
     reference_fp8: bool = False  # --reference-precision fp8
     reference_fp8_weights: bool = False  # the reference's GEMM weights are FP8
+    # The gift section's head: "logits" (materialised, then the loss) or "fused" (chunk by
+    # chunk from the hidden states); the fused head's tokens per chunk (None: its default,
+    # fused_head_chunk_tokens); smoothing on (smooth_lambda > 0: one more per-token coefficient).
+    head: str = "logits"
+    head_chunk_tokens: Optional[int] = None
+    smooth: bool = False
 
     @property
     def num_gpus(self) -> int:
@@ -185,7 +198,9 @@ class Plan:
         return self.stages[0]
 
     def as_dict(self) -> dict[str, Any]:
-        """The plan as the JSON object of ``python -m megatron_gift.plan --json``."""
+        """The plan as the JSON object of ``python -m megatron_gift.plan --json``; ``head``
+        names the loss head planned, its chunk (fused) and the last stage's loss buffers by
+        term (:func:`loss_terms`), in bytes."""
         run = self.run
         step, save = stop_seconds(run)
         return {
@@ -201,6 +216,9 @@ class Plan:
             "stages": [{"pipeline_rank": s.pipeline_rank,
                         "parameters_per_gpu": s.parameters_per_gpu, "bytes": dict(s.bytes)}
                        for s in self.stages],
+            "head": {"name": run.head,
+                     "chunk_tokens": fused_head_chunk_tokens(run) if run.head == "fused" else None,
+                     "loss_buffers": loss_terms(run)},
             "gpu_memory_bytes": self.gpu_memory_bytes,
             "usable_memory_bytes": self.usable_bytes,
             "fits": self.fits, "suggestion": self.suggestion,
@@ -259,7 +277,8 @@ def run_from_config(config: "DictConfig", num_gpus: Optional[int] = None,
         recompute_num_layers=training.recompute_num_layers,
         reference=not math.isinf(config.gift.beta), packed=config.data.pack,
         layer_spec=layer_spec, device=device, fused_swiglu=device == "cuda",
-        **_precision(config))
+        head=config.gift.head, head_chunk_tokens=config.gift.head_chunk_tokens,
+        smooth=config.gift.smooth_lambda > 0, **_precision(config))
 
 
 def _precision(config: "DictConfig") -> dict[str, Any]:
@@ -660,7 +679,13 @@ def pipeline_buffer_bytes(run: Run, rank: int) -> int:
 
 
 def loss_terms(run: Run) -> dict[str, int]:
-    """Bytes of the last stage's loss for one micro-batch (worst TP rank: the one whose vocab
+    """Bytes of the last stage's loss for one micro-batch on its worst TP rank, by term, for
+    the head the run asks for: :func:`logits_loss_terms` or :func:`fused_head_terms`."""
+    return fused_head_terms(run) if run.head == "fused" else logits_loss_terms(run)
+
+
+def logits_loss_terms(run: Run) -> dict[str, int]:
+    """Bytes of the logits head's loss for one micro-batch (worst TP rank: the one whose vocab
     shard is all real tokens): ``logits`` and ``reference_logits`` ``[b, s, V/tp]``, ``saved``
     (fp32 ``softmax - g p'`` over the real vocab columns, and per token the label column,
     ``1 - g`` and the valid flag) and ``workspace`` (two fp32 row-chunks)."""
@@ -672,6 +697,139 @@ def loss_terms(run: Run) -> dict[str, int]:
     return {"logits": logits, "reference_logits": logits if run.reference else 0,
             "saved": T * real * _FP32 + T * (8 + _FP32 + 1),
             "workspace": 2 * rows * real * _FP32}
+
+
+# The fused head (megatron_gift.loss.fused_head, _FusedGiftHead) on one micro-batch, worst TP
+# rank. T: tokens of the micro-batch on the last stage (s / cp x b: with sequence parallelism
+# the head takes the gathered sequence); V_l = V_pad / tp rows of each output weight; R: real
+# vocab columns of the worst rank; c = min(chunk, T); e: bytes of the parameter dtype.
+
+
+def fused_head_chunk_tokens(run: Run) -> int:
+    """Tokens per chunk of the fused head: ``gift.head_chunk_tokens``, else as many as keep
+    one fp32 ``[chunk, V/tp]`` tile within :data:`FUSED_HEAD_TILE_BYTES` (the loss's
+    ``default_chunk_tokens``), at least 1."""
+    if run.head_chunk_tokens is not None:
+        return run.head_chunk_tokens
+    shard = run.padded_vocab // run.tensor_parallel
+    return max(1, FUSED_HEAD_TILE_BYTES // (_FP32 * max(1, shard)))
+
+
+def _fused_gemms_in_param_dtype(run: Run) -> bool:
+    """Whether the head's GEMMs take bf16 weights as they are (``_multiplies_in_low_precision``:
+    CUDA's fp32-accumulating ``out_dtype`` GEMMs); elsewhere a bf16 weight is copied to fp32."""
+    return run.device == "cuda" and run.param_bytes != _FP32
+
+
+def fused_head_tiles(run: Run) -> int:
+    """The forward's largest set of live ``[c, R]`` tiles, the most over the phases of a
+    chunk. Each model's logits ``z``, ``r`` are fp32 (``_logits``); then, on CPU, the eager
+    passes (``_eager_chunk``: ``_statistics`` makes ``exp(z)`` and products, the gradient tile
+    is written over ``z``) and, on CUDA, the loss's Triton passes (``_kernel_chunk``, which the
+    loss's ``auto`` picks there: a new fp32 gap ``softmax(z) - q`` and a new fp32 gradient
+    tile). A chunk's tiles are released before the next chunk's logits are made.
+
+    * statistics: ``z``, ``r``, and ``exp(z)`` with a product ``exp(.) * z`` (eager) or the
+      gap with the gradient tile (Triton): 4 fp32 tiles (3 without a reference);
+    * logits: ``z`` and ``r``, plus the fp32 copy of the ``[c, H]`` hidden chunk where the
+      GEMMs run in fp32 on bf16;
+    * gradient (``G @ W``, ``G^T h``): ``z``, ``r`` and (Triton) the gradient tile, the
+      ``[c, H]`` fp32 GEMM output (or fp32 hidden chunk) and, where the GEMMs take bf16
+      weights, the tile cast to the parameter dtype (``_mm``/``_addmm_``: ``a.to(b.dtype)``).
+    """
+    T, H, e = _tokens(run), run.hidden_size, run.param_bytes
+    c = min(fused_head_chunk_tokens(run), T)
+    real = min(run.padded_vocab // run.tensor_parallel, run.vocab_size)
+    tile = c * real * _FP32
+    models = 1 + int(run.reference)
+    triton = run.device == "cuda"
+    low_precision = _fused_gemms_in_param_dtype(run)
+    hidden_chunk = c * H * _FP32
+    statistics = (models + 2) * tile
+    logits = models * tile + (hidden_chunk if e != _FP32 and not low_precision else 0)
+    gradient = (models + int(triton)) * tile + (c * real * e if low_precision else 0) + hidden_chunk
+    return max(statistics, logits, gradient)
+
+
+def fused_head_forward_workspace(run: Run) -> dict[str, int]:
+    """What the fused head's forward holds beside what it saves, freed when it returns:
+    ``tiles`` (:func:`fused_head_tiles`); ``weight_copies``: an fp32 copy ``[V_l, H]`` of
+    each model's bf16 output weight where the GEMMs do not take bf16 (``_gemm_operand``: CPU;
+    none with fp32 parameters or on CUDA); ``hidden_copies``: with micro-batches of more than
+    one sequence, each model's hidden states ``[T, H]`` in the parameter dtype, which the
+    head's ``reshape(-1, H)`` copies (the caller hands ``[s, b, H]`` transposed to
+    ``[b, s, H]``)."""
+    T, H, e = _tokens(run), run.hidden_size, run.param_bytes
+    models = 1 + int(run.reference)
+    rows = run.padded_vocab // run.tensor_parallel
+    copies = e != _FP32 and not _fused_gemms_in_param_dtype(run)
+    return {"tiles": fused_head_tiles(run),
+            "weight_copies": models * rows * H * _FP32 if copies else 0,
+            "hidden_copies": models * T * H * e if run.micro_batch_size > 1 else 0}
+
+
+def fused_head_backward_outputs(run: Run) -> int:
+    """What the fused head's backward allocates (with the upstream gradient one value over the
+    tokens, as ``loss.sum().backward()`` gives: the saved sums are scaled, nothing
+    recomputed): the per-token scale ``[T]`` fp32; the hidden states' gradient ``[T, H]`` in
+    the parameter dtype, cast from an fp32 product (both live during the cast with bf16); the
+    weight's gradient ``[V_l, H]`` in the parameter dtype, cast from the saved fp32 sum (with
+    gradient-accumulation fusion: the sum added to ``main_grad`` and a zero gradient of the
+    same size returned). With fp32 parameters the product and the saved sum are returned as
+    they are (left out: the zero fp32 gradient of fp32 parameters with the fusion)."""
+    T, H, e = _tokens(run), run.hidden_size, run.param_bytes
+    rows = run.padded_vocab // run.tensor_parallel
+    hidden = T * H * e
+    product = T * H * _FP32 if e != _FP32 else 0
+    weight = rows * H * e if e != _FP32 else 0
+    return T * _FP32 + max(product + hidden, hidden + weight)
+
+
+def fused_head_per_token_bytes(run: Run) -> int:
+    """Bytes a token of what the fused head keeps for the backward beside the gradients: the
+    loss and its three diagnostics (``[4, T]`` fp32) and the ``_Coefficients``: ``maxima``
+    ``[T, 2]`` fp32, ``inv_sum_exp_z`` fp32, ``onehot_w`` fp32, ``column`` int64, ``valid``
+    bool, and with a reference ``ref_w`` fp32 (and ``uniform_w`` fp32 with smoothing)."""
+    coefficients = 2 * _FP32 + _FP32 + _FP32 + 8 + 1
+    if run.reference:
+        coefficients += _FP32 * (2 if run.smooth else 1)
+    return 4 * _FP32 + coefficients
+
+
+def fused_head_terms(run: Run) -> dict[str, int]:
+    """Bytes of the fused head (``gift.head: fused``) for one micro-batch on the worst TP rank,
+    by term; their sum is the head's peak: what it keeps from the forward to the backward,
+    plus the larger of the forward's workspace and the backward's outputs.
+
+    * ``grad_weight``: the fp32 ``[V_l, H]`` sum ``G^T h`` the forward accumulates and saves;
+    * ``grad_hidden``: the fp32 ``[T, H]`` rows ``G @ W`` it saves;
+    * ``per_token``: the loss, its diagnostics and the coefficients
+      (:func:`fused_head_per_token_bytes`);
+    * ``reference_hidden``: the reference's final hidden states ``[T, H]`` in the parameter
+      dtype, saved for the backward (the logits head frees them once the reference's logits
+      exist); none without a reference;
+    * ``gathered_hidden``: with sequence parallelism, the student's gathered hidden states
+      ``[T, H]`` the head saves, beyond the ``[T / tp, H]`` the output layer would keep
+      (counted in :func:`head_activations`);
+    * ``tiles``, ``weight_copies``, ``hidden_copies``: the forward's workspace
+      (:func:`fused_head_forward_workspace`);
+    * ``backward_excess``: what the backward's outputs (:func:`fused_head_backward_outputs`)
+      need beyond the forward's workspace, 0 where the forward's peak is the higher.
+
+    Not counted: ``[c]``-sized row temporaries, the ``[c, 7]`` statistics and the forward's
+    per-token index tensors (labels masks, ``[T]``, freed as it returns), and the
+    recomputing backward of a per-token upstream gradient (two more tiles a chunk and a
+    second fp32 ``[V_l, H]`` sum).
+    """
+    T, H, e = _tokens(run), run.hidden_size, run.param_bytes
+    rows = run.padded_vocab // run.tensor_parallel
+    forward = fused_head_forward_workspace(run)
+    backward = fused_head_backward_outputs(run)
+    return {"grad_weight": rows * H * _FP32, "grad_hidden": T * H * _FP32,
+            "per_token": T * fused_head_per_token_bytes(run),
+            "reference_hidden": T * H * e if run.reference else 0,
+            "gathered_hidden": (T - T // _sp(run)) * H * e,
+            **forward, "backward_excess": max(0, backward - sum(forward.values()))}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 prints: GiB per GPU of each part on each pipeline stage, worst first, then the verdict, the
 cheapest layout that fits where the run does not, and the time a stopping run needs."""
 
-from megatron_gift.planning.memory import (GIB, USABLE_FRACTION, Plan, checkpoint_bytes,
-                                           shutdown_timeout, stop_seconds)
+from megatron_gift.planning.memory import (GIB, USABLE_FRACTION, Plan, Run, checkpoint_bytes,
+                                           fused_head_chunk_tokens, shutdown_timeout,
+                                           stop_seconds)
 
 _ROWS = (("student weights", "student_weights"), ("gradients", "gradients"),
          ("optimizer", "optimizer"), ("reference weights", "reference_weights"),
@@ -27,6 +28,7 @@ def as_text(plan: "Plan") -> str:
         f"{'on' if run.sequence_parallel else 'off'}, recompute {recompute}, "
         f"{'distributed' if run.distributed_optimizer else 'plain'} {run.optimizer}, "
         f"{'GIFT (frozen reference on every stage)' if run.reference else 'SFT (no reference)'}",
+        f"head        {_head(run)}",
         f"student     {plan.student_parameters / 1e9:.2f} B parameters; "
         "Transformer Engine layers assumed",
         "",
@@ -54,6 +56,15 @@ def as_text(plan: "Plan") -> str:
                  f"torchrun --shutdown-timeout {shutdown_timeout(run)}, "
                  f"sbatch --signal=B:TERM@{shutdown_timeout(run)}")
     return "\n".join(lines)
+
+
+def _head(run: Run) -> str:
+    """The loss head planned (``gift.head``) and, for the fused head, its chunk."""
+    if run.head != "fused":
+        return "logits (each model's [b, s, V/tp] logits held for the loss)"
+    default = "" if run.head_chunk_tokens is not None else ", default: a 128 MiB fp32 tile"
+    return (f"fused (the logits {fused_head_chunk_tokens(run)} tokens at a time{default}; "
+            "never whole)")
 
 
 def _precision(run) -> str:
