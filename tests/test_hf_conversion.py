@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig,
-                          MistralConfig, Qwen2Config, Qwen3Config)
+                          MistralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 
 from megatron_gift.demo import synthetic
 from support.commands import run_main
@@ -34,6 +34,10 @@ FAMILIES = {
     # Qwen3: q/k RMSNorm per head, a head dim other than hidden / heads, untied.
     "qwen3": lambda: Qwen3Config(head_dim=24, tie_word_embeddings=False, rope_theta=1e6,
                                  **_dims()),
+    # Qwen3-MoE: 4 experts, top 2 renormalised, layer 1 dense (mlp_only_layers), tied.
+    "qwen3_moe": lambda: Qwen3MoeConfig(
+        head_dim=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        mlp_only_layers=[1], norm_topk_prob=True, tie_word_embeddings=True, **_dims()),
     # Mistral: a head dim other than hidden / heads, and a window the sequence stays within.
     "mistral": lambda: MistralConfig(head_dim=24, sliding_window=64, **_dims()),
 }
@@ -74,7 +78,7 @@ def imported(request, tmp_path_factory):
     return request.param, root
 
 
-def _megatron_logits(hf_dir, checkpoint_dir, tokens, tp, pp):
+def _megatron_logits(hf_dir, checkpoint_dir, tokens, tp, pp, sequence_parallel=False, ep=1):
     """Full-vocab logits of the imported model at TP x PP, on the last stage's ranks."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -87,14 +91,16 @@ def _megatron_logits(hf_dir, checkpoint_dir, tokens, tp, pp):
     config = parse_config([], defaults={
         "model": {"seq_length": SEQ},
         "checkpoint": {"pretrained_checkpoint": str(hf_dir)},
-        "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}})
+        "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                     "sequence_parallel": sequence_parallel, "expert_model_parallel_size": ep}})
     config = sources.resolve_model(config, 0)
-    with model_parallel(tp=tp, pp=pp):
+    with model_parallel(tp=tp, pp=pp, ep=ep):
         tf_config = models.transformer_config(config, torch.float32)
         vocab = models.padded_vocab_size(config.model.vocab_size, config)
         [model] = models.build_chunks(config, tf_config, vocab, torch.device("cpu"))
         checkpoint.load_model_weights(str(checkpoint_dir), [model],
                                       checkpoint.architecture(config.model, vocab))
+        model.eval()  # inference (Megatron-Core's MoE layer wants SP with TP when training)
         b, s = tokens.shape
         mask = torch.ones(s, s, dtype=torch.bool).triu_(1).view(1, 1, s, s)
 
@@ -110,9 +116,9 @@ def _megatron_logits(hf_dir, checkpoint_dir, tokens, tp, pp):
         return None
 
 
-def _check_logits(hf_dir, checkpoint_dir, tp, pp, vocab=VOCAB):
+def _check_logits(hf_dir, checkpoint_dir, tp, pp, vocab=VOCAB, sequence_parallel=False, ep=1):
     tokens = torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(0))
-    logits = _megatron_logits(hf_dir, checkpoint_dir, tokens, tp, pp)
+    logits = _megatron_logits(hf_dir, checkpoint_dir, tokens, tp, pp, sequence_parallel, ep)
     if logits is None:
         return
     reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(tokens).logits
@@ -124,7 +130,9 @@ def _check_logits(hf_dir, checkpoint_dir, tp, pp, vocab=VOCAB):
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
 def test_imported_model_gives_the_logits_of_transformers(imported, tp, pp):
     family, root = imported
-    run_distributed(tp * pp, _check_logits, root / "hf", root / "megatron", tp, pp)
+    # An MoE model at TP > 1 runs with sequence parallelism, as it trains.
+    run_distributed(tp * pp, _check_logits, root / "hf", root / "megatron", tp, pp, VOCAB,
+                    family == "qwen3_moe" and tp > 1)
 
 
 def test_export_reloads_in_transformers_with_identical_weights(imported, tmp_path):
@@ -135,6 +143,7 @@ def test_export_reloads_in_transformers_with_identical_weights(imported, tmp_pat
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(exported).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                        "qwen3": "Qwen3ForCausalLM",
+                                       "qwen3_moe": "Qwen3MoeForCausalLM",
                                        "mistral": "MistralForCausalLM"}[family]
     state = exported.state_dict()
     assert sorted(state) == sorted(original)
@@ -433,4 +442,57 @@ def test_qwen3_trains_at_tp2_like_one_process(tmp_path):
         update = weights[1][key] - base[key]
         assert update.abs().max() > 0, key
         torch.testing.assert_close(weights[2][key] - base[key], update, rtol=0,
+                                   atol=1e-4 * float(update.abs().max()), msg=key)
+
+
+@pytest.mark.distributed
+def test_qwen3_moe_at_ep2_gives_the_logits_of_transformers(tmp_path):
+    """Two ranks each holding two of the four experts (the dispatcher gathers the tokens and
+    scatters the experts' outputs back) give transformers' logits."""
+    make_hf_model(tmp_path / "hf", "qwen3_moe")
+    assert convert_cli("hf-to-megatron", "--hf", tmp_path / "hf",
+                       "--out", tmp_path / "megatron").returncode == 0
+    run_distributed(2, _check_logits, tmp_path / "hf", tmp_path / "megatron", 1, 1, VOCAB,
+                    False, 2)
+
+
+def _train_moe(tmp_path, name, world, parallel, iters=3, save=None, **checkpoint):
+    overrides = _gift_overrides(tmp_path, tmp_path / "megatron",
+                                save=str(tmp_path / (save or name)), **checkpoint)
+    overrides["parallel"] = parallel
+    overrides["training"]["train_iters"] = iters
+    overrides["training"]["moe_aux_loss_coeff"] = 0.01
+    overrides["optimizer"] = {"optimizer": "sgd", "lr": 0.5, "weight_decay": 0.0,
+                              "lr_decay_style": "constant", "override_opt_param_scheduler": True}
+    overrides["logging"]["metrics_file"] = str(tmp_path / f"{name}.jsonl")
+    run_distributed(world, _train_rank, overrides, initialize=False)
+    with open(tmp_path / f"{name}.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return ([r["loss"] for r in records if "loss" in r],
+            _final_tensors(tmp_path / (save or name) / f"iter_{iters:07d}"))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_qwen3_moe_trains_at_ep2_like_ep1_and_resumes_across_ep(tmp_path):
+    """Data-parallel 2 with the experts replicated (EP=1) and split (EP=2): the same losses and
+    updates (SGD, 3 steps, the student's load-balancing loss on). A checkpoint saved at EP=2
+    resumes at EP=1 on the same curve (Megatron-Core's dist-checkpoint reshards the experts)."""
+    make_hf_model(tmp_path / "hf", "qwen3_moe")
+    assert convert_cli("hf-to-megatron", "--hf", tmp_path / "hf",
+                       "--out", tmp_path / "megatron").returncode == 0
+    ep1 = _train_moe(tmp_path, "ep1", 2, {"expert_model_parallel_size": 1})
+    ep2 = _train_moe(tmp_path, "ep2", 2, {"expert_model_parallel_size": 2}, iters=2)
+    torch.testing.assert_close(torch.tensor(ep2[0]), torch.tensor(ep1[0][:2]), rtol=1e-5,
+                               atol=1e-6)
+    resumed = _train_moe(tmp_path, "resumed", 2, {"expert_model_parallel_size": 1},
+                         save="ep2", load=str(tmp_path / "ep2"))
+    assert resumed[0] == pytest.approx(ep1[0][2:], rel=1e-5)
+    base = _final_tensors(tmp_path / "megatron" / "iter_0000000")
+    experts = [k for k in base if "experts" in k or "router" in k]
+    assert experts
+    for key in experts:
+        update = ep1[1][key] - base[key]
+        assert update.abs().max() > 0, key
+        torch.testing.assert_close(resumed[1][key] - base[key], update, rtol=0,
                                    atol=1e-4 * float(update.abs().max()), msg=key)

@@ -5,8 +5,9 @@ these are the facts a type cannot say. Every problem names the key and its flag,
 with several problems is refused once, naming them all (:func:`raise_problems`).
 """
 
+import ast
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, Union
 
 from omegaconf import DictConfig
 
@@ -16,12 +17,14 @@ from megatron_gift.errors import ConfigError, UserError
 _POSITIVE = {"model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                        "ffn_hidden_size", "seq_length", "make_vocab_size_divisible_by"),
              "parallel": ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                          "context_parallel_size"),
+                          "context_parallel_size", "expert_model_parallel_size"),
              "training": ("micro_batch_size", "global_batch_size", "train_iters",
                           "eval_interval", "eval_iters"),
              "precision": ("fp8_amax_history_len",),
              "logging": ("log_interval",)}
-_POSITIVE_OR_NONE = {"parallel": ("virtual_pipeline_model_parallel_size",),
+_POSITIVE_OR_NONE = {"parallel": ("virtual_pipeline_model_parallel_size",
+                                  "expert_tensor_parallel_size"),
+                     "model": ("num_moe_experts", "moe_ffn_hidden_size"),
                      "training": ("recompute_num_layers", "exit_interval",
                                   "exit_duration_in_mins"),
                      "checkpoint": ("save_interval",)}
@@ -166,6 +169,51 @@ def layer_split_problems(config: DictConfig) -> list[str]:
             if config.precision[key] > per_stage:
                 problems.append(f"{_name('precision', key)}={config.precision[key]} exceeds the "
                                 f"{per_stage} layers of a pipeline stage")
+    return problems + _moe_problems(config)
+
+
+def moe_layer_freq(text: str) -> Union[int, list[int]]:
+    """``model.moe_layer_freq`` as Megatron-Core takes it: ``"2"`` -> 2 (every 2nd layer is
+    MoE), ``"[0,1,1]"`` -> ``[0, 1, 1]`` (one entry a layer, 1 for MoE). ValueError otherwise."""
+    try:
+        value = ast.literal_eval(str(text).strip())
+    except (ValueError, SyntaxError):
+        value = None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, (list, tuple)) and value and all(v in (0, 1) for v in value):
+        return [int(v) for v in value]
+    raise ValueError(f"{_name('model', 'moe_layer_freq')}={text!r} must be an integer >= 1 or "
+                     "a list of 0/1 per layer, e.g. [0,1,1,1]")
+
+
+def _moe_problems(config: DictConfig) -> list[str]:
+    """Mixture-of-experts settings that cannot work, once the model section is complete."""
+    model, ep = config.model, config.parallel.expert_model_parallel_size
+    experts = model.num_moe_experts
+    if not experts:
+        return ([] if ep == 1 else [
+            f"{_name('parallel', 'expert_model_parallel_size')}={ep} needs a mixture-of-experts "
+            f"model ({_name('model', 'num_moe_experts')})"])
+    problems = []
+    if config.parallel.tensor_model_parallel_size > 1 and not config.parallel.sequence_parallel:
+        problems.append(f"a mixture-of-experts model at {_name('parallel', 'tensor_model_parallel_size')}"
+                        f"={config.parallel.tensor_model_parallel_size} needs "
+                        f"{_name('parallel', 'sequence_parallel')} (Megatron-Core's MoE layer "
+                        "refuses to train without it)")
+    if ep < 1 or experts % ep:
+        problems.append(f"{_name('model', 'num_moe_experts')}={experts} is not divisible by "
+                        f"{_name('parallel', 'expert_model_parallel_size')}={ep}")
+    if not 1 <= model.moe_router_topk <= experts:
+        problems.append(f"{_name('model', 'moe_router_topk')}={model.moe_router_topk} must be in "
+                        f"[1, {experts}] (the experts)")
+    try:
+        pattern = moe_layer_freq(model.moe_layer_freq)
+    except ValueError as error:
+        return problems + [str(error)]
+    if isinstance(pattern, list) and len(pattern) != model.num_layers:
+        problems.append(f"{_name('model', 'moe_layer_freq')} has {len(pattern)} entries for "
+                        f"{model.num_layers} layers")
     return problems
 
 

@@ -47,12 +47,23 @@ class Model:
     tokenizer: Optional[str] = option(
         None, "Hugging Face tokenizer directory; default: the base model's, else the bundled one")
     family: str = option("llama", "HF architecture of exports (set from an HF base model)",
-                         choices=("llama", "qwen2", "qwen3", "mistral"))
+                         choices=("llama", "qwen2", "qwen3", "qwen3_moe", "mistral"))
     kv_channels: Optional[int] = option(None, "head dim; default hidden_size / num_attention_heads")
     rope_scaling_factor: Optional[float] = option(None, "Llama 3.x RoPE scaling factor")
     add_qkv_bias: bool = option(False, "bias on the QKV projection (Qwen2)")
     qk_layernorm: bool = option(False, "RMSNorm on each head's query and key before RoPE "
                                 "(Qwen3)")
+    num_moe_experts: Optional[int] = option(
+        None, "experts of each mixture-of-experts layer (Qwen3-MoE); none: dense MLPs")
+    moe_router_topk: int = option(2, "experts each token is routed to")
+    moe_ffn_hidden_size: Optional[int] = option(
+        None, "each expert's SwiGLU inner size; default ffn_hidden_size")
+    moe_layer_freq: str = option(
+        "1", "which layers are MoE (the others dense): every k-th (an integer) or one 0/1 per "
+        "layer, e.g. [0,1,1,1] (Megatron-LM's --moe-layer-freq)")
+    moe_norm_topk_prob: bool = option(
+        True, "renormalise each token's top-k routing probabilities to sum to 1 (Qwen3-MoE's "
+        "norm_topk_prob)")
     vocab_size: Optional[int] = option(None, "the real vocab (padded by the model); default: the tokenizer's")
     sliding_window: Optional[int] = option(
         None, "Mistral's attention window; seq_length may not exceed it")
@@ -81,6 +92,11 @@ class Parallel:
         "(needs --use-distributed-optimizer)")
     grad_reduce_in_fp32: bool = option(
         True, "reduce gradients over data parallel ranks in fp32 (bf16 runs)")
+    expert_model_parallel_size: int = option(
+        1, "EP: the experts of each MoE layer split over this many ranks (inside data "
+        "parallelism, as Megatron-Core lays them out)")
+    expert_tensor_parallel_size: Optional[int] = option(
+        None, "TP of each expert; default the tensor-parallel size")
 
 
 @dataclass
@@ -138,6 +154,11 @@ class Training:
     bf16: bool = option(False, "bf16 parameters and activations (fp32 main weights)")
     eval_interval: int = option(50, "evaluate every N iterations (and at the end)")
     eval_iters: int = option(4, "global batches per evaluation")
+    moe_aux_loss_coeff: float = option(
+        0.0, "weight of the student's MoE load-balancing loss, added to GIFT's (0: none)")
+    moe_router_load_balancing_type: str = option(
+        "aux_loss", "the load-balancing loss (Megatron-LM's): per batch, per sequence, or none",
+        choices=("aux_loss", "seq_aux_loss", "none"))
     exit_duration_in_mins: Optional[float] = option(
         None, "save and exit cleanly once the run has trained this many minutes (all ranks "
         "agree on the iteration)")

@@ -40,9 +40,12 @@ torch.serialization.add_safe_globals([argparse.Namespace])
 ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                      "ffn_hidden_size", "untie_embeddings_and_output_weights", "kv_channels",
                      "add_qkv_bias", "rotary_base", "rope_scaling_factor", "norm_epsilon",
-                     "vocab_size", "qk_layernorm")
+                     "vocab_size", "qk_layernorm", "num_moe_experts", "moe_router_topk",
+                     "moe_ffn_hidden_size", "moe_layer_freq", "moe_norm_topk_prob")
 # Keys added to ARCHITECTURE_KEYS later, and what a checkpoint written before them had.
-ARCHITECTURE_DEFAULTS = {"qk_layernorm": False}
+ARCHITECTURE_DEFAULTS = {"qk_layernorm": False, "num_moe_experts": None, "moe_router_topk": 2,
+                         "moe_ffn_hidden_size": None, "moe_layer_freq": "1",
+                         "moe_norm_topk_prob": True}
 
 
 def save_checkpoint(save_dir: str, iteration: int, chunks: Sequence[torch.nn.Module],
@@ -197,6 +200,7 @@ def load_checkpoint(directory: str, chunks: Sequence[torch.nn.Module],
         chunk.load_state_dict(loaded[_model_key(k, len(chunks))])
     if new_schedule:
         _take_current_group_settings(loaded["optimizer"], optimizer)
+    _fill_missing_group_settings(loaded["optimizer"], optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["opt_param_scheduler"])
     if same_layout:
@@ -267,6 +271,20 @@ def _take_current_group_settings(saved: dict, optimizer: "MegatronOptimizer") ->
                     old[key] = new[key]
 
 
+def _fill_missing_group_settings(saved: dict, optimizer: "MegatronOptimizer") -> None:
+    """Settings a loaded param group lacks take the current group's values. A mixture-of-
+    experts run saved at another expert-parallel size had another number of optimizers (one
+    at EP 1, dense and experts apart above), so the param groups Megatron-Core reads back for
+    this run's optimizers carry only what the two layouts share."""
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    saved_parts = [saved] if "param_groups" in saved else [saved[k] for k in sorted(saved)]
+    for part, inner in zip(saved_parts, inners):
+        for old, new in zip(part.get("param_groups", []), inner.optimizer.param_groups):
+            for key, value in new.items():
+                if key != "params":
+                    old.setdefault(key, value)
+
+
 def _give_sgd_a_state_initializer(optimizer: "MegatronOptimizer") -> None:
     """Megatron-Core 0.19 builds SGD with ``init_state_fn = None``
     (optimizer/__init__.py :: _get_megatron_optimizer_based_on_param_groups), and
@@ -286,10 +304,16 @@ def _sgd_momentum_buffers(opt: torch.optim.Optimizer, config: object = None) -> 
 
 
 def _optimizer_kwargs(optimizer):
+    """Megatron-Core's metadata for the optimizer's checkpoint state: its keys named by the
+    parameter alone, without the ``chained_<i>.`` prefix that a mixture-of-experts run's two
+    optimizers (dense, experts) would add, so that the state reshards between expert layouts
+    (Megatron builds one optimizer at EP 1, two above); the distributed optimizer's state in
+    its fully reshardable format."""
+    metadata = {"chained_optim_avoid_prefix": True}
     if any(type(o).__name__ == "DistributedOptimizer"
            for o in getattr(optimizer, "chained_optimizers", [optimizer])):
-        return {"metadata": {"distrib_optim_sharding_type": "fully_reshardable"}}
-    return {}
+        metadata["distrib_optim_sharding_type"] = "fully_reshardable"
+    return {"metadata": metadata}
 
 
 def layout() -> list[int]:

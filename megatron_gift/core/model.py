@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
+    get_gpt_decoder_block_spec, get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec)
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
@@ -21,6 +22,7 @@ from megatron.core.transformer.transformer_block import (TransformerBlockSubmodu
 from megatron.core.transformer.transformer_config import TransformerConfig
 from omegaconf import DictConfig
 
+from megatron_gift.config.checks import moe_layer_freq
 from megatron_gift.core import vocab
 from megatron_gift.platform import kernels, te
 
@@ -64,7 +66,7 @@ def transformer_config(config: DictConfig, params_dtype: torch.dtype,
         calculate_per_token_loss=True, use_cpu_initialization=on_cpu,
         perform_initialization=initialize,
         # The interleaved schedule cannot be told the doubled activation width: shapes travel.
-        variable_seq_lengths=vpp is not None, moe_token_dispatcher_type="alltoall",
+        variable_seq_lengths=vpp is not None,
         batch_p2p_comm=not (on_cpu and vpp is not None),  # see megatron_gift.platform.cpu
         cross_entropy_loss_fusion=False,  # the loss is GIFT's own
         # Megatron-LM's two memory savings, off in TransformerConfig: SwiGLU as one autograd
@@ -72,8 +74,40 @@ def transformer_config(config: DictConfig, params_dtype: torch.dtype,
         # 5; torch.compile'd, which on a CPU means a C++ compiler: CUDA alone, as
         # bias_dropout_fusion), and each sent pipeline output freed once sent (plain PyTorch).
         bias_activation_fusion=not on_cpu, deallocate_pipeline_outputs=True,
-        **kernels.fusions(), **fp8_fields(config.precision, frozen),
+        **kernels.fusions(), **fp8_fields(config.precision, frozen), **moe_fields(config, frozen),
     )
+
+
+def moe_fields(config: DictConfig, frozen: bool = False) -> dict:
+    """``TransformerConfig``'s mixture-of-experts fields (none for a dense model).
+
+    Qwen3-MoE's router takes the softmax over the experts' logits, the top k, and with
+    ``norm_topk_prob`` renormalises those k probabilities: Megatron-Core's softmax router with
+    the softmax after the top-k (``moe_router_pre_softmax`` off) computes exactly that (the
+    softmax of the k chosen logits); with it on, the unnormalised top-k probabilities. Dropless
+    routing (no capacity factor), experts one after the other (no grouped GEMM). The token
+    dispatcher is ``alltoall`` on CUDA and ``allgather`` on CPU: the all-to-all dispatcher makes
+    CUDA streams when it is built; the all-gather one needs only all-gather and reduce-scatter,
+    which gloo has. The frozen reference adds no load-balancing loss.
+    """
+    model, training = config.model, config.training
+    if not model.num_moe_experts:
+        return {"moe_token_dispatcher_type": "alltoall"}  # unused; allgather refuses VPP's shapes
+    fields = {
+        "num_moe_experts": model.num_moe_experts, "moe_router_topk": model.moe_router_topk,
+        "moe_ffn_hidden_size": model.moe_ffn_hidden_size or model.ffn_hidden_size,
+        "moe_layer_freq": moe_layer_freq(model.moe_layer_freq),
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": not model.moe_norm_topk_prob,
+        "moe_token_dispatcher_type": "alltoall" if torch.cuda.is_available() else "allgather",
+        "moe_aux_loss_coeff": 0.0 if frozen else training.moe_aux_loss_coeff,
+        "moe_router_load_balancing_type": ("none" if frozen
+                                           else training.moe_router_load_balancing_type),
+        "expert_model_parallel_size": config.parallel.expert_model_parallel_size,
+    }
+    if config.parallel.expert_tensor_parallel_size is not None:
+        fields["expert_tensor_parallel_size"] = config.parallel.expert_tensor_parallel_size
+    return fields
 
 
 def fp8_fields(precision: DictConfig, frozen: bool = False) -> dict:
@@ -274,18 +308,31 @@ class SequenceParallelRMSNorm:
 def _layer_spec(config: TransformerConfig, vp_stage: Optional[int]):
     if not te.available():
         return _local_spec(config, vp_stage)
+    if config.num_moe_experts:
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
 
 
 def _local_spec(config: Optional[TransformerConfig] = None, vp_stage: Optional[int] = None):
-    """Megatron-Core's local layer spec (RMSNorm); with sequence parallelism, the whole block's
-    spec with :class:`SequenceParallelRMSNorm` for every norm, the final one included."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm",
-                                    qk_layernorm=config is not None and config.qk_layernorm)
-    if config is None or not config.sequence_parallel:
-        return spec
-    spec.submodules.input_layernorm = SequenceParallelRMSNorm
-    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
-    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * layers,
-                                      layer_norm=SequenceParallelRMSNorm)
+    """Megatron-Core's local layer spec (RMSNorm); for a mixture-of-experts model the block's
+    layer specs (MoE and dense layers as ``moe_layer_freq`` says); with sequence parallelism,
+    every norm, the final one included, is :class:`SequenceParallelRMSNorm`."""
+    if config is not None and config.num_moe_experts:
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                           normalization="RMSNorm", vp_stage=vp_stage)
+        layer_specs = block.layer_specs
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm",
+                                        qk_layernorm=config is not None and config.qk_layernorm)
+        if config is None or not config.sequence_parallel:
+            return spec
+        layer_specs = [spec] * get_num_layers_to_build(config, vp_stage=vp_stage)
+    if not config.sequence_parallel:
+        return block
+    for spec in layer_specs:
+        spec.submodules.input_layernorm = SequenceParallelRMSNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+        attention = spec.submodules.self_attention.submodules
+        if config.qk_layernorm:  # Qwen3's per-head norms (their gradients are summed over TP)
+            attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=SequenceParallelRMSNorm)

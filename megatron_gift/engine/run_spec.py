@@ -475,4 +475,11 @@ def _device_problems(config: DictConfig) -> list[str]:
                         f"parallel size = {tp} x {pp} x {cp} (--tensor-model-parallel-size, "
                         "--pipeline-model-parallel-size, --context-parallel-size, "
                         "torchrun --nproc-per-node)")
+    ep = parallel.expert_model_parallel_size
+    etp = parallel.expert_tensor_parallel_size or tp
+    if ep > 1 and world % (etp * ep * pp):
+        problems.append(f"world size {world} is not divisible by expert tensor x expert x "
+                        f"pipeline parallel size = {etp} x {ep} x {pp} (Megatron-Core lays the "
+                        "experts out inside data parallelism; --expert-model-parallel-size, "
+                        "--expert-tensor-parallel-size)")
     return problems

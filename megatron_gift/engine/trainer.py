@@ -204,7 +204,9 @@ def _init_parallel_state(config: JobConfig) -> None:
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size)
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size)
     # Megatron-LM's offset: pipeline stages draw different initial weights (TP ranks of a
     # stage share the seed: each builds the full weight and keeps its shard).
     seed = config.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()

@@ -4,7 +4,9 @@ Hugging Face ``config.json`` translates to the run's ``model`` config section an
 Supported: the Llama (Llama 2/3.x), Qwen2 (Qwen2, Qwen2.5, Qwen2.5-Math), Qwen3 (dense) and
 Mistral families, all RoPE + RMSNorm + SwiGLU + GQA decoders. Qwen2 adds a bias on the fused
 QKV projection; Qwen3 an RMSNorm on each head's query and key (Megatron-Core's
-``qk_layernorm``) and a head dim of its own (``head_dim``, not hidden / heads);
+``qk_layernorm``) and a head dim of its own (``head_dim``, not hidden / heads); Qwen3-MoE
+replaces the MLP of its sparse layers by ``num_experts`` SwiGLU experts of
+``moe_intermediate_size`` behind a softmax top-k router (Megatron-Core's MoE layer);
 Llama 3.1+ scales RoPE ("llama3" rope type, as Megatron-Core implements it); small Qwen2.5 and
 Llama 3.2 models tie the embeddings to the output layer.
 """
@@ -19,9 +21,10 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-            "mistral": "MistralConfig"}  # transformers
+            "qwen3_moe": "Qwen3MoeConfig", "mistral": "MistralConfig"}  # transformers
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "mistral": "MistralForCausalLM"}
 # Megatron-Core's llama3 RoPE scaling fixes these (rotary_pos_embedding._apply_scaling).
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -31,7 +34,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 MODEL_KEYS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "kv_channels", "rotary_base", "rope_scaling_factor",
               "norm_epsilon", "untie_embeddings_and_output_weights", "add_qkv_bias", "qk_layernorm",
-              "vocab_size", "sliding_window")
+              "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq",
+              "moe_norm_topk_prob", "vocab_size", "sliding_window")
 
 
 def is_hf_directory(path: Optional[str]) -> bool:
@@ -89,7 +93,8 @@ def model_section_from_hf(hf_dir: str) -> dict[str, Any]:
         "norm_epsilon": float(hf.rms_norm_eps),
         "untie_embeddings_and_output_weights": not hf.tie_word_embeddings,
         "add_qkv_bias": family == "qwen2",
-        "qk_layernorm": family == "qwen3",
+        "qk_layernorm": family in ("qwen3", "qwen3_moe"),
+        **_moe_section(hf),
         "vocab_size": hf.vocab_size,
         "sliding_window": _sliding_window(hf),
     }
@@ -123,9 +128,47 @@ def hf_config_from_model_section(model: "DictConfig",
     values.setdefault("max_position_embeddings", max(model.seq_length, 8192 if model.rope_scaling_factor else 0))
     if family == "qwen2":
         values.pop("head_dim")  # Qwen2 derives it
+    if family == "qwen3_moe":
+        values.update(_hf_moe_values(model))
     import transformers
 
     return getattr(transformers, FAMILIES[family])(**values)
+
+
+def _moe_section(hf) -> dict[str, Any]:
+    """The model section's MoE keys of an HF config (a dense model: none set). Qwen3-MoE's
+    layer ``i`` is sparse unless listed in ``mlp_only_layers``, and where
+    ``(i + 1) % decoder_sparse_step == 0``."""
+    experts = getattr(hf, "num_experts", None)
+    if not experts:
+        return {"num_moe_experts": None}
+    dense = set(getattr(hf, "mlp_only_layers", None) or [])
+    step = getattr(hf, "decoder_sparse_step", 1) or 1
+    pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(hf.num_hidden_layers)]
+    return {"num_moe_experts": experts, "moe_router_topk": hf.num_experts_per_tok,
+            "moe_ffn_hidden_size": hf.moe_intermediate_size,
+            "moe_layer_freq": "1" if all(pattern) else str(pattern).replace(" ", ""),
+            "moe_norm_topk_prob": bool(getattr(hf, "norm_topk_prob", True))}
+
+
+def moe_layers(model: "DictConfig") -> list[bool]:
+    """Per layer, whether it is a mixture-of-experts layer (all False for a dense model)."""
+    if not model.get("num_moe_experts"):
+        return [False] * model.num_layers
+    from megatron_gift.config.checks import moe_layer_freq
+
+    pattern = moe_layer_freq(model.moe_layer_freq)
+    if isinstance(pattern, int):
+        return [i % pattern == 0 for i in range(model.num_layers)]
+    return [bool(v) for v in pattern]
+
+
+def _hf_moe_values(model: "DictConfig") -> dict[str, Any]:
+    sparse = moe_layers(model)
+    return {"num_experts": model.num_moe_experts, "num_experts_per_tok": model.moe_router_topk,
+            "moe_intermediate_size": model.moe_ffn_hidden_size or model.ffn_hidden_size,
+            "decoder_sparse_step": 1, "norm_topk_prob": bool(model.moe_norm_topk_prob),
+            "mlp_only_layers": [i for i, moe in enumerate(sparse) if not moe]}
 
 
 def _check_features(hf, hf_dir):
@@ -148,6 +191,7 @@ def _check_features(hf, hf_dir):
 
 
 def _sliding_window(hf):
-    if hf.model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False):
+    if hf.model_type in ("qwen2", "qwen3", "qwen3_moe") and not getattr(
+            hf, "use_sliding_window", False):
         return None
     return getattr(hf, "sliding_window", None)

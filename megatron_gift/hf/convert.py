@@ -23,6 +23,9 @@ Weight mapping (Megatron local-spec names; HF ``model.`` prefix omitted)::
     layers.i.self_attention.linear_qkv [g*(q/g+2)*d]  per KV group g: its q heads, then k, v
     layers.i.mlp.linear_fc1            [2f, h]        cat(gate_proj, up_proj)
     layers.i.self_attention.q_layernorm [d]           self_attn.q_norm (Qwen3; k likewise)
+    layers.i.mlp.router.weight         [E, h]         mlp.gate.weight (MoE layers)
+    layers.i.mlp.experts.local_experts.j.linear_fc1  cat(mlp.experts.j.gate_proj, up_proj)
+    layers.i.mlp.experts.local_experts.j.linear_fc2  mlp.experts.j.down_proj
     output_layer.weight                [Vp, h]        lm_head.weight (absent when tied)
 """
 
@@ -46,7 +49,7 @@ from megatron_gift.core import checkpoint
 from megatron_gift.errors import USER_ERROR_EXIT, MissingFileError, UserError
 from megatron_gift.platform import once
 from megatron_gift.platform.distributed import world_of_one
-from megatron_gift.hf.architecture import (ASSETS, check_tokenizer_files, hf_assets,
+from megatron_gift.hf.architecture import (ASSETS, check_tokenizer_files, hf_assets, moe_layers,
                                            hf_config_from_model_section, is_hf_directory,
                                            model_section_from_hf)
 
@@ -55,7 +58,6 @@ _LAYER_MAP = {  # Megatron name in layer i -> HF name in layer i (one-to-one ten
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
 _QK_NORMS = {"q_layernorm.weight": "q_norm.weight", "k_layernorm.weight": "k_norm.weight"}
 
@@ -134,6 +136,7 @@ def megatron_tensors_from_hf(read: Callable[[str], torch.Tensor], model: DictCon
     """
     heads, groups = model.num_attention_heads, model.num_query_groups
     d = model.kv_channels or model.hidden_size // heads
+    sparse = moe_layers(model)
     yield "embedding.word_embeddings.weight", _pad_rows(read("embed_tokens.weight"), padded_vocab)
     yield "decoder.final_layernorm.weight", read("norm.weight")
     if model.untie_embeddings_and_output_weights:
@@ -149,8 +152,8 @@ def megatron_tensors_from_hf(read: Callable[[str], torch.Tensor], model: DictCon
         if model.qk_layernorm:
             for ours, theirs in _QK_NORMS.items():
                 yield f"{dst}self_attention.{ours}", read(attn + theirs)
-        yield dst + "mlp.linear_fc1.weight", torch.cat(
-            [read(src + "mlp.gate_proj.weight"), read(src + "mlp.up_proj.weight")])
+        yield from _mlp_from_hf(read, src + "mlp.", dst + "mlp.",
+                                model.num_moe_experts if sparse[i] else None)
 
 
 def hf_state_from_megatron(state: dict[str, torch.Tensor],
@@ -159,6 +162,7 @@ def hf_state_from_megatron(state: dict[str, torch.Tensor],
     heads, groups = model.num_attention_heads, model.num_query_groups
     d = model.kv_channels or model.hidden_size // heads
     vocab = model.vocab_size
+    sparse = moe_layers(model)
     hf = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab],
           "model.norm.weight": state["decoder.final_layernorm.weight"]}
     if model.untie_embeddings_and_output_weights:
@@ -173,9 +177,38 @@ def hf_state_from_megatron(state: dict[str, torch.Tensor],
         if model.qk_layernorm:
             for ours, theirs in _QK_NORMS.items():
                 hf[f"{dst}self_attn.{theirs}"] = state[f"{src}self_attention.{ours}"]
-        gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2)
-        hf[dst + "mlp.gate_proj.weight"], hf[dst + "mlp.up_proj.weight"] = gate, up
+        hf.update(_mlp_to_hf(state, src + "mlp.", dst + "mlp.",
+                             model.num_moe_experts if sparse[i] else None))
     return {k: _own_storage(v) for k, v in hf.items()}
+
+
+def _mlp_from_hf(read: Callable[[str], torch.Tensor], src: str, dst: str,
+                 experts: Optional[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """One layer's MLP (``src``/``dst``: the HF / Megatron ``mlp.`` prefixes): a SwiGLU, or
+    with ``experts`` the router and each expert's SwiGLU."""
+    if experts is None:
+        yield dst + "linear_fc1.weight", torch.cat([read(src + "gate_proj.weight"),
+                                                    read(src + "up_proj.weight")])
+        yield dst + "linear_fc2.weight", read(src + "down_proj.weight")
+        return
+    yield dst + "router.weight", read(src + "gate.weight")
+    for j in range(experts):
+        yield from _mlp_from_hf(read, f"{src}experts.{j}.", f"{dst}experts.local_experts.{j}.",
+                                None)
+
+
+def _mlp_to_hf(state: dict[str, torch.Tensor], src: str, dst: str,
+               experts: Optional[int]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_mlp_from_hf` (``src``/``dst``: the Megatron / HF prefixes)."""
+    if experts is None:
+        gate, up = state[src + "linear_fc1.weight"].chunk(2)
+        return {dst + "gate_proj.weight": gate, dst + "up_proj.weight": up,
+                dst + "down_proj.weight": state[src + "linear_fc2.weight"]}
+    out = {dst + "gate.weight": state[src + "router.weight"]}
+    for j in range(experts):
+        out.update(_mlp_to_hf(state, f"{src}experts.local_experts.{j}.", f"{dst}experts.{j}.",
+                              None))
+    return out
 
 
 def cached_conversion(hf_dir: str, cache_root: Optional[str] = None,

@@ -153,13 +153,13 @@ def _rank_main(rank, world_size, port, fn, args, initialize, environment):
 
 
 @contextlib.contextmanager
-def model_parallel(tp=1, pp=1, vpp=None, seed=1234):
+def model_parallel(tp=1, pp=1, vpp=None, seed=1234, ep=1):
     """Megatron parallel state for the duration of a block."""
     from megatron.core import parallel_state, tensor_parallel
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
+        virtual_pipeline_model_parallel_size=vpp, expert_model_parallel_size=ep,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     try:
