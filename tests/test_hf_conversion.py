@@ -497,3 +497,65 @@ def test_qwen3_moe_trains_at_ep2_like_ep1_and_resumes_across_ep(tmp_path):
     assert resumed[0] == pytest.approx(ep1[0][2:], rel=1e-5)
     _assert_same_updates(resumed[1], ep1[1], tmp_path / "megatron",
                          lambda key: "experts" in key or "router" in key)
+
+
+def _moe_gift_rank(overrides, hf_dir, out):
+    """Train GIFT on a Qwen3-MoE with a load-balancing loss, recording which routers attach
+    one; then the frozen reference's logits on a batch, beside transformers' base model's."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_gift.config import parse_config
+    from megatron_gift.engine import trainer as training
+    from megatron_gift.engine.run_spec import resolve
+    from megatron_gift.platform.distributed import init_distributed
+
+    attached = []
+    original = TopKRouter.attach_and_log_load_balancing_loss
+
+    def recording(self, *args, **kwargs):
+        attached.append(self)
+        return original(self, *args, **kwargs)
+
+    TopKRouter.attach_and_log_load_balancing_loss = recording
+    spec = resolve(parse_config([], defaults=overrides))
+    init_distributed()
+    job = training.setup(spec)
+    reference = job.chunks[0].reference
+    before = {n: t.detach().clone() for n, t in
+              [*reference.named_parameters(), *reference.named_buffers()]}
+    training.run(job)
+    after = dict([*reference.named_parameters(), *reference.named_buffers()])
+    routers = {id(m) for m in reference.modules() if isinstance(m, TopKRouter)}
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    s = tokens.size(1)
+    mask = torch.ones(s, s, dtype=torch.bool).triu_(1).view(1, 1, s, s)
+    with torch.no_grad():
+        ours = reference(tokens, torch.arange(s).expand(2, s), mask)[..., :VOCAB]
+    base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(tokens).logits
+    torch.save({"attached_by_reference": sum(id(r) in routers for r in attached),
+                "attached": len(attached), "training": reference.training,
+                "changed": [n for n in before if not torch.equal(before[n], after[n])],
+                "ours": ours, "base": base.detach()}, out)
+
+
+@pytest.mark.distributed
+def test_moe_gift_the_reference_stays_frozen_and_routes_as_the_base(tmp_path):
+    """GIFT on Qwen3-MoE (3 steps, load-balancing loss 0.01): the student's routers attach the
+    loss and the run logs it beside GIFT's; the reference's never do, it stays in eval mode with
+    every parameter and buffer unchanged, and its logits (hence GIFT's target, a function of
+    them and the label) equal those of the HF base model run by transformers (rel 1e-4)."""
+    make_hf_model(tmp_path / "hf", "qwen3_moe")
+    assert convert_cli("hf-to-megatron", "--hf", tmp_path / "hf",
+                       "--out", tmp_path / "megatron").returncode == 0
+    overrides = _gift_overrides(tmp_path, tmp_path / "megatron", save=str(tmp_path / "run"))
+    overrides["parallel"] = {}
+    overrides["training"]["moe_aux_loss_coeff"] = 0.01
+    run_distributed(1, _moe_gift_rank, overrides, tmp_path / "hf", tmp_path / "out.pt",
+                    initialize=False)
+    result = torch.load(tmp_path / "out.pt")
+    assert result["attached"] > 0 and result["attached_by_reference"] == 0
+    assert not result["training"] and result["changed"] == []
+    torch.testing.assert_close(result["ours"], result["base"], rtol=1e-4, atol=1e-4)
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f if '"loss"' in line]
+    assert len(records) == 3 and all(r["moe_aux_loss"] > 0 for r in records)

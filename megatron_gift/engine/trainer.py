@@ -454,6 +454,7 @@ def _train_step(job: Job) -> dict:
     job.scheduler.step(increment=1)
     job.consumed_samples += config.training.global_batch_size
     totals = _reduce_reports(reports, loss.metrics, job.chunks[0].device)
+    totals.update(_moe_load_balancing(job, len(batches)))
     elapsed = time.perf_counter() - start
     loss_tokens = totals.pop("_tokens")
     processed = config.training.global_batch_size * config.model.seq_length
@@ -461,6 +462,28 @@ def _train_step(job: Job) -> dict:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens": processed, "loss_tokens": int(loss_tokens), "step_time": elapsed,
             "tokens_per_s": processed / elapsed, "loss_tokens_per_s": loss_tokens / elapsed}
+
+
+def _moe_load_balancing(job: Job, micro_batches: int) -> dict:
+    """``{"moe_aux_loss": ...}``: the student's load-balancing loss of this step (before its
+    coefficient; mean over MoE layers and micro-batches, reduced over ranks), from the tracker
+    Megatron-Core's routers write to (transformer/moe/moe_logging.py), which it then clears.
+    Empty for a dense model or a zero coefficient. Every rank calls it (the tracker reduces
+    over pipeline stages)."""
+    model, training = job.config.model, job.config.training
+    if not model.num_moe_experts or training.moe_aux_loss_coeff == 0 or (
+            training.moe_router_load_balancing_type == "none"):
+        return {}
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    name = {"aux_loss": "load_balancing_loss",
+            "seq_aux_loss": "seq_load_balancing_loss"}[training.moe_router_load_balancing_type]
+    totals: dict = {}
+    get_moe_metrics_tracker().report(
+        loss_scale=1.0 / micro_batches, iteration=job.iteration, total_loss_dict=totals,
+        force_initialize=True, track_names=[name], num_layers=model.num_layers,
+        moe_layer_freq=job.tf_config.moe_layer_freq)
+    return {"moe_aux_loss": float(totals.get(name, float("nan")))}
 
 
 def _evaluate(job: Job) -> dict:
