@@ -104,6 +104,17 @@ def test_nemo_rl_config_has_the_keys_nemo_rl_reads(megatron_lm_root, hf_dir, nem
         assert f"{path}:{path}" in mounts
 
 
+def test_expert_parallel_sizes_go_to_megatron_cfg_for_moe_models(megatron_lm_root, hf_dir,
+                                                                  nemo_rl_dir, tmp_path):
+    config, _ = _write(megatron_lm_root, hf_dir, nemo_rl_dir, tmp_path, num_nodes=2, tp=2, ep=8,
+                       etp=1)
+    megatron = config.policy.megatron_cfg
+    assert (megatron.tensor_model_parallel_size, megatron.expert_model_parallel_size,
+            megatron.expert_tensor_parallel_size) == (2, 8, 1)
+    with pytest.raises(ValueError, match="etp \\* ep \\* pp = 24 does not divide the 16 GPUs"):
+        _write(megatron_lm_root, hf_dir, nemo_rl_dir, tmp_path, num_nodes=2, ep=8, etp=3)
+
+
 def test_parallel_sizes_default_to_the_recipe(megatron_lm_root, hf_dir, nemo_rl_dir, tmp_path):
     config, _ = _write(megatron_lm_root, hf_dir, nemo_rl_dir, tmp_path)
     assert config.defaults.endswith("grpo_math_8B_megatron.yaml")

@@ -4,7 +4,7 @@
 
     megatron-gift rl-handoff nemo-rl --checkpoint SAVE [--hf HF_DIR] \\
         --nemo-rl-dir /path/to/RL --out grpo_gift.yaml [--base-config grpo_math_8B_megatron.yaml]
-        [--tp 4 --pp 4 --num-nodes 8 --gpus-per-node 8 --checkpoint-dir DIR]
+        [--tp 4 --pp 4 --ep 8 --num-nodes 8 --gpus-per-node 8 --checkpoint-dir DIR]
 
     megatron-gift rl-handoff nemo-aligner --checkpoint SAVE [--hf HF_DIR] --out DIR \\
         [--algorithm reinforce|ppo] [--tp 4 --pp 1 --num-nodes 1 --gpus-per-node 8] [--tar]
@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     nemo.add_argument("--gpus-per-node", type=int, default=8)
     nemo.add_argument("--tp", type=int, help="Megatron tensor parallel size (default: the recipe's)")
     nemo.add_argument("--pp", type=int, help="Megatron pipeline parallel size (default: the recipe's)")
+    nemo.add_argument("--ep", type=int, help="Megatron expert parallel size, MoE models "
+                      "(default: the recipe's)")
+    nemo.add_argument("--etp", type=int, help="Megatron expert tensor parallel size, MoE models "
+                      "(default: the recipe's)")
     nemo.add_argument("--container", default=CONTAINER, help="container image for ray.sub")
     aligner = sub.add_parser("nemo-aligner", help="export a NeMo 1.x model + REINFORCE/PPO config "
                                                   "for NeMo-Aligner 0.7")
@@ -88,7 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     lines = write_nemo_rl_config(args.checkpoint, args.hf, args.nemo_rl_dir, args.out,
                                  args.base_config, args.checkpoint_dir, args.num_nodes,
-                                 args.gpus_per_node, args.tp, args.pp, args.container)
+                                 args.gpus_per_node, args.tp, args.pp, args.container,
+                                 args.ep, args.etp)
     print(f"wrote {os.path.abspath(args.out)}\n\none node:\n  {lines[0]}\n\nSLURM:\n  {lines[1]}")
 
 

@@ -4,7 +4,7 @@
 
     python -m megatron_gift.rl_handoff nemo-rl --checkpoint SAVE --hf HF_DIR \\
         --nemo-rl-dir /path/to/RL --out grpo_gift.yaml [--base-config grpo_math_8B_megatron.yaml]
-        [--tp 4 --pp 4 --num-nodes 8 --gpus-per-node 8 --checkpoint-dir DIR]
+        [--tp 4 --pp 4 --ep 8 --num-nodes 8 --gpus-per-node 8 --checkpoint-dir DIR]
 
 The YAML inherits one of NeMo RL's Megatron GRPO recipes (``defaults:``) and overrides only
 what ties it to this run::
@@ -14,6 +14,7 @@ what ties it to this run::
     checkpointing.pretrained_checkpoint             {format: megatron_lm, path: SAVE}
     policy.megatron_cfg.enabled / dtensor_cfg       Megatron backend on, DTensor off
     policy.megatron_cfg.{tensor,pipeline}_model_parallel_size   only when given
+    policy.megatron_cfg.expert_{model,tensor}_parallel_size     only when given (Qwen3-MoE)
     checkpointing.{enabled, checkpoint_dir}         where the RL run saves
     cluster.{num_nodes, gpus_per_node}
 
@@ -84,27 +85,33 @@ def check_hf_dir(path: str) -> None:
 
 
 def check_layout(tp: Optional[int], pp: Optional[int], num_nodes: int,
-                 gpus_per_node: int) -> None:
-    """Raise ValueError unless the Megatron model-parallel group tiles the cluster's GPUs."""
+                 gpus_per_node: int, ep: Optional[int] = None, etp: Optional[int] = None) -> None:
+    """Raise ValueError unless the Megatron model-parallel group, and the experts' (expert-TP x
+    EP x PP), tile the cluster's GPUs."""
     for name, value in (("num_nodes", num_nodes), ("gpus_per_node", gpus_per_node),
-                        ("tp", tp), ("pp", pp)):
+                        ("tp", tp), ("pp", pp), ("ep", ep), ("etp", etp)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     gpus, group = num_nodes * gpus_per_node, (tp or 1) * (pp or 1)
     if gpus % group:
         raise UserError(f"tp * pp = {group} does not divide the {gpus} GPUs "
                          f"({num_nodes} nodes x {gpus_per_node})")
+    experts = (etp or tp or 1) * (ep or 1) * (pp or 1)
+    if ep is not None and gpus % experts:
+        raise UserError(f"etp * ep * pp = {experts} does not divide the {gpus} GPUs "
+                         f"({num_nodes} nodes x {gpus_per_node})")
 
 
 def nemo_rl_config(checkpoint: str, hf_dir: str, base_config: str, checkpoint_dir: str,
                    num_nodes: int, gpus_per_node: int, tp: Optional[int] = None,
-                   pp: Optional[int] = None) -> dict[str, Any]:
+                   pp: Optional[int] = None, ep: Optional[int] = None,
+                   etp: Optional[int] = None) -> dict[str, Any]:
     """The GRPO config overrides as a plain dict (all paths as given; ``base_config`` absolute)."""
     megatron = {"enabled": True}
-    if tp is not None:
-        megatron["tensor_model_parallel_size"] = tp
-    if pp is not None:
-        megatron["pipeline_model_parallel_size"] = pp
+    for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                       ("expert_model_parallel_size", ep), ("expert_tensor_parallel_size", etp)):
+        if value is not None:
+            megatron[key] = value
     return {
         "defaults": base_config,
         "policy": {"model_name": hf_dir, "tokenizer": {"name": hf_dir},
@@ -132,7 +139,8 @@ def launch_lines(config_path: str, nemo_rl_dir: str, num_nodes: int, gpus_per_no
 def write_nemo_rl_config(checkpoint: str, hf_dir: Optional[str], nemo_rl_dir: str, out: str,
                          base_config: str = BASE_CONFIGS[1], checkpoint_dir: Optional[str] = None,
                          num_nodes: int = 1, gpus_per_node: int = 8, tp: Optional[int] = None,
-                         pp: Optional[int] = None, container: str = CONTAINER) -> list[str]:
+                         pp: Optional[int] = None, container: str = CONTAINER,
+                         ep: Optional[int] = None, etp: Optional[int] = None) -> list[str]:
     """Validate the inputs, write the NeMo RL GRPO YAML to ``out``; returns the launch lines.
 
     ``checkpoint``: the GIFT save root; ``hf_dir``: its HF export (config + tokenizer), by
@@ -144,7 +152,7 @@ def write_nemo_rl_config(checkpoint: str, hf_dir: Optional[str], nemo_rl_dir: st
     hf_dir = hf_dir_beside(checkpoint, hf_dir, "HF config")
     checkpoint, hf_dir, nemo_rl_dir, out = (os.path.abspath(p) for p in
                                             (checkpoint, hf_dir, nemo_rl_dir, out))
-    check_layout(tp, pp, num_nodes, gpus_per_node)
+    check_layout(tp, pp, num_nodes, gpus_per_node, ep, etp)
     check_hf_dir(hf_dir)
     base = os.path.join(nemo_rl_dir, "examples", "configs", base_config)
     if not os.path.isfile(base):
@@ -155,7 +163,7 @@ def write_nemo_rl_config(checkpoint: str, hf_dir: Optional[str], nemo_rl_dir: st
     os.makedirs(out_dir, exist_ok=True)
     checkpoint_dir = os.path.abspath(checkpoint_dir or os.path.join(out_dir, "grpo_checkpoints"))
     config = nemo_rl_config(checkpoint, hf_dir, base, checkpoint_dir, num_nodes, gpus_per_node,
-                            tp, pp)
+                            tp, pp, ep, etp)
     os.makedirs(checkpoint_dir, exist_ok=True)
     OmegaConf.save(OmegaConf.create(config), out)
     mounts = top_level([nemo_rl_dir, checkpoint, hf_dir, out_dir, checkpoint_dir])
