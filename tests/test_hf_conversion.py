@@ -482,9 +482,10 @@ def _train_moe(tmp_path, name, world, parallel, iters=3, save=None, **checkpoint
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_qwen3_moe_trains_at_ep2_like_ep1_and_resumes_across_ep(tmp_path):
-    """Data-parallel 2 with the experts replicated (EP=1) and split (EP=2): the same losses and
-    updates (SGD, 3 steps, the student's load-balancing loss on). A checkpoint saved at EP=2
-    resumes at EP=1 on the same curve (Megatron-Core's dist-checkpoint reshards the experts)."""
+    """Data-parallel 2 with the experts replicated (EP=1) and split (EP=2), also with TP=2 and
+    with PP=2: the same losses and updates (SGD, 3 steps, the student's load-balancing loss
+    on). A checkpoint saved at EP=2 resumes at EP=1 on the same curve (Megatron-Core's
+    dist-checkpoint reshards the experts)."""
     make_hf_model(tmp_path / "hf", "qwen3_moe")
     assert convert_cli("hf-to-megatron", "--hf", tmp_path / "hf",
                        "--out", tmp_path / "megatron").returncode == 0
@@ -497,6 +498,16 @@ def test_qwen3_moe_trains_at_ep2_like_ep1_and_resumes_across_ep(tmp_path):
     assert resumed[0] == pytest.approx(ep1[0][2:], rel=1e-5)
     _assert_same_updates(resumed[1], ep1[1], tmp_path / "megatron",
                          lambda key: "experts" in key or "router" in key)
+    # With TP=2 (and SP, which an MoE model at TP > 1 needs; the experts split by TP too) and
+    # with PP=2: four ranks, two of them data-parallel, the same losses.
+    for name, parallel in (("ep2-tp2", {"tensor_model_parallel_size": 2, "sequence_parallel": True}),
+                           ("ep2-pp2", {"pipeline_model_parallel_size": 2})):
+        losses, trained = _train_moe(tmp_path, name, 4, {"expert_model_parallel_size": 2,
+                                                         **parallel})
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ep1[0]), rtol=1e-5,
+                                   atol=1e-6, msg=name)
+        _assert_same_updates(trained, ep1[1], tmp_path / "megatron",
+                             lambda key: "experts" in key or "router" in key)
 
 
 def _moe_gift_rank(overrides, hf_dir, out):
