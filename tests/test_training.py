@@ -580,3 +580,76 @@ def test_a_load_without_a_checkpoint_is_refused_before_any_work(world, tmp_path)
     with pytest.raises(Exception, match=r"--load .*no-such-run: no checkpoint there"):
         _train(overrides)
     assert not cache.exists() and not (tmp_path / "new").exists()
+
+
+# --- LoRA GIFT ------------------------------------------------------------------------------
+
+LORA = {"rank": 4, "alpha": 8.0}
+
+
+def _lora_run(world, tmp, name, tp=1, pp=1, parallel=()):
+    """Three SGD steps of LoRA GIFT at a layout: ``(losses, model tensors)``."""
+    out = tmp / name
+    overrides = _overrides(world, parallel={
+        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, **dict(parallel)},
+        optimizer=SGD, lora=LORA, gift={"head": "logits"},
+        checkpoint={"pretrained_checkpoint": world["base"], "save": str(out / "ckpt")},
+        logging={"metrics_file": str(out / "metrics.jsonl"), "progress": False})
+    _train(overrides, world_size=tp * pp)
+    return _losses(out / "metrics.jsonl"), _model_tensors(out / "ckpt" / "iter_0000003")
+
+
+@pytest.fixture(scope="module")
+def lora_one_process(world, tmp_path_factory):
+    return _lora_run(world, tmp_path_factory.mktemp("lora"), "tp1")
+
+
+def test_lora_gift_starts_where_full_gift_starts_and_trains_only_its_adapters(
+        lora_one_process, single_process_run, base_weights):
+    """B = 0: the student is the base, so LoRA GIFT's first loss is full GIFT's (student =
+    reference = base) to the last bits; after three steps every base tensor is bit-identical
+    and every adapter moved."""
+    losses, weights = lora_one_process
+    assert losses[0] == pytest.approx(single_process_run[0][0], rel=1e-6)
+    adapters = [k for k in weights if k.endswith(("lora_a", "lora_b"))]
+    # 4 linears, A and B; the checkpoint stacks the layers: [layers, ...] each.
+    assert len(adapters) == 2 * 4
+    assert all(weights[k].size(0) == TINY_MODEL["num_layers"] for k in adapters)
+    for key, value in weights.items():
+        if key in adapters:
+            continue
+        assert torch.equal(value, base_weights[key]), key
+    trained_b = [k for k in adapters if k.endswith("lora_b")]
+    assert all(weights[k].abs().max() > 0 for k in trained_b)
+
+
+@pytest.mark.parametrize("tp,pp,parallel", [(2, 1, {}), (1, 2, {}),
+                                            (2, 1, {"sequence_parallel": True})],
+                         ids=["tp2", "pp2", "tp2-sp"])
+def test_lora_gift_trains_at_tp2_and_pp2_like_one_process(world, lora_one_process, tmp_path,
+                                                          tp, pp, parallel):
+    """Adapters split as their layers (column: B by rows; row: A by columns) train like one
+    process: losses rel 1e-5 and each adapter's update within 1e-4 of its largest."""
+    losses, weights = _lora_run(world, tmp_path, "run", tp, pp, parallel.items())
+    expected_losses, expected = lora_one_process
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5,
+                               atol=1e-6)
+    for key, value in expected.items():
+        if key.endswith("lora_b"):
+            scale = float(value.abs().max())
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=1e-4 * scale, msg=key)
+        elif key.endswith("lora_a"):
+            update = value - _lora_start(key, value)
+            torch.testing.assert_close(weights[key] - _lora_start(key, value), update, rtol=0,
+                                       atol=1e-4 * float(update.abs().max()) + 1e-7, msg=key)
+
+
+def _lora_start(key: str, trained: torch.Tensor) -> torch.Tensor:
+    """The ``A`` ``[layers, r, in]`` an adapter of the checkpoint key
+    ``decoder.layers.<module>.<linear>.lora_a`` started from (seed: the run's default)."""
+    from megatron_gift.config import parse_config
+    from megatron_gift.core.lora import initial_a
+
+    linear, seed = key.split(".")[-2], parse_config([]).training.seed
+    return torch.stack([initial_a(f"{i + 1}.{linear}", trained.size(1), trained.size(2), seed)
+                        for i in range(trained.size(0))])

@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Sequence, Union
 
 from omegaconf import DictConfig
 
-from megatron_gift.config.schema import SECTIONS, flag_name, section_fields
+from megatron_gift.config.schema import LORA_TARGETS, SECTIONS, flag_name, section_fields
 from megatron_gift.errors import ConfigError, UserError
 
 _POSITIVE = {"model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -50,7 +50,8 @@ def validate(config: DictConfig, refusals: Sequence[Refusal] = ()) -> DictConfig
 
 def config_problems(config: DictConfig) -> list[str]:
     """Every value of ``config`` that cannot work, one message each (empty: none)."""
-    problems = [*_choice_problems(config), *_sign_problems(config), *_gift_problems(config.gift)]
+    problems = [*_choice_problems(config), *_sign_problems(config), *_gift_problems(config.gift),
+                *_lora_problems(config)]
     model = config.model
     if model.num_query_groups > 0 and model.num_attention_heads % model.num_query_groups:
         problems.append(f"model.num_attention_heads={model.num_attention_heads} is not a "
@@ -138,6 +139,36 @@ def _gift_problems(gift: DictConfig) -> list[str]:
     if not 0.0 <= gift.smooth_lambda <= 1.0:
         problems.append(f"gift.smooth_lambda (--gift-smooth-lambda) must be in [0, 1], "
                         f"got {gift.smooth_lambda}")
+    return problems
+
+
+def lora_targets(config: DictConfig) -> tuple[str, ...]:
+    """``lora.target_modules`` as a tuple of names."""
+    return tuple(t.strip() for t in str(config.lora.target_modules).split(",") if t.strip())
+
+
+def _lora_problems(config: DictConfig) -> list[str]:
+    lora = config.lora
+    if lora.rank is None:
+        return []
+    problems = []
+    if lora.rank < 1:
+        problems.append(f"{_name('lora', 'rank')} must be >= 1, got {lora.rank}")
+    if not 0.0 <= lora.dropout < 1.0:
+        problems.append(f"{_name('lora', 'dropout')} must be in [0, 1), got {lora.dropout}")
+    unknown = [t for t in lora_targets(config) if t not in LORA_TARGETS]
+    if unknown or not lora_targets(config):
+        problems.append(f"{_name('lora', 'target_modules')}={lora.target_modules!r}: choose "
+                        f"among {', '.join(LORA_TARGETS)}")
+    if config.gift.reference_load is not None:
+        problems.append(f"{_name('gift', 'reference_load')} does not go with "
+                        f"{_name('lora', 'rank')}: LoRA GIFT's reference is the student's own "
+                        "base (its adapters off); drop one of them")
+    if config.model.num_moe_experts:
+        problems.append(f"{_name('lora', 'rank')} does not take a mixture-of-experts model yet")
+    if config.precision.fp8_format is not None:
+        problems.append(f"{_name('lora', 'rank')} does not take FP8 yet "
+                        f"({_name('precision', 'fp8_format')})")
     return problems
 
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-SECTIONS = ("model", "parallel", "gift", "data", "training", "precision", "optimizer", "checkpoint",
-            "logging")
+SECTIONS = ("model", "parallel", "gift", "lora", "data", "training", "precision", "optimizer",
+            "checkpoint", "logging")
 
 
 def option(default: Any, help: str, choices: Optional[tuple[str, ...]] = None,
@@ -228,6 +228,24 @@ class Optimizer:
         "command instead of refusing a change to them", flag="--override-opt-param-scheduler")
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")  # Megatron-Core's
+
+
+@dataclass
+class Lora:
+    """LoRA GIFT: adapters on the student's linears, the base frozen; the reference is the
+    student with its adapters off (no second copy of the weights)."""
+
+    rank: Optional[int] = option(None, "adapter rank r; none: full-parameter training",
+                                 flag="--lora-rank")
+    alpha: float = option(32.0, "the adapters' update is scaled by alpha / r",
+                          flag="--lora-alpha")
+    dropout: float = option(0.0, "dropout on the adapters' input", flag="--lora-dropout")
+    target_modules: str = option(
+        "linear_qkv,linear_proj,linear_fc1,linear_fc2", "the linears that take adapters, "
+        "comma-separated (Megatron-Core's names)", flag="--lora-target-modules")
+
+
 @dataclass
 class Checkpoint:
     """Megatron-LM's checkpoint layout (torch_dist), loadable at any TP/PP."""
@@ -276,6 +294,7 @@ class JobConfig:
     model: Model = field(default_factory=Model)
     parallel: Parallel = field(default_factory=Parallel)
     gift: Gift = field(default_factory=Gift)
+    lora: Lora = field(default_factory=Lora)
     data: Data = field(default_factory=Data)
     training: Training = field(default_factory=Training)
     precision: Precision = field(default_factory=Precision)

@@ -24,6 +24,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from omegaconf import DictConfig
 
+from megatron_gift.core import lora
 from megatron_gift.core.model import unwrap
 from megatron_gift.core.paths import (TRACKER, is_complete, iteration_dir,  # noqa: F401
                                       iterations, latest_checkpoint)
@@ -228,9 +229,17 @@ def load_model_weights(path: str, chunks: Sequence[torch.nn.Module],
     if differing:
         details = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in differing.items())
         raise UserError(f"checkpoint {directory} does not match the model: {details}")
-    loaded = _load_tensors(_model_state(chunks), directory)
+    requested = _model_state(chunks)
+    adapters = not _holds_adapters(directory) and any(map(lora.has_adapters, chunks))
+    if adapters:  # a base model's weights into a LoRA model: its adapters keep their start
+        requested = {key: {k: v for k, v in part.items() if not lora.is_adapter(k)}
+                     for key, part in requested.items()}
+    loaded = _load_tensors(requested, directory)
     for k, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[_model_key(k, len(chunks))])
+        state = loaded[_model_key(k, len(chunks))]
+        if adapters:
+            state.update({n: t for n, t in chunk.state_dict().items() if lora.is_adapter(n)})
+        chunk.load_state_dict(state)
     return {_model_key(k, len(chunks)): loaded[_model_key(k, len(chunks))]
             for k in range(len(chunks))}
 
@@ -240,6 +249,12 @@ def architecture(model_config: "DictConfig | Model", padded_vocab_size: int) -> 
     facts = {key: getattr(model_config, key) for key in ARCHITECTURE_KEYS}
     facts["padded_vocab_size"] = padded_vocab_size
     return facts
+
+
+def _holds_adapters(directory: str) -> bool:
+    """Whether the checkpoint holds LoRA adapters (its run's config had ``lora.rank``)."""
+    config = run_facts(directory).get("config") or {}
+    return bool((config.get("lora") or {}).get("rank"))
 
 
 def _model_key(index, count):

@@ -19,11 +19,12 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                          get_num_layers_to_build)
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.transformer_config import TransformerConfig
 from omegaconf import DictConfig
 
 from megatron_gift.config.checks import moe_layer_freq
-from megatron_gift.core import vocab
+from megatron_gift.core import lora, vocab
 from megatron_gift.platform import kernels, te
 
 _Module = TypeVar("_Module", bound=torch.nn.Module)
@@ -151,10 +152,14 @@ def build_chunks(config: DictConfig, tf_config: TransformerConfig, vocab_size: i
     it is installed, unless ``local_spec``; checkpoints of either load into the other.
     """
     vpp = config.parallel.virtual_pipeline_model_parallel_size
+    adapters = lora.settings(config)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        spec = _local_spec(tf_config, stage) if local_spec else _layer_spec(tf_config, stage)
+        spec = (_local_spec(tf_config, stage) if local_spec or adapters
+                else _layer_spec(tf_config, stage))
+        if adapters:
+            spec = _with_adapters(spec, tf_config, stage, adapters)
         chunks.append(GPTModel(
             config=tf_config, transformer_layer_spec=spec, vocab_size=vocab_size,
             max_sequence_length=config.model.seq_length,
@@ -207,10 +212,13 @@ class GiftModel(torch.nn.Module):
     ``[s, b, h]`` or, with a reference, ``[s, b, 2h]`` (student first).
     """
 
-    def __init__(self, student, reference=None):
+    def __init__(self, student, reference=None, reference_is_base: bool = False):
         super().__init__()
         self.student = student
         self.reference = freeze(reference) if reference is not None else None
+        # LoRA: the reference is the student's own modules with the adapters off.
+        self.reference_is_base = reference_is_base and reference is None
+        self._base_input: Optional[torch.Tensor] = None
         self.use_reference = True
         self.head = "logits"  # "fused": the last stage returns HeadInputs instead of logits
         inner = unwrap(student)
@@ -224,6 +232,7 @@ class GiftModel(torch.nn.Module):
     ) -> None:
         tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
         inner = unwrap(self.student)
+        self._base_input = None
         if not self.runs_reference or tensor is None:
             inner.set_input_tensor(tensor)
             if self.reference is not None:
@@ -234,7 +243,10 @@ class GiftModel(torch.nn.Module):
         student_part, reference_part = (part.contiguous()
                                         for part in tensor.split(self.hidden_size, dim=-1))
         inner.set_input_tensor(student_part)
-        self.reference.set_input_tensor(reference_part)
+        if self.reference is not None:
+            self.reference.set_input_tensor(reference_part)
+        else:
+            self._base_input = reference_part
 
     def set_is_first_microbatch(self) -> None:
         """Megatron's schedules call this on a model chunk before the first micro-batch of a
@@ -249,7 +261,7 @@ class GiftModel(torch.nn.Module):
     def runs_reference(self) -> bool:
         """Whether forward runs the reference: it exists and is not switched off by
         ``use_reference = False`` (evaluation reads the student alone)."""
-        return self.reference is not None and self.use_reference
+        return (self.reference is not None or self.reference_is_base) and self.use_reference
 
     def forward(
         self, tokens: torch.Tensor, position_ids: torch.Tensor,
@@ -272,13 +284,31 @@ class GiftModel(torch.nn.Module):
         reference_out = None
         if self.runs_reference:
             with torch.no_grad():
-                reference_out = self.reference(tokens, position_ids, attention_mask, **extra)
+                if self.reference is not None:
+                    reference_out = self.reference(tokens, position_ids, attention_mask, **extra)
+                else:
+                    reference_out = self._base_forward(tokens, position_ids, attention_mask,
+                                                       extra)
         student_out = self.student(tokens, position_ids, attention_mask, **extra)
         if self.post_process:
             return student_out, reference_out
         if reference_out is None:
             return student_out
         return torch.cat([student_out, reference_out], dim=-1)
+
+
+    def _base_forward(self, tokens, position_ids, attention_mask, extra: dict):
+        """The student's own modules with their LoRA adapters off (the reference of LoRA GIFT),
+        on the reference's half of the received hidden states; the student's input is put
+        back for its own pass."""
+        inner = unwrap(self.student)
+        student_input = inner.decoder.input_tensor
+        inner.set_input_tensor(self._base_input)
+        try:
+            with lora.adapters_disabled(inner):
+                return inner(tokens, position_ids, attention_mask, **extra)
+        finally:
+            inner.set_input_tensor(student_input)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -303,6 +333,20 @@ class SequenceParallelRMSNorm:
         norm = torch.nn.RMSNorm(normalized_shape=hidden_size, eps=eps)
         norm.weight.sequence_parallel = config.sequence_parallel
         return norm
+
+
+def _with_adapters(spec, config: TransformerConfig, vp_stage: Optional[int],
+                   adapters: lora.LoraSettings) -> TransformerBlockSubmodules:
+    """The block spec of this stage with LoRA adapters on its target linears (local layers:
+    Transformer Engine's layer-norm-fused linear does not hand the normalised input on)."""
+    if isinstance(spec, TransformerBlockSubmodules):
+        layer_specs, final_norm = spec.layer_specs, spec.layer_norm
+    else:
+        layer_specs = [spec] * get_num_layers_to_build(config, vp_stage=vp_stage)
+        final_norm = SequenceParallelRMSNorm  # torch's RMSNorm, as the local spec's
+    first = get_transformer_layer_offset(config, vp_stage=vp_stage) + 1
+    return TransformerBlockSubmodules(layer_specs=lora.with_adapters(layer_specs, adapters, first),
+                                      layer_norm=final_norm)
 
 
 def _layer_spec(config: TransformerConfig, vp_stage: Optional[int]):

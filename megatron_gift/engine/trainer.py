@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_gift.config import is_sft
 from megatron_gift.config.schema import JobConfig, Training
-from megatron_gift.core import checkpoint, model as models
+from megatron_gift.core import checkpoint, lora, model as models
 from megatron_gift.data.dataset import SFTDataset, micro_batch_indices
 from megatron_gift.engine import pipeline, sources
 from megatron_gift.engine.metrics import MetricsLogger
@@ -188,7 +188,8 @@ def setup(spec: RunSpec) -> Job:
     if references is not None:
         checkpoint.load_model_weights(reference_weights, references, arch)
     _connect_schedule(tf_config, ddp_chunks, optimizer)
-    chunks = [models.GiftModel(s, r)
+    reference_is_base = config.lora.rank is not None and not is_sft(config)
+    chunks = [models.GiftModel(s, r, reference_is_base)
               for s, r in zip(ddp_chunks, references or [None] * len(ddp_chunks))]
     return Job(spec, tf_config, chunks, ddp_chunks, optimizer, scheduler, train_data, valid_data,
                iteration, consumed, micro_batches)
@@ -283,7 +284,12 @@ def _build_models(config: JobConfig, loads: bool = False) -> tuple[object, int, 
     device = local_device()
     students = models.build_chunks(config, tf_config, vocab, device)
     te.check_fp8_in_use(tf_config, students, "student")
-    if is_sft(config):
+    if config.lora.rank is not None:
+        for student in students:
+            lora.freeze_base(student)
+        log.info(f"LoRA: {_trainable(students)} trained parameters on this rank, the base "
+                 "frozen; the reference is the base itself (adapters off)")
+    if is_sft(config) or config.lora.rank is not None:
         log.info(f"precision: {te.describe(tf_config)}")
         return tf_config, vocab, students, None
     reference_config = models.transformer_config(config, params_dtype, initialize=False,
@@ -295,6 +301,11 @@ def _build_models(config: JobConfig, loads: bool = False) -> tuple[object, int, 
     te.check_fp8_in_use(reference_config, references, "reference")
     log.info(f"precision: {te.describe(tf_config, reference_config)}")
     return tf_config, vocab, students, references
+
+
+def _trainable(chunks: list) -> str:
+    count = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    return f"{count:,}"
 
 
 def _build_optimizer(config: JobConfig, tf_config, students: list) -> tuple[list, object, object]:
