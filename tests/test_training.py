@@ -653,3 +653,53 @@ def _lora_start(key: str, trained: torch.Tensor) -> torch.Tensor:
     linear, seed = key.split(".")[-2], parse_config([]).training.seed
     return torch.stack([initial_a(f"{i + 1}.{linear}", trained.size(1), trained.size(2), seed)
                         for i in range(trained.size(0))])
+
+
+def _megatron_lora_logits(directory, tokens):
+    """The LoRA model of a checkpoint, built and loaded in a one-rank world: logits of the real
+    vocab ``[b, s, V]``."""
+    from megatron_gift.config import from_container
+    from megatron_gift.core import checkpoint, model as models
+    from support.parallel_harness import model_parallel, one_rank_world
+
+    config = from_container(checkpoint.run_facts(checkpoint.latest_checkpoint(str(directory)))["config"])
+    with one_rank_world(), model_parallel():
+        tf_config = models.transformer_config(config, torch.float32)
+        vocab = models.padded_vocab_size(config.model.vocab_size, config)
+        [model] = models.build_chunks(config, tf_config, vocab, torch.device("cpu"))
+        checkpoint.load_model_weights(str(directory), [model],
+                                      checkpoint.architecture(config.model, vocab))
+        model.eval()
+        b, s = tokens.shape
+        mask = torch.ones(s, s, dtype=torch.bool).triu_(1).view(1, 1, s, s)
+        with torch.no_grad():
+            return model(tokens, torch.arange(s).expand(b, s), mask)[..., :config.model.vocab_size]
+
+
+def test_lora_exports_merged_and_as_a_peft_adapter_that_give_the_megatron_models_logits(
+        world, tmp_path):
+    """After LoRA GIFT: ``megatron-to-hf`` writes the merged model, which ``transformers``
+    loads; ``--adapter`` writes a PEFT adapter, which ``peft`` puts onto the exported base.
+    Both give the Megatron LoRA model's logits (rel 1e-4, fp32), and not the base's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from megatron_gift.commands.convert import main as convert
+    from support.commands import run_main
+
+    _lora_run(world, tmp_path, "run")
+    ckpt = tmp_path / "run" / "ckpt"
+    for args in (["--load", ckpt, "--out", tmp_path / "merged"],
+                 ["--load", ckpt, "--out", tmp_path / "adapter", "--adapter"],
+                 ["--load", world["base"], "--out", tmp_path / "base"]):
+        result = run_main(convert, ["megatron-to-hf", *map(str, args)])
+        assert result.returncode == 0, result.stderr
+    tokens = torch.randint(0, 20, (2, 12), generator=torch.Generator().manual_seed(0))
+    ours = _megatron_lora_logits(ckpt, tokens)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    base_logits = base(tokens).logits.detach()
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    for name, theirs in (("merged", merged(tokens).logits), ("peft", adapted(tokens).logits)):
+        torch.testing.assert_close(theirs.detach(), ours, rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.allclose(base_logits, ours, rtol=1e-4, atol=1e-5)  # the adapters count

@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf = commands.add_parser("megatron-to-hf", help="Megatron checkpoint -> HF directory")
     to_hf.add_argument("--load", required=True, help="checkpoint root (or iter_* directory)")
     to_hf.add_argument("--out", required=True, help="HF directory to write")
+    to_hf.add_argument("--adapter", action="store_true",
+                       help="a LoRA run: write its adapters as a PEFT adapter "
+                            "(adapter_config.json, adapter_model.safetensors) for the base model, "
+                            "instead of the merged model")
     for command in (to_megatron, to_hf):
         command.add_argument("--overwrite", action="store_true",
                              help="replace a model already in --out (once the new one is "
@@ -56,7 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"converted {args.hf} -> {written} ({converters[0]} converter)")
     else:
         written = write_replacing(args.out, args.overwrite,
-                                  lambda directory: megatron_to_hf(args.load, directory))
+                                  lambda directory: megatron_to_hf(args.load, directory,
+                                                                   args.adapter))
         print(f"exported {written}")
 
 

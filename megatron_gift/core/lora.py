@@ -209,3 +209,21 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
 
 def has_adapters(model: torch.nn.Module) -> bool:
     return any(isinstance(m, _LoraMixin) for m in model.modules())
+
+
+def scale(config) -> float:
+    """The adapters' scale alpha / r of the run's config."""
+    return float(config.lora.alpha) / config.lora.rank
+
+
+def merged(state: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
+    """A one-rank (TP = 1) state dict with every adapter folded into its base weight,
+    ``W + factor * B @ A`` (computed in fp32, stored in ``W``'s dtype), and no adapter left."""
+    out = {k: v for k, v in state.items() if not is_adapter(k)}
+    for key, a in state.items():
+        if key.endswith(".lora_a"):
+            prefix = key[: -len("lora_a")]
+            weight = out[prefix + "weight"]
+            delta = state[prefix + "lora_b"].float() @ a.float()
+            out[prefix + "weight"] = (weight.float() + factor * delta).to(weight.dtype)
+    return out

@@ -49,6 +49,10 @@ from megatron_gift.core import checkpoint
 from megatron_gift.errors import USER_ERROR_EXIT, MissingFileError, UserError
 from megatron_gift.platform import once
 from megatron_gift.platform.distributed import world_of_one
+from megatron_gift.config.checks import lora_targets
+from megatron_gift.core import lora
+from megatron_gift.hf import adapters
+from megatron_gift.hf.qkv import fuse_qkv, split_qkv
 from megatron_gift.hf.architecture import (ASSETS, check_tokenizer_files, hf_assets, moe_layers,
                                            hf_config_from_model_section, is_hf_directory,
                                            model_section_from_hf)
@@ -85,9 +89,11 @@ def hf_to_megatron(hf_dir: str, out_dir: str, converter: str = "auto") -> tuple[
     return directory, converter
 
 
-def megatron_to_hf(load_dir: str, out_dir: str) -> str:
+def megatron_to_hf(load_dir: str, out_dir: str, adapter: bool = False) -> str:
     """Export the newest checkpoint under ``load_dir`` (any TP/PP it was saved at) as an HF
-    directory ``out_dir``; returns ``out_dir``."""
+    directory ``out_dir``; returns ``out_dir``. A LoRA run's adapters are merged into the
+    weights (a plain HF model), or with ``adapter`` written alone as a PEFT adapter
+    (:mod:`megatron_gift.hf.adapters`) for the base model."""
     from huggingface_hub import save_torch_state_dict
     from transformers import AutoTokenizer
 
@@ -96,6 +102,9 @@ def megatron_to_hf(load_dir: str, out_dir: str) -> str:
         raise MissingFileError(f"no Megatron checkpoint at {load_dir}")
     run = checkpoint.run_facts(directory)
     config = from_container(run["config"])
+    if adapter and config.lora.rank is None:
+        raise UserError(f"--adapter: {directory} is not a LoRA run (no lora.rank); export it "
+                        "without --adapter")
     dtype = torch.bfloat16 if config.training.bf16 else torch.float32
     config.parallel.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                            virtual_pipeline_model_parallel_size=None)
@@ -103,7 +112,13 @@ def megatron_to_hf(load_dir: str, out_dir: str) -> str:
         model = _build(config, dtype)
         checkpoint.load_model_weights(load_dir, [model], checkpoint.architecture(
             config.model, model.vocab_size))
-        state = hf_state_from_megatron(model.state_dict(), config.model)
+        weights = model.state_dict()
+    if adapter:
+        return adapters.write_peft_adapter(out_dir, weights, config, lora_targets(config),
+                                           _base_name(run))
+    if config.lora.rank is not None:
+        weights = lora.merged(weights, lora.scale(config))
+    state = hf_state_from_megatron(weights, config.model)
     # The HF config and tokenizer: kept beside the checkpoint, else where the model came from.
     assets = hf_assets(load_dir) or hf_assets(config.model.tokenizer)
     base = None
@@ -124,6 +139,12 @@ def megatron_to_hf(load_dir: str, out_dir: str) -> str:
     if assets and os.path.isfile(os.path.join(assets, "generation_config.json")):
         shutil.copy(os.path.join(assets, "generation_config.json"), out_dir)
     return out_dir
+
+
+def _base_name(run: dict) -> Optional[str]:
+    """The HF base model a LoRA run's adapter goes onto, where the run recorded one."""
+    sources = [s for s in (run.get("converted_from") or []) if s]
+    return sources[0] if sources else None
 
 
 def megatron_tensors_from_hf(read: Callable[[str], torch.Tensor], model: DictConfig,
@@ -147,7 +168,7 @@ def megatron_tensors_from_hf(read: Callable[[str], torch.Tensor], model: DictCon
             yield dst + ours, read(src + theirs)
         attn = src + "self_attn."
         for name in ("weight", "bias") if model.add_qkv_bias else ("weight",):
-            yield f"{dst}self_attention.linear_qkv.{name}", _fuse_qkv(
+            yield f"{dst}self_attention.linear_qkv.{name}", fuse_qkv(
                 *(read(f"{attn}{p}_proj.{name}") for p in "qkv"), heads, groups, d)
         if model.qk_layernorm:
             for ours, theirs in _QK_NORMS.items():
@@ -172,7 +193,7 @@ def hf_state_from_megatron(state: dict[str, torch.Tensor],
         for ours, theirs in _LAYER_MAP.items():
             hf[dst + theirs] = state[src + ours]
         for name in ("weight", "bias") if model.add_qkv_bias else ("weight",):
-            q, k, v = _split_qkv(state[f"{src}self_attention.linear_qkv.{name}"], heads, groups, d)
+            q, k, v = split_qkv(state[f"{src}self_attention.linear_qkv.{name}"], heads, groups, d)
             hf.update({f"{dst}self_attn.{p}_proj.{name}": t for p, t in zip("qkv", (q, k, v))})
         if model.qk_layernorm:
             for ours, theirs in _QK_NORMS.items():
@@ -261,22 +282,6 @@ def _convert_in_subprocess(hf_dir: str, out: str, converter: str) -> None:
         if checkpoint.latest_checkpoint(out) is None:
             raise
         shutil.rmtree(private, ignore_errors=True)
-
-
-def _fuse_qkv(q, k, v, heads, groups, d):
-    per_group = heads // groups
-    tail = q.shape[1:]
-    q, k, v = (x.reshape(groups, -1, d, *tail) for x in (q, k, v))
-    assert q.size(1) == per_group, "query heads are not a multiple of the KV groups"
-    return torch.cat([q, k, v], 1).reshape(-1, *tail)
-
-
-def _split_qkv(qkv, heads, groups, d):
-    per_group = heads // groups
-    tail = qkv.shape[1:]
-    grouped = qkv.reshape(groups, per_group + 2, d, *tail)
-    q, k, v = grouped.split([per_group, 1, 1], 1)
-    return (x.reshape(-1, *tail) for x in (q, k, v))
 
 
 def _own_storage(tensor):
@@ -371,7 +376,7 @@ def write_replacing(out: str, overwrite: bool, write: Callable[[str], str]) -> s
     an HF model is refused unless ``overwrite`` (then replaced only once the new one is
     complete); one that holds anything else is always refused: it is nobody's output here."""
     ours = checkpoint.iterations(out) or os.path.isfile(os.path.join(out, checkpoint.TRACKER)) \
-        or is_hf_directory(out)
+        or is_hf_directory(out) or os.path.isfile(os.path.join(out, "adapter_config.json"))
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         if not ours:
             raise UserError(f"--out {out} exists and holds other files: give a new or empty "
