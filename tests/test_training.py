@@ -605,22 +605,59 @@ def lora_one_process(world, tmp_path_factory):
 
 
 def test_lora_gift_starts_where_full_gift_starts_and_trains_only_its_adapters(
-        lora_one_process, single_process_run, base_weights):
+        lora_one_process, single_process_run):
     """B = 0: the student is the base, so LoRA GIFT's first loss is full GIFT's (student =
-    reference = base) to the last bits; after three steps every base tensor is bit-identical
-    and every adapter moved."""
+    reference = base) to the last bits; after three steps every adapter moved (the checkpoint
+    holds them alone; the base's staying frozen is checked below)."""
     losses, weights = lora_one_process
     assert losses[0] == pytest.approx(single_process_run[0][0], rel=1e-6)
     adapters = [k for k in weights if k.endswith(("lora_a", "lora_b"))]
     # 4 linears, A and B; the checkpoint stacks the layers: [layers, ...] each.
-    assert len(adapters) == 2 * 4
+    assert len(adapters) == 2 * 4 == len(weights)
     assert all(weights[k].size(0) == TINY_MODEL["num_layers"] for k in adapters)
-    for key, value in weights.items():
-        if key in adapters:
-            continue
-        assert torch.equal(value, base_weights[key]), key
     trained_b = [k for k in adapters if k.endswith("lora_b")]
     assert all(weights[k].abs().max() > 0 for k in trained_b)
+
+
+def _lora_job(overrides, out):
+    """Set up and train a LoRA GIFT job in this rank; save what holds gradients and state."""
+    from megatron.core import parallel_state
+
+    from megatron_gift.engine import trainer as training
+    from megatron_gift.engine.run_spec import resolve
+    from megatron_gift.platform.distributed import init_distributed
+
+    spec = resolve(parse_config([], defaults=overrides))
+    init_distributed()
+    try:
+        job = training.setup(spec)
+        student = job.chunks[0].student
+        base = {n: p.detach().clone() for n, p in student.named_parameters() if "lora" not in n}
+        training.run(job)
+        params = dict(student.named_parameters())
+        in_optimizer = {id(p) for g in job.optimizer.param_groups for p in g["params"]}
+        torch.save({
+            "trained": [n for n, p in params.items() if p.requires_grad],
+            "in_buffers": [n for n, p in params.items() if p in student.param_to_bucket_group],
+            "in_optimizer": [n for n, p in params.items() if id(p) in in_optimizer],
+            "unchanged": all(torch.equal(params[n], t) for n, t in base.items()),
+            "no_reference": job.chunks[0].reference is None,
+            "reference_is_base": job.chunks[0].reference_is_base}, out)
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+def test_lora_gives_the_base_no_gradient_buffer_no_optimizer_state_and_no_reference_copy(
+        world, tmp_path):
+    """Megatron-Core's DDP buckets and optimizer hold the adapters alone, the base weights are
+    bit-identical after training, and no reference model is built (the base is the reference)."""
+    overrides = _overrides(world, optimizer=SGD, lora=LORA, gift={"head": "logits"})
+    run_distributed(1, _lora_job, overrides, tmp_path / "facts.pt", initialize=False)
+    facts = torch.load(tmp_path / "facts.pt")
+    assert facts["trained"] and all(n.endswith(("lora_a", "lora_b")) for n in facts["trained"])
+    assert sorted(facts["in_buffers"]) == sorted(facts["in_optimizer"]) == sorted(facts["trained"])
+    assert facts["unchanged"] and facts["no_reference"] and facts["reference_is_base"]
 
 
 @pytest.mark.parametrize("tp,pp,parallel", [(2, 1, {}), (1, 2, {}),
@@ -703,3 +740,29 @@ def test_lora_exports_merged_and_as_a_peft_adapter_that_give_the_megatron_models
     for name, theirs in (("merged", merged(tokens).logits), ("peft", adapted(tokens).logits)):
         torch.testing.assert_close(theirs.detach(), ours, rtol=1e-4, atol=1e-5, msg=name)
     assert not torch.allclose(base_logits, ours, rtol=1e-4, atol=1e-5)  # the adapters count
+
+
+def test_lora_checkpoints_hold_the_adapters_alone_and_resume_at_another_layout(
+        world, lora_one_process, tmp_path):
+    """A LoRA run saves its adapters (and optimizer state) without the base, records where the
+    base came from, and resumes onto it: saved at TP=1 after two steps, resumed at TP=2 for the
+    third, it gives the uninterrupted run's third loss."""
+    from megatron_gift.core import checkpoint
+
+    ckpt = str(tmp_path / "ckpt")
+    overrides = _overrides(world, optimizer=SGD, lora=LORA, gift={"head": "logits"},
+                           training={"train_iters": 2},
+                           checkpoint={"pretrained_checkpoint": world["base"], "save": ckpt})
+    _train(overrides)
+    saved = _model_tensors(tmp_path / "ckpt" / "iter_0000002")
+    assert saved and all(k.endswith(("lora_a", "lora_b")) for k in saved), sorted(saved)[:4]
+    assert checkpoint.run_facts(str(tmp_path / "ckpt" / "iter_0000002"))["lora_base"]
+    metrics = tmp_path / "resumed.jsonl"
+    _train(_overrides(world, optimizer={**SGD, "override_opt_param_scheduler": True},
+                      lora=LORA, gift={"head": "logits"},
+                      parallel={"tensor_model_parallel_size": 2},
+                      checkpoint={"load": ckpt, "save": ckpt},
+                      logging={"metrics_file": str(metrics), "progress": False}), world_size=2)
+    resumed = [r for r in _metrics(metrics) if "loss" in r]
+    assert [r["iteration"] for r in resumed] == [3]
+    assert resumed[0]["loss"] == pytest.approx(lora_one_process[0][2], rel=1e-5)

@@ -55,7 +55,9 @@ def save_checkpoint(save_dir: str, iteration: int, chunks: Sequence[torch.nn.Mod
                     common: dict[str, Any]) -> str:
     """Save the student chunks and the training state; ``common``: plain dict of run facts.
 
-    Without an optimizer (``None``, as for a converted model) only the weights are saved.
+    Without an optimizer (``None``, as for a converted model) only the weights are saved. A
+    LoRA run (``common["lora_base"]``: the Megatron checkpoint its frozen base came from) saves
+    its adapters alone, not the base again.
     """
     directory = iteration_dir(save_dir, iteration)
     if dist.get_rank() == 0:
@@ -63,6 +65,8 @@ def save_checkpoint(save_dir: str, iteration: int, chunks: Sequence[torch.nn.Mod
     dist.barrier()
     _write_results_in_process()
     state = _model_state(chunks)
+    if common.get("lora_base"):
+        state = _adapters_of(state)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, **_optimizer_kwargs(optimizer))
         state.update(opt_param_scheduler=scheduler.state_dict(), rng_state=_rng_object())
@@ -190,6 +194,9 @@ def load_checkpoint(directory: str, chunks: Sequence[torch.nn.Module],
     """
     common = dist_checkpointing.load_common_state_dict(directory)
     state = _model_state(chunks)
+    adapters_only = bool(common["run"].get("lora_base"))
+    if adapters_only:  # the base was loaded into the chunks before (load_base_of)
+        state = _adapters_of(state)
     _give_sgd_a_state_initializer(optimizer)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                       **_optimizer_kwargs(optimizer))
@@ -197,8 +204,7 @@ def load_checkpoint(directory: str, chunks: Sequence[torch.nn.Module],
     if same_layout:
         state["rng_state"] = _rng_object()
     loaded = _load_tensors(state, directory)
-    for k, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[_model_key(k, len(chunks))])
+    _load_into(chunks, loaded, adapters_only)
     if new_schedule:
         _take_current_group_settings(loaded["optimizer"], optimizer)
     _fill_missing_group_settings(loaded["optimizer"], optimizer)
@@ -223,6 +229,13 @@ def load_model_weights(path: str, chunks: Sequence[torch.nn.Module],
     directory = latest_checkpoint(path)
     if directory is None:
         raise MissingFileError(f"no Megatron checkpoint at {path} (no {TRACKER} or metadata.json)")
+    base = run_facts(directory).get("lora_base")
+    if base:  # a LoRA run's adapters: its base first, from where the run loaded it
+        if latest_checkpoint(base) is None:
+            raise MissingFileError(f"{directory} holds LoRA adapters for the base {base}, "
+                                   "which is gone: restore it there (or convert the base "
+                                   "model to that path again)")
+        load_model_weights(base, chunks, expected_architecture)
     stored = {**ARCHITECTURE_DEFAULTS, **run_facts(directory)["architecture"]}
     differing = {k: (stored.get(k), v) for k, v in expected_architecture.items()
                  if stored.get(k) != v}
@@ -230,16 +243,14 @@ def load_model_weights(path: str, chunks: Sequence[torch.nn.Module],
         details = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in differing.items())
         raise UserError(f"checkpoint {directory} does not match the model: {details}")
     requested = _model_state(chunks)
-    adapters = not _holds_adapters(directory) and any(map(lora.has_adapters, chunks))
-    if adapters:  # a base model's weights into a LoRA model: its adapters keep their start
-        requested = {key: {k: v for k, v in part.items() if not lora.is_adapter(k)}
-                     for key, part in requested.items()}
+    partial = bool(base) or (not _holds_adapters(directory)
+                             and any(map(lora.has_adapters, chunks)))
+    if base:
+        requested = _adapters_of(requested)
+    elif partial:  # a base model's weights into a LoRA model: its adapters keep their start
+        requested = _adapters_of(requested, keep=False)
     loaded = _load_tensors(requested, directory)
-    for k, chunk in enumerate(chunks):
-        state = loaded[_model_key(k, len(chunks))]
-        if adapters:
-            state.update({n: t for n, t in chunk.state_dict().items() if lora.is_adapter(n)})
-        chunk.load_state_dict(state)
+    _load_into(chunks, loaded, partial)
     return {_model_key(k, len(chunks)): loaded[_model_key(k, len(chunks))]
             for k in range(len(chunks))}
 
@@ -249,6 +260,23 @@ def architecture(model_config: "DictConfig | Model", padded_vocab_size: int) -> 
     facts = {key: getattr(model_config, key) for key in ARCHITECTURE_KEYS}
     facts["padded_vocab_size"] = padded_vocab_size
     return facts
+
+
+def _adapters_of(state: dict, keep: bool = True) -> dict:
+    """The model state ``{"model": {key: ...}}`` with only the LoRA adapters' entries
+    (``keep=False``: all but them)."""
+    return {key: {k: v for k, v in part.items() if lora.is_adapter(k) == keep}
+            for key, part in state.items()}
+
+
+def _load_into(chunks: Sequence[torch.nn.Module], loaded: dict, partial: bool) -> None:
+    """The loaded tensors into the chunks; ``partial``: they are some of each chunk's
+    tensors (the base or the adapters), the rest keep their values."""
+    for k, chunk in enumerate(chunks):
+        state = loaded[_model_key(k, len(chunks))]
+        if partial:
+            state = {**chunk.state_dict(), **state}
+        chunk.load_state_dict(state)
 
 
 def _holds_adapters(directory: str) -> bool:

@@ -76,6 +76,7 @@ class Job:
     iteration: int
     consumed_samples: int
     micro_batches: int
+    lora_base: Optional[str] = None  # LoRA: the Megatron checkpoint of the frozen base
 
     @property
     def config(self) -> JobConfig:
@@ -183,6 +184,9 @@ def setup(spec: RunSpec) -> Job:
         spec.resume_from or spec.student_source))
     ddp_chunks, optimizer, scheduler = _build_optimizer(config, tf_config, students)
     arch = checkpoint.architecture(config.model, vocab)
+    lora_base = _lora_base(spec, student_weights, reference_weights)
+    if lora_base and spec.resume_from is not None:  # the adapters resume onto their base
+        checkpoint.load_model_weights(lora_base, [models.unwrap(c) for c in ddp_chunks], arch)
     iteration, consumed = _restore_student(spec, student_weights, ddp_chunks, optimizer,
                                            scheduler, arch)
     if references is not None:
@@ -192,7 +196,22 @@ def setup(spec: RunSpec) -> Job:
     chunks = [models.GiftModel(s, r, reference_is_base)
               for s, r in zip(ddp_chunks, references or [None] * len(ddp_chunks))]
     return Job(spec, tf_config, chunks, ddp_chunks, optimizer, scheduler, train_data, valid_data,
-               iteration, consumed, micro_batches)
+               iteration, consumed, micro_batches, lora_base)
+
+
+def _lora_base(spec: RunSpec, student_weights: Optional[str],
+               reference_weights: Optional[str]) -> Optional[str]:
+    """A LoRA run's frozen base as a Megatron checkpoint: GIFT's reference (the base itself),
+    else the pretrained student, else what the resumed run recorded; None without LoRA."""
+    if spec.config.lora.rank is None:
+        return None
+    recorded = (checkpoint.run_facts(spec.resume_from).get("lora_base")
+                if spec.resume_from else None)
+    base = reference_weights or student_weights or recorded
+    if base is None:
+        raise UserError("LoRA needs a base model to put its adapters on: set "
+                        "--pretrained-checkpoint")
+    return os.path.abspath(base)
 
 
 def _init_parallel_state(config: JobConfig) -> None:
@@ -596,7 +615,7 @@ def _save(job: Job) -> None:
                  "architecture": checkpoint.architecture(
                      config.model, models.unwrap(job.ddp_chunks[0]).vocab_size),
                  "reference_source": spec.reference_source, "fingerprints": spec.fingerprints,
-                 **spec.conversion}
+                 "lora_base": job.lora_base, **spec.conversion}
     save = config.checkpoint.save
     _gather_params_before_save(job)
     try:
