@@ -10,7 +10,9 @@ takes the training command's recipe, flags and ``section.key=value`` overrides, 
 and reads no weights or data: the architecture is the model section, completed from the base's
 HF config.json as training completes it (``--pretrained-checkpoint HF_DIR``). For each
 pipeline stage, worst first, it prints the bytes per GPU of the student's weights, gradients and
-optimizer state, the frozen reference's weights, the activations the schedule keeps in flight,
+optimizer state (a mixture-of-experts model's experts split over EP, their state sharded over
+the ranks holding the same experts), the frozen reference's weights, the activations the
+schedule keeps in flight (a MoE layer's for a perfectly balanced router),
 the pipeline buffers (the reference's half included), the loss buffers of the head the run
 asks for (``--gift-head``: ``logits``, both models' logit shards and the loss's buffers;
 ``fused``, the fused head's chunk tiles, gradient sums and what it keeps, no logits; the
@@ -18,8 +20,9 @@ table's ``head`` line and the JSON's ``head`` object name it) and, for FP8 runs 
 ``precision`` section), what Transformer Engine keeps beside the weights (FP8 copies and
 transposes, scaling state), then whether the worst stage fits in 90% of the GPU's memory (the
 rest is left to the CUDA context, NCCL and the allocator) and, if not, the cheapest layout that
-does: the fewest GPUs over tensor, pipeline and data parallel sizes with sequence parallelism,
-the distributed optimizer and recompute (each checked by planning it). Last, the time a
+does: the fewest GPUs over tensor, pipeline and data parallel sizes (and expert parallel sizes
+for a MoE model) with sequence parallelism, the distributed optimizer and recompute (each
+checked by planning it). Last, the time a
 stopping run needs for its step and its save (estimated from assumed throughputs), as the
 ``torchrun --shutdown-timeout`` to launch it with. The model is Megatron-Core with Transformer
 Engine's layers on a Hopper GPU, as GPU runs use them; see ``megatron_gift/planning/memory.py`` for

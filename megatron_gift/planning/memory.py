@@ -6,21 +6,27 @@ Every count follows what Megatron-Core 0.19 allocates for this project's models
 (:mod:`megatron_gift.core.model`) and what autograd keeps for the backward:
 
 * **student weights**: the parameters of this stage's chunks on one GPU (TP-sharded linear
-  layers and vocab, replicated norms, QKV with GQA and optional bias, SwiGLU ``fc1`` of
-  ``2 * ffn`` rows, the vocab padded as :func:`padded_vocab_size`, untied or tied embeddings: a
-  tied output layer is a second copy on the last stage when PP > 1) in the parameter dtype;
-* **gradients**: Megatron's DDP grad buffer, fp32 with ``grad_reduce_in_fp32`` (or fp32
-  parameters), else bf16 plus the fp32 copies the optimizer makes of its shard at the step;
+  layers and vocab, replicated norms (Qwen3's per-head query and key norms too), QKV with GQA
+  and optional bias, SwiGLU ``fc1`` of ``2 * ffn`` rows or, in a mixture-of-experts layer, the
+  router ``[E, h]`` and ``E / EP`` experts split over the experts' TP, the vocab padded as
+  :func:`padded_vocab_size`, untied or tied embeddings: a tied output layer is a second copy on
+  the last stage when PP > 1) in the parameter dtype;
+* **gradients**: Megatron's DDP grad buffers (the experts' of their own), fp32 with
+  ``grad_reduce_in_fp32`` (or fp32 parameters), else bf16 plus the fp32 copies the optimizer
+  makes of its shard at the step;
 * **optimizer**: fp32 main weights (bf16 runs) and the Adam moments (SGD: its momentum),
-  sharded over data x context parallel ranks by the distributed optimizer (Megatron-LM's
-  ``6 + 12 / DP`` bytes per parameter with the grad buffer above);
+  sharded by the distributed optimizer over data x context parallel ranks (Megatron-LM's
+  ``6 + 12 / DP`` bytes per parameter with the grad buffer above), the experts' over the ranks
+  holding the same experts (``TP x CP x DP / (ETP x EP)``: :attr:`Run.expert_data_parallel`);
 * **reference weights**: the frozen reference's shard in the parameter dtype: no gradient, no
   optimizer state, no saved activations (it runs under ``no_grad``); none for plain SFT;
 * **activations**: what the student's autograd graph keeps for each micro-batch in flight
   (1F1B: ``min(PP - rank, M)``; interleaved: Megatron's warm-up count + 1 chunk-forwards), with
   sequence parallelism, recompute (selective: core attention; full: layer-group inputs; plus
   what the backward's recompute re-creates beyond what it has freed by then) and context
-  parallelism (the sequence split evenly);
+  parallelism (the sequence split evenly); a MoE layer's router, token dispatcher and local
+  experts for a perfectly balanced router, or :attr:`Run.moe_imbalance` times its share
+  (:func:`moe_activations`);
 * **pipeline buffers**: per micro-batch in flight, the received hidden states ``[s / sp, b, h]``
   plus the reference's half ``[.., h]`` that travels with them (the sent ones are freed once
   sent: ``deallocate_pipeline_outputs``), and the two gradient buffers of the backward;
@@ -41,16 +47,20 @@ Two layer implementations are modelled: ``"te"``, Transformer Engine's layers th
 (fused norm + linear, flash attention that keeps no ``s x s`` scores; derived from the source,
 not measured here) and ``"local"``, Megatron-Core's own layers that CPU runs use (measured:
 ``tests/test_plan.py``). FP8 exists only with ``"te"``; the GPU is taken to be a Hopper (H100,
-H200), where an FP8 GEMM needs its operands' transposes. Not modelled: the CUDA context, NCCL's
-buffers and the allocator's fragmentation (:data:`USABLE_FRACTION` leaves room for them), the
-reference's no-grad forward temporaries, and the distributed optimizer's bucket padding.
+H200), where an FP8 GEMM needs its operands' transposes. A MoE layer's token dispatcher is the
+one the engine picks: all-to-all on CUDA (read from the source), all-gather on a CPU
+(measured). Not modelled: the CUDA context, NCCL's buffers and the allocator's fragmentation
+(:data:`USABLE_FRACTION` leaves room for them), the reference's no-grad forward temporaries,
+the MoE dispatcher's transient token buffers, and the distributed optimizer's bucket padding.
 """
 
+import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
 
-from megatron_gift.config.checks import layer_split_problems, raise_problems
+from megatron_gift.config.checks import layer_split_problems, moe_layer_freq, raise_problems
 from megatron_gift.core.vocab import padded_vocab_size
 from megatron_gift.errors import ConfigError, UserError
 
@@ -139,6 +149,24 @@ class Run:
     head: str = "logits"
     head_chunk_tokens: Optional[int] = None
     smooth: bool = False
+    # Qwen3: an RMSNorm on each head's query and key (Megatron-Core's qk_layernorm).
+    qk_layernorm: bool = False
+    # Mixture of experts (Qwen3-MoE: Megatron-Core's MoELayer, SequentialMLP experts, a softmax
+    # top-k router): experts per MoE layer (0: a dense model), the top k, each expert's SwiGLU
+    # width, which layers are MoE (one flag a layer; empty: none), EP and the experts' TP (None:
+    # TP); the softmax over all experts before the top-k (not norm_topk_prob); the student's
+    # load-balancing loss (None, aux_loss or seq_aux_loss).
+    num_experts: int = 0
+    moe_topk: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_layers: tuple[bool, ...] = ()
+    expert_parallel: int = 1
+    expert_tensor_parallel: Optional[int] = None
+    moe_pre_softmax: bool = False
+    moe_aux_loss: Optional[str] = None
+    # How many times its balanced share of token copies the busiest GPU's experts take (1.0: a
+    # perfectly balanced router; at most min(topk, E / EP) x EP / topk: every token to them).
+    moe_imbalance: float = 1.0
 
     @property
     def num_gpus(self) -> int:
@@ -160,6 +188,18 @@ class Run:
     def fp8(self) -> bool:
         """Whether layers run FP8 (Transformer Engine's layers only)."""
         return self.fp8_recipe is not None and self.layer_spec == "te"
+
+    @property
+    def etp(self) -> int:
+        """The experts' tensor parallel size (``expert_tensor_parallel_size``, default TP)."""
+        return self.expert_tensor_parallel or self.tensor_parallel
+
+    @property
+    def expert_data_parallel(self) -> int:
+        """Ranks holding the same experts: Megatron-Core lays the experts out as ETP x EP x PP x
+        EDP over the same ``TP x PP x CP x DP`` GPUs, so EDP = TP x CP x DP / (ETP x EP)."""
+        return (self.tensor_parallel * self.context_parallel * self.data_parallel
+                // (self.etp * self.expert_parallel))
 
     @property
     def padded_vocab(self) -> int:
@@ -200,7 +240,9 @@ class Plan:
     def as_dict(self) -> dict[str, Any]:
         """The plan as the JSON object of ``python -m megatron_gift.plan --json``; ``head``
         names the loss head planned, its chunk (fused) and the last stage's loss buffers by
-        term (:func:`loss_terms`), in bytes."""
+        term (:func:`loss_terms`), in bytes; ``layout`` holds the experts' EP (1 for a dense
+        model) and TP (null for a dense model); ``student_active``: the parameters a token
+        goes through (:func:`active_parameters`)."""
         run = self.run
         step, save = stop_seconds(run)
         return {
@@ -211,8 +253,11 @@ class Plan:
                        "data_parallel_size": run.data_parallel,
                        "micro_batch_size": run.micro_batch_size,
                        "global_batch_size": run.global_batch_size,
-                       "seq_length": run.seq_length, "num_gpus": run.num_gpus},
-            "parameters": {"student_total": self.student_parameters},
+                       "seq_length": run.seq_length, "num_gpus": run.num_gpus,
+                       "expert_model_parallel_size": run.expert_parallel,
+                       "expert_tensor_parallel_size": run.etp if run.num_experts else None},
+            "parameters": {"student_total": self.student_parameters,
+                           "student_active": active_parameters(run)},
             "stages": [{"pipeline_rank": s.pipeline_rank,
                         "parameters_per_gpu": s.parameters_per_gpu, "bytes": dict(s.bytes)}
                        for s in self.stages],
@@ -256,6 +301,7 @@ def run_from_config(config: "DictConfig", num_gpus: Optional[int] = None,
             f"training.global_batch_size={training.global_batch_size} is not a multiple of "
             f"micro_batch_size x data-parallel size = {training.micro_batch_size} x {dp} "
             "(--global-batch-size, --micro-batch-size, --num-gpus)")
+    problems += _expert_layout_problems(config, num_gpus) if gpus_divide else []
     raise_problems(problems, ConfigError if gpus_divide else UserError)
     return Run(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
@@ -278,7 +324,46 @@ def run_from_config(config: "DictConfig", num_gpus: Optional[int] = None,
         reference=not math.isinf(config.gift.beta), packed=config.data.pack,
         layer_spec=layer_spec, device=device, fused_swiglu=device == "cuda",
         head=config.gift.head, head_chunk_tokens=config.gift.head_chunk_tokens,
-        smooth=config.gift.smooth_lambda > 0, **_precision(config))
+        smooth=config.gift.smooth_lambda > 0, qk_layernorm=model.qk_layernorm,
+        **_precision(config), **_experts(config))
+
+
+def _expert_layout_problems(config: "DictConfig", num_gpus: int) -> list[str]:
+    """EP x the experts' TP must divide TP x CP x DP, as Megatron-Core lays the experts out
+    inside data parallelism (``world % (ETP x EP x PP)``); the world of ``num_gpus``."""
+    parallel = config.parallel
+    ep, pp = parallel.expert_model_parallel_size, parallel.pipeline_model_parallel_size
+    etp = parallel.expert_tensor_parallel_size or parallel.tensor_model_parallel_size
+    if not config.model.num_moe_experts or num_gpus % (etp * ep * pp) == 0:
+        return []
+    return [f"--num-gpus {num_gpus} is not a multiple of expert tensor x expert x pipeline "
+            f"parallel size = {etp} x {ep} x {pp} (Megatron-Core lays the experts out inside "
+            "data parallelism; --expert-model-parallel-size, --expert-tensor-parallel-size)"]
+
+
+def _experts(config: "DictConfig") -> dict[str, Any]:
+    """The :class:`Run` fields of a mixture-of-experts model (none for a dense one)."""
+    model, training = config.model, config.training
+    if not model.num_moe_experts:
+        return {}
+    balancing = training.moe_router_load_balancing_type
+    aux = balancing if training.moe_aux_loss_coeff > 0 and balancing != "none" else None
+    return {"num_experts": model.num_moe_experts, "moe_topk": model.moe_router_topk,
+            "moe_ffn_hidden_size": model.moe_ffn_hidden_size or model.ffn_hidden_size,
+            "moe_layers": _moe_pattern(model),
+            "expert_parallel": config.parallel.expert_model_parallel_size,
+            "expert_tensor_parallel": config.parallel.expert_tensor_parallel_size,
+            "moe_pre_softmax": not model.moe_norm_topk_prob, "moe_aux_loss": aux}
+
+
+def _moe_pattern(model: "DictConfig") -> tuple[bool, ...]:
+    """Per layer, whether it is a MoE layer: ``moe_layer_freq`` every k-th layer (0-based
+    multiples of k) or one 0/1 a layer, as Megatron-Core's ``moe_layer_freq`` (and
+    ``megatron_gift.hf.architecture.moe_layers``) reads it."""
+    pattern = moe_layer_freq(model.moe_layer_freq)
+    if isinstance(pattern, int):
+        return tuple(i % pattern == 0 for i in range(model.num_layers))
+    return tuple(bool(v) for v in pattern)
 
 
 def _precision(config: "DictConfig") -> dict[str, Any]:
@@ -299,24 +384,49 @@ def _precision(config: "DictConfig") -> dict[str, Any]:
 # Parameters
 
 
-def layer_parameters(run: Run) -> int:
-    """Parameters of one transformer layer on one GPU: two RMSNorm weights ``h`` (replicated),
-    QKV ``(a + 2g) d x h`` (+ bias), the output projection ``h x a d``, SwiGLU ``fc1``
-    ``2 ffn x h`` and ``fc2`` ``h x ffn``, the linear ones split over TP."""
-    h, d, t = run.hidden_size, run.kv_channels, run.tensor_parallel
+def is_moe_layer(run: Run, layer: int) -> bool:
+    """Whether the layer of global index ``layer`` (0-based) is a mixture-of-experts layer
+    (``model.moe_layer_freq``: :func:`_moe_pattern`)."""
+    return bool(run.moe_layers) and run.moe_layers[layer]
+
+
+def _attention_parameters(run: Run) -> int:
+    """Attention weights of one layer, all TP ranks together: QKV ``(a + 2g) d x h`` (+ bias)
+    and the output projection ``h x a d``."""
+    h, d = run.hidden_size, run.kv_channels
     qkv_rows = (run.num_attention_heads + 2 * run.num_query_groups) * d
-    sharded = (qkv_rows * h + (qkv_rows if run.qkv_bias else 0) + h * run.num_attention_heads * d
-               + 3 * run.ffn_hidden_size * h)
-    return 2 * h + sharded // t
+    return qkv_rows * h + (qkv_rows if run.qkv_bias else 0) + h * run.num_attention_heads * d
 
 
-def chunk_parameters(run: Run, layers: int, pre_process: bool, post_process: bool) -> int:
-    """Parameters on one GPU of a model chunk of ``layers`` layers; the first chunk holds the
-    word embedding ``V_pad/tp x h``, the last the final norm ``h`` and the output layer (tied:
-    a copy unless the chunk also holds the embedding)."""
+def layer_expert_parameters(run: Run) -> int:
+    """The experts' weights of one MoE layer on one GPU: ``E / EP`` local experts
+    (Megatron-Core's ``SequentialMLP``), each a SwiGLU ``fc1`` ``2 moe_ffn x h`` and ``fc2``
+    ``h x moe_ffn`` split over the experts' TP."""
+    local = run.num_experts // run.expert_parallel
+    return local * 3 * run.moe_ffn_hidden_size * run.hidden_size // run.etp
+
+
+def layer_parameters(run: Run, moe: bool = False) -> int:
+    """Parameters of one transformer layer on one GPU: two RMSNorm weights ``h`` and, with
+    ``qk_layernorm``, the query and key norms ``d`` each (all replicated), the attention
+    (:func:`_attention_parameters`) split over TP; then SwiGLU ``fc1`` ``2 ffn x h`` and
+    ``fc2`` ``h x ffn`` split over TP, or for a MoE layer (``moe``) the router ``[E, h]``
+    (replicated: ``TopKRouter.weight``) and the local experts (:func:`layer_expert_parameters`)."""
+    h, t = run.hidden_size, run.tensor_parallel
+    replicated = 2 * h + (2 * run.kv_channels if run.qk_layernorm else 0)
+    if moe:
+        return (replicated + run.num_experts * h + _attention_parameters(run) // t
+                + layer_expert_parameters(run))
+    return replicated + (_attention_parameters(run) + 3 * run.ffn_hidden_size * h) // t
+
+
+def chunk_parameters(run: Run, layers: range, pre_process: bool, post_process: bool) -> int:
+    """Parameters on one GPU of a model chunk of the layers of global indices ``layers``; the
+    first chunk holds the word embedding ``V_pad/tp x h``, the last the final norm ``h`` and the
+    output layer (tied: a copy unless the chunk also holds the embedding)."""
     h = run.hidden_size
     vocab_rows = run.padded_vocab // run.tensor_parallel
-    count = layers * layer_parameters(run)
+    count = sum(layer_parameters(run, is_moe_layer(run, i)) for i in layers)
     if pre_process:
         count += vocab_rows * h
     if post_process:
@@ -326,21 +436,44 @@ def chunk_parameters(run: Run, layers: int, pre_process: bool, post_process: boo
     return count
 
 
+def _stage_chunks(run: Run, rank: int) -> list[int]:
+    """Virtual stages (model chunks) of pipeline stage ``rank``: ``k x PP + rank``."""
+    return [k * run.pipeline_parallel + rank for k in range(run.chunks)]
+
+
 def stage_parameters(run: Run, rank: int) -> int:
     """Student parameters on one GPU of pipeline stage ``rank`` (all its virtual chunks)."""
     stages = run.pipeline_parallel * run.chunks
-    layers = run.num_layers // stages
-    return sum(chunk_parameters(run, layers, pre_process=v == 0, post_process=v == stages - 1)
-               for v in (k * run.pipeline_parallel + rank for k in range(run.chunks)))
+    return sum(chunk_parameters(run, chunk_layers(run, v), pre_process=v == 0,
+                                post_process=v == stages - 1)
+               for v in _stage_chunks(run, rank))
 
 
-def layer_gemm_parameters(run: Run) -> int:
-    """Weights on one GPU of one layer's four GEMMs (QKV, output projection, fc1, fc2): the
-    ones FP8 quantizes (the norms and the QKV bias stay in the parameter dtype)."""
+def stage_expert_parameters(run: Run, rank: int) -> int:
+    """The experts' share of :func:`stage_parameters` (data-parallel over the expert
+    data-parallel group, :attr:`Run.expert_data_parallel`)."""
+    return layer_expert_parameters(run) * sum(
+        is_moe_layer(run, i) for v in _stage_chunks(run, rank) for i in chunk_layers(run, v))
+
+
+def layer_gemm_parameters(run: Run, moe: bool = False) -> int:
+    """Weights on one GPU of one layer's GEMMs, the ones FP8 quantizes (the norms, the router
+    and the QKV bias stay in the parameter dtype): QKV, the output projection and fc1, fc2 or,
+    for a MoE layer, the local experts' fc1 and fc2."""
     h, d = run.hidden_size, run.kv_channels
     qkv_rows = (run.num_attention_heads + 2 * run.num_query_groups) * d
-    return (qkv_rows * h + h * run.num_attention_heads * d
-            + 3 * run.ffn_hidden_size * h) // run.tensor_parallel
+    attention = (qkv_rows * h + h * run.num_attention_heads * d) // run.tensor_parallel
+    if moe:
+        return attention + layer_expert_parameters(run)
+    return attention + 3 * run.ffn_hidden_size * h // run.tensor_parallel
+
+
+def layer_gemm_modules(run: Run, moe: bool = False) -> int:
+    """Transformer Engine GEMM modules of one layer on one GPU: linear_qkv, linear_proj and
+    linear_fc1, linear_fc2 (:data:`_GEMMS_PER_LAYER`), or a MoE layer's two per local expert."""
+    if not moe:
+        return _GEMMS_PER_LAYER
+    return 2 + 2 * (run.num_experts // run.expert_parallel)
 
 
 def is_fp8_layer(run: Run, layer: int) -> bool:
@@ -358,45 +491,80 @@ def chunk_layers(run: Run, virtual_stage: int) -> range:
     return range(virtual_stage * per_chunk, (virtual_stage + 1) * per_chunk)
 
 
+def _stage_layers(run: Run, rank: int) -> list[int]:
+    """Global indices of the layers of stage ``rank``, all its chunks."""
+    return [i for v in _stage_chunks(run, rank) for i in chunk_layers(run, v)]
+
+
 def stage_fp8_layers(run: Run, rank: int) -> int:
     """Layers of stage ``rank`` (all its chunks) that run FP8."""
-    return sum(is_fp8_layer(run, i) for k in range(run.chunks)
-               for i in chunk_layers(run, k * run.pipeline_parallel + rank))
+    return sum(is_fp8_layer(run, i) for i in _stage_layers(run, rank))
+
+
+def stage_fp8_gemms(run: Run, rank: int) -> tuple[int, int]:
+    """``(weights, modules)``: the GEMM weights (:func:`layer_gemm_parameters`) and GEMM
+    modules (:func:`layer_gemm_modules`) of the FP8 layers of stage ``rank`` on one GPU."""
+    fp8 = [i for i in _stage_layers(run, rank) if is_fp8_layer(run, i)]
+    return (sum(layer_gemm_parameters(run, is_moe_layer(run, i)) for i in fp8),
+            sum(layer_gemm_modules(run, is_moe_layer(run, i)) for i in fp8))
 
 
 def total_parameters(run: Run) -> int:
-    """Student parameters of the whole model (TP shards together, a tied embedding once)."""
-    whole = replace(run, tensor_parallel=1)
+    """Student parameters of the whole model (TP and EP shards together, a tied embedding
+    once)."""
+    whole = replace(run, tensor_parallel=1, expert_parallel=1, expert_tensor_parallel=1)
     embedding = run.padded_vocab * run.hidden_size
-    return (run.num_layers * layer_parameters(whole) + run.hidden_size
-            + embedding * (2 if run.untied else 1))
+    layers = sum(layer_parameters(whole, is_moe_layer(run, i)) for i in range(run.num_layers))
+    return layers + run.hidden_size + embedding * (2 if run.untied else 1)
+
+
+def active_parameters(run: Run) -> int:
+    """Student parameters a token goes through: :func:`total_parameters` less, in every MoE
+    layer, the experts it is not routed to (``E - topk`` of them)."""
+    idle = (run.num_experts - run.moe_topk) * 3 * run.moe_ffn_hidden_size * run.hidden_size
+    return total_parameters(run) - idle * sum(run.moe_layers)
 
 
 # ----------------------------------------------------------------------------------------------
 # Weights, gradients, optimizer
 
 
-def optimizer_shard(run: Run) -> int:
-    """Ranks the distributed optimizer shards its state over: data x context parallel."""
-    return run.data_parallel * run.context_parallel if run.distributed_optimizer else 1
+def optimizer_shard(run: Run, experts: bool = False) -> int:
+    """Ranks the distributed optimizer shards its state over: data x context parallel, or for
+    the experts' parameters the expert data-parallel group (with EP > 1 or an expert TP of their
+    own, Megatron-Core's DDP puts them in buffers of their own over ``intra_expt_dp_group``;
+    else they share the others', over as many ranks); 1 without the distributed optimizer."""
+    if not run.distributed_optimizer:
+        return 1
+    return run.expert_data_parallel if experts else run.data_parallel * run.context_parallel
 
 
-def gradient_bytes(run: Run, parameters: int) -> int:
-    """The DDP grad buffer (fp32 with grad_reduce_in_fp32 or fp32 parameters, else the
-    parameter dtype) plus, for a bf16 buffer, the fp32 copies of the optimizer's shard made at
-    the step (``main_grad.float()``)."""
+def _sharded(run: Run, parameters: int, expert_parameters: int, per_parameter: int) -> int:
+    """``per_parameter`` bytes of each of ``parameters`` (of which ``expert_parameters`` are
+    the experts'), each group divided over its distributed optimizer's shard."""
+    dense = parameters - expert_parameters
+    return (dense * per_parameter // optimizer_shard(run)
+            + expert_parameters * per_parameter // optimizer_shard(run, experts=True))
+
+
+def gradient_bytes(run: Run, parameters: int, expert_parameters: int = 0) -> int:
+    """The DDP grad buffers of ``parameters`` (``expert_parameters`` of them the experts',
+    whichever buffer holds them) in fp32 with grad_reduce_in_fp32 or fp32 parameters,
+    else in the parameter dtype plus the fp32 copies of the optimizer's shard made at the step
+    (``main_grad.float()``)."""
     fp32_buffer = run.grad_reduce_in_fp32 or run.param_bytes == _FP32
     buffer = parameters * (_FP32 if fp32_buffer else run.param_bytes)
-    copies = 0 if fp32_buffer else parameters * _FP32 // optimizer_shard(run)
+    copies = 0 if fp32_buffer else _sharded(run, parameters, expert_parameters, _FP32)
     return buffer + copies
 
 
-def optimizer_bytes(run: Run, parameters: int) -> int:
+def optimizer_bytes(run: Run, parameters: int, expert_parameters: int = 0) -> int:
     """fp32 main weights (bf16 runs only) and the optimizer's moments (Adam: 2, SGD with
-    momentum: 1, fp32), divided over the distributed optimizer's shard."""
+    momentum: 1, fp32) of ``parameters`` (``expert_parameters`` of them the experts'), divided
+    over the distributed optimizer's shards (:func:`optimizer_shard`)."""
     main = _FP32 if run.param_bytes != _FP32 else 0
     moments = 2 if run.optimizer == "adam" else (1 if run.sgd_momentum else 0)
-    return parameters * (main + moments * _FP32) // optimizer_shard(run)
+    return _sharded(run, parameters, expert_parameters, main + moments * _FP32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,21 +609,28 @@ def _saved_input_bytes(run: Run, fp8: bool) -> float:
     return _FP8_ACTIVATION_BYTES[run.fp8_recipe] if fp8 and run.fp8 else run.param_bytes
 
 
+# The terms of :func:`layer_activations` on the MLP side of a layer, dense or MoE.
+_MLP_TERMS = ("mlp", "router", "dispatch", "experts")
+
+
 def layer_activations(run: Run, recompute: Optional[str] = None,
-                      fp8: Optional[bool] = None) -> dict[str, float]:
+                      fp8: Optional[bool] = None, moe: bool = False) -> dict[str, float]:
     """Bytes one transformer layer keeps for the backward of one micro-batch, by term.
 
     ``recompute``: None or ``"selective"`` (core attention recomputed); ``fp8``: the layer runs
-    FP8 (default: as the run does, away from bf16 edge layers). Terms: ``norms`` (both
-    RMSNorms, with the inputs of the linear layers they feed), ``rope``, ``attention`` (Q, K, V
+    FP8 (default: as the run does, away from bf16 edge layers); ``moe``: a mixture-of-experts
+    layer. Terms: ``norms`` (both RMSNorms, with the inputs of the linear layers they feed),
+    ``qk_norms`` (Qwen3's query and key norms, 0 without), ``rope``, ``attention`` (Q, K, V
     and the core attention's internals), ``projection`` (the output projection's input: the
-    core attention's output), ``mlp`` (SwiGLU: fc1's output and fc2's input; unfused also the
-    linear half plus 0 and SiLU's output).
+    core attention's output), then ``mlp`` (SwiGLU: fc1's output and fc2's input; unfused also
+    the linear half plus 0 and SiLU's output) or, for a MoE layer, ``router``, ``dispatch``
+    and ``experts`` (:func:`moe_activations`).
 
     With FP8 (Transformer Engine's layers), the inputs TE's linear layers save are FP8
     (:func:`_saved_input_bytes`): the norms' outputs and fc2's input take 1 byte an element
     instead of 2; the output projection saves an FP8 copy of its input beside the bf16 one
-    flash attention keeps (unless selective recompute frees that). Attention itself stays bf16.
+    flash attention keeps (unless selective recompute frees that). Attention itself stays bf16,
+    and so does a MoE layer's second norm output, which the router keeps.
     """
     fp8 = run.fp8 if fp8 is None else fp8 and run.fp8
     e, h, T = run.param_bytes, run.hidden_size, _tokens(run)
@@ -467,14 +642,17 @@ def layer_activations(run: Run, recompute: Optional[str] = None,
     terms: dict[str, float] = {}
     if run.layer_spec == "local":
         # torch's RMSNorm keeps an fp32 copy of its input, the fp32 normalised input and fp32
-        # 1/rms; the linear layer after it keeps the norm's output.
+        # 1/rms; the linear layer after it (a MoE layer's router) keeps the norm's output.
         terms["norms"] = 2 * rows * (2 * _FP32 * h + _FP32 + e * h)
         terms["rope"] = 4 * S * run.kv_channels * e  # cos and sin, for Q and for K
     else:
         # Transformer Engine's LayerNormLinear keeps its input, its output (FP8 with FP8) and
-        # fp32 1/rms; fused RoPE keeps only the frequencies, shared by all layers.
-        terms["norms"] = 2 * rows * (e * h + a8 * h + _FP32)
+        # fp32 1/rms; a MoE layer's TENorm its input and 1/rms, the router its output; fused
+        # RoPE keeps only the frequencies, shared by all layers.
+        second = e if moe else a8
+        terms["norms"] = rows * (2 * e * h + (a8 + second) * h + 2 * _FP32)
         terms["rope"] = 0.0
+    terms["qk_norms"] = qk_norm_activations(run)
     if recompute == "selective":
         # The checkpoint keeps Q and K (after RoPE) and V, a view that keeps the whole QKV
         # projection output [s, b, (a + 2g) d / tp] alive.
@@ -493,12 +671,82 @@ def layer_activations(run: Run, recompute: Optional[str] = None,
     # when selective recompute re-creates it).
     kept_output = 0 if fp8 and recompute == "selective" else e
     terms["projection"] = T * q * (kept_output + (a8 if fp8 else 0))
+    if moe:
+        terms.update(moe_activations(run, fp8))
+        return terms
     # SwiGLU, fused (megatron/core/fusions/fused_bias_swiglu.py: SwiGLUFunction saves only its
     # input, fc1's output, 2 ffn wide), or unfused (transformer/mlp.py: glu(): also
     # x_linear + glu_linear_offset and SiLU's output); then fc2 saves its input (FP8 with FP8).
     ffn = run.ffn_hidden_size / run.tensor_parallel
     terms["mlp"] = T * ffn * ((2 if run.fused_swiglu else 4) * e + a8)
     return terms
+
+
+def qk_norm_activations(run: Run) -> float:
+    """What Qwen3's query and key RMSNorms (``qk_layernorm``) keep for one micro-batch, over
+    the ``(a + g) / tp`` heads of each of the ``T`` tokens: torch's RMSNorm (local layers) an
+    fp32 copy of its input, the fp32 normalised input and fp32 1/rms; Transformer Engine's
+    (``ops.RMSNorm``) a contiguous copy of its input and fp32 1/rms. 0 without the norms."""
+    if not run.qk_layernorm:
+        return 0.0
+    d = run.kv_channels
+    heads = (run.num_attention_heads + run.num_query_groups) / run.tensor_parallel
+    per_head = (2 * _FP32 * d if run.layer_spec == "local" else run.param_bytes * d) + _FP32
+    return _tokens(run) * heads * per_head
+
+
+def moe_tokens(run: Run) -> float:
+    """Token copies the local experts of one GPU take from one micro-batch: the ``rows x ETP``
+    tokens of its expert-TP group (``rows``: ``T / sp``, gathered over the experts' TP), each
+    to ``topk`` experts, ``E / EP`` of them here, from each of the EP ranks' as many tokens:
+    ``rows x ETP x topk`` for a perfectly balanced router, times :attr:`Run.moe_imbalance`."""
+    rows = _tokens(run) / _sp(run)
+    return rows * run.etp * run.moe_topk * run.moe_imbalance
+
+
+def moe_activations(run: Run, fp8: bool = False) -> dict[str, float]:
+    """Bytes a MoE layer's router, token dispatcher and local experts keep for one micro-batch
+    (Megatron-Core 0.19, transformer/moe/), beside the norms and attention of
+    :func:`layer_activations`; ``n`` = :func:`moe_tokens`, ``rows`` = ``T / sp``.
+
+    * ``router`` (router.py ``TopKRouter.routing``, moe_utils.py
+      ``topk_routing_with_score_function``): the top-k indices int64 ``[rows, k]`` and the
+      softmax fp32 of the k chosen logits ``[rows, k]`` (pre-softmax: of all ``[rows, E]``);
+      with a load-balancing loss (``compute_routing_scores_for_aux_loss``) its own softmax
+      ``[rows, E]`` (its top-k's indices go with the unused values), the tokens per expert int64
+      ``[E]`` (per sequence ``[b E]``) and the loss. The gate's input is the norm's output
+      (counted in ``norms``);
+    * ``dispatch``: on CUDA the all-to-all dispatcher (token_dispatcher.py
+      ``MoEAlltoAllTokenDispatcher``; ``permute`` keeps two int64 indices of the ``rows x k``
+      copies, one for the tokens, one for the probabilities), on a CPU the all-gather one
+      (``MoEAllGatherTokenDispatcher``: ``permute``'s int64 index of the ``n`` copies and
+      ``masked_select``'s inputs, the local probabilities and map transposed
+      ``[E / EP, rows x ETP x EP]`` in the activation dtype and bool); both keep the ``n``
+      permuted probabilities, which scale each expert's SwiGLU output;
+    * ``experts`` (experts.py ``SequentialMLP``, one ``MLP`` an expert on its share of the
+      ``n`` tokens): fc1's input ``[n, h]`` (FP8 with FP8), then as the dense SwiGLU at width
+      ``moe_ffn / ETP`` with the probabilities applied: fused
+      (``weighted_bias_swiglu_impl``) fc1's output; unfused also the linear half plus 0,
+      SiLU's output and their product; and fc2's input (FP8 with FP8).
+
+    Not counted: the gathered or exchanged tokens no op keeps (the all-gather dispatcher's
+    global buffer, the all-to-all's send buffer), and FP8's padding of each expert's tokens to
+    a multiple of 16.
+    """
+    e, h, E, k = run.param_bytes, run.hidden_size, run.num_experts, run.moe_topk
+    a8 = _saved_input_bytes(run, fp8)
+    rows, n = _tokens(run) / _sp(run), moe_tokens(run)
+    router = rows * ((_FP32 * E if run.moe_pre_softmax else _FP32 * k) + 8 * k)
+    if run.moe_aux_loss is not None:
+        per_expert = run.micro_batch_size if run.moe_aux_loss == "seq_aux_loss" else 1
+        router += rows * _FP32 * E + 8 * E * per_expert + _FP32
+    if run.device == "cuda":
+        dispatch = 2 * 8 * rows * k + n * e
+    else:
+        dispatch = 8 * n + E * rows * run.etp * (e + 1) + n * e
+    ffn = run.moe_ffn_hidden_size / run.etp
+    experts = n * (a8 * h + ffn * ((2 if run.fused_swiglu else 5) * e + a8))
+    return {"router": router, "dispatch": dispatch, "experts": experts}
 
 
 def _local_scores(run: Run) -> float:
@@ -510,28 +758,35 @@ def _local_scores(run: Run) -> float:
             * (_FP32 + (e if e != _FP32 else 0)))
 
 
-def recompute_working_set(run: Run, holds_head: bool = False,
+def _layer_total(run: Run, layer: int, recompute: Optional[str] = None,
+                 fp8: Optional[bool] = None) -> float:
+    """:func:`layer_activations` of the layer of global index ``layer``, summed."""
+    return sum(layer_activations(run, recompute, fp8, is_moe_layer(run, layer)).values())
+
+
+def recompute_working_set(run: Run, layers: range, holds_head: bool = False,
                           fp8: Optional[bool] = None) -> float:
     """Bytes by which a recomputing backward raises a stage's peak above its forward's, for
-    one micro-batch; ``holds_head``: the stage ends with the final norm and output layer;
-    ``fp8``: its layers run FP8 (default: as the run does).
+    one micro-batch; ``layers``: the global indices of the chunk whose backward recomputes
+    first; ``holds_head``: the stage ends with the final norm and output layer; ``fp8``: its
+    layers run FP8 (default: as the run does).
 
     The backward frees as it goes, so only what it re-creates beyond what it has freed by then
-    counts: uniform full recompute re-creates a group of ``N`` layers first (after the head);
-    block recompute one layer, after the layers the chunk kept; selective recompute one core
-    attention, after that layer's MLP, second norm and projection input. 0 without recompute.
+    counts: uniform full recompute re-creates a group of ``N`` layers first (after the head;
+    the largest group is counted); block recompute one layer, after the layers the chunk kept;
+    selective recompute one core attention, after that layer's MLP, second norm and projection
+    input. 0 without recompute.
     """
     granularity = run.recompute_granularity
     if granularity is None:
         return 0.0
-    layers_per_chunk = run.num_layers // (run.pipeline_parallel * run.chunks)
     freed = head_activations(run) if holds_head else 0.0
-    layer = sum(layer_activations(run, fp8=fp8).values())
+    totals = [_layer_total(run, i, fp8=fp8) for i in layers]
+    n = min(run.recompute_num_layers or 1, len(totals))
     if granularity == "full" and run.recompute_method == "block":
-        kept = layers_per_chunk - min(run.recompute_num_layers, layers_per_chunk)
-        again, freed = layer, freed + kept * layer
+        again, freed = totals[n - 1], freed + sum(totals[n:])
     elif granularity == "full":
-        again = min(run.recompute_num_layers, layers_per_chunk) * layer
+        again = max(sum(totals[i:i + n]) for i in range(0, len(totals), n))
     else:
         e, T = run.param_bytes, _tokens(run)
         q, kv = _widths(run)
@@ -541,8 +796,9 @@ def recompute_working_set(run: Run, holds_head: bool = False,
         else:  # flash attention again: a contiguous V, its output and the log-sum-exp
             S, b = run.seq_length // run.context_parallel, run.micro_batch_size
             again = T * e * (kv + q) + b * run.num_attention_heads / run.tensor_parallel * S * _FP32
-        kept = layer_activations(run, "selective", fp8)
-        freed += kept["mlp"] + kept["projection"] + kept["norms"] / 2
+        kept = layer_activations(run, "selective", fp8, is_moe_layer(run, layers[-1]))
+        freed += (sum(kept.get(term, 0.0) for term in _MLP_TERMS) + kept["projection"]
+                  + kept["norms"] / 2)
     return max(again - freed, 0.0)
 
 
@@ -561,33 +817,29 @@ def head_activations(run: Run) -> float:
     return rows * (2 * e * h + _FP32)  # TE's norm keeps input and 1/rms, the layer its input
 
 
-def chunk_activations(run: Run, layers: int, pre_process: bool, post_process: bool,
-                      first_layer: Optional[int] = None) -> float:
-    """Bytes one forward pass of a model chunk of ``layers`` layers keeps for its backward
-    (one micro-batch), the embedding's and the head's parts included where it has them.
-    ``first_layer``: the global index of its first layer, which tells its bf16 edge layers
-    from its FP8 ones (default: every layer as the run's precision)."""
+def chunk_activations(run: Run, layers: range, pre_process: bool,
+                      post_process: bool) -> float:
+    """Bytes one forward pass of a model chunk of the layers of global indices ``layers``
+    keeps for its backward (one micro-batch), the embedding's and the head's parts included
+    where it has them; each layer as it is: FP8 or a bf16 edge layer, dense or MoE."""
     e, h = run.param_bytes, run.hidden_size
     S = run.seq_length // run.context_parallel
-    fp8 = [run.fp8 if first_layer is None else is_fp8_layer(run, first_layer + i)
-           for i in range(layers)]
+    kinds = [(is_fp8_layer(run, i), is_moe_layer(run, i)) for i in layers]
 
-    def kept(layer_fp8: list[bool], recompute: Optional[str] = None) -> float:
-        fp8_layers = sum(layer_fp8)
-        return sum(count * sum(layer_activations(run, recompute, f).values())
-                   for f, count in ((True, fp8_layers), (False, len(layer_fp8) - fp8_layers))
-                   if count)
+    def kept(chosen: list[tuple[bool, bool]], recompute: Optional[str] = None) -> float:
+        return sum(count * sum(layer_activations(run, recompute, fp8, moe).values())
+                   for (fp8, moe), count in Counter(chosen).items())
 
     if run.recompute_granularity == "full":
         checkpoint = _tokens(run) / _sp(run) * e * h  # a checkpoint keeps its hidden input
         n = run.recompute_num_layers
         if run.recompute_method == "block":  # the first n layers recomputed, the rest kept
-            total = min(n, layers) * checkpoint + kept(fp8[n:])
+            total = min(n, len(kinds)) * checkpoint + kept(kinds[n:])
         else:
-            total = math.ceil(layers / n) * checkpoint
+            total = math.ceil(len(kinds) / n) * checkpoint
         total += S * run.kv_channels * _FP32  # the rotary frequencies, a checkpoint argument
     else:
-        total = kept(fp8, run.recompute_granularity)
+        total = kept(kinds, run.recompute_granularity)
     # The bool attention mask [1 or b, 1, s, s], shared by the chunk's layers, is kept by the
     # local attention and by recompute checkpoints.
     if run.layer_spec == "local" or run.recompute_granularity is not None:
@@ -631,31 +883,28 @@ def interleaved_chunks_in_flight(run: Run, rank: int) -> list[int]:
 
 def stage_activations(run: Run, rank: int) -> int:
     """Activation bytes on one GPU of stage ``rank`` at its peak: every forward in flight plus
-    the recompute working set. With VPP, the embedding's and the head's extras count for the
-    forwards of the first and the last chunk that are in flight at once; so do the extras of
-    a chunk's bf16 edge layers in an FP8 run."""
-    layers = run.num_layers // (run.pipeline_parallel * run.chunks)
+    the recompute working set. With VPP, the forwards in flight count at the size of the
+    stage's smallest chunk, and each chunk's extras over it (the embedding, the head, bf16
+    edge layers in an FP8 run, MoE layers where the chunks differ) for the forwards of that
+    chunk that are in flight at once."""
     flights = in_flight(run, rank)
     pre, post = rank == 0, rank == run.pipeline_parallel - 1
-    generic = chunk_activations(run, layers, False, False)
-    total = flights * generic
+    chunks = _stage_chunks(run, rank)
+    own = [chunk_activations(run, chunk_layers(run, v), False, False) for v in chunks]
+    base = min(own)
     most = ([flights] if run.virtual_pipeline is None
             else interleaved_chunks_in_flight(run, rank))
-    first, last = most[0], most[-1]
+    total = flights * base + sum(count * (o - base) for count, o in zip(most, own))
     if pre:
-        total += first * embedding_activations(run)
+        total += most[0] * embedding_activations(run)
     if post:
-        total += last * head_activations(run)
-    bf16_edges = run.fp8 and stage_fp8_layers(run, rank) < layers * run.chunks
-    if bf16_edges:  # they keep more than FP8 layers
-        for k, count in enumerate(most):
-            first_layer = chunk_layers(run, k * run.pipeline_parallel + rank).start
-            own = chunk_activations(run, layers, False, False, first_layer)
-            total += count * (own - generic)
+        total += most[-1] * head_activations(run)
+    bf16_edges = run.fp8 and stage_fp8_layers(run, rank) < len(_stage_layers(run, rank))
     # The backward of the last chunk's forward recomputes first; on the last stage after the
     # head (with VPP the first chunk's recompute may come without it: counted as without).
     holds_head = post and run.virtual_pipeline is None
-    working_set = recompute_working_set(run, holds_head, fp8=run.fp8 and not bf16_edges)
+    working_set = recompute_working_set(run, chunk_layers(run, chunks[-1]), holds_head,
+                                        fp8=run.fp8 and not bf16_edges)
     return math.ceil(total + working_set)
 
 
@@ -881,13 +1130,12 @@ def fp8_state_bytes(run: Run, rank: int) -> int:
     them); and every FP8 GEMM module's scaling state (:func:`fp8_scaling_bytes`)."""
     if not run.fp8:
         return 0
-    fp8_layers = stage_fp8_layers(run, rank)
-    gemm = fp8_layers * layer_gemm_parameters(run)
+    gemm, modules = stage_fp8_gemms(run, rank)
     copy = fp8_weight_bytes(run, trainable=False)
     student = gemm * (copy if run.fp8_param else fp8_weight_bytes(run, trainable=True))
     reference = gemm * copy if run.reference and run.reference_fp8 else 0
     models = 1 + int(run.reference and run.reference_fp8)
-    scaling = models * fp8_layers * _GEMMS_PER_LAYER * fp8_scaling_bytes(run)
+    scaling = models * modules * fp8_scaling_bytes(run)
     return math.ceil(student + reference) + scaling
 
 
@@ -897,18 +1145,18 @@ def weight_bytes(run: Run, parameters: int, rank: int, fp8_weights: bool) -> int
     weights of its FP8 layers (Megatron-Core's DDP buffer holds them as uint8)."""
     if not (fp8_weights and run.fp8):
         return parameters * run.param_bytes
-    gemm = stage_fp8_layers(run, rank) * layer_gemm_parameters(run)
+    gemm = stage_fp8_gemms(run, rank)[0]
     fp8 = gemm * fp8_weight_bytes(run, trainable=False)
     return math.ceil((parameters - gemm) * run.param_bytes + fp8)
 
 
 def plan_stage(run: Run, rank: int) -> StagePlan:
     """Bytes by part on one GPU of pipeline stage ``rank``."""
-    params = stage_parameters(run, rank)
+    params, experts = stage_parameters(run, rank), stage_expert_parameters(run, rank)
     parts = {
         "student_weights": weight_bytes(run, params, rank, run.fp8_param),
-        "gradients": gradient_bytes(run, params),
-        "optimizer": optimizer_bytes(run, params),
+        "gradients": gradient_bytes(run, params, experts),
+        "optimizer": optimizer_bytes(run, params, experts),
         "reference_weights": (weight_bytes(run, params, rank, run.reference_fp8_weights)
                               if run.reference else 0),
         "activations": stage_activations(run, rank),
@@ -961,10 +1209,11 @@ SHUTDOWN_FLOORS = ((70e9, 600), (1e9, 300), (0, 60))
 
 def step_flops(run: Run) -> float:
     """FLOPs of one training step, all GPUs together: the student's forward and backward
-    (``6 N`` a token), the reference's forward (``2 N``), recompute's second forward, and the
-    attention scores ``4 s a d`` a token and layer forward (not halved for causality)."""
+    (``6 N`` a token, N the parameters a token goes through: :func:`active_parameters`), the
+    reference's forward (``2 N``), recompute's second forward, and the attention scores
+    ``4 s a d`` a token and layer forward (not halved for causality)."""
     tokens = run.global_batch_size * run.seq_length
-    n = total_parameters(run)
+    n = active_parameters(run)
     scores = 4 * run.seq_length * run.num_attention_heads * run.kv_channels * run.num_layers
     forwards = 3 + int(run.reference)  # backward = 2 forwards
     dense = (6 + (2 if run.reference else 0)) * n
@@ -1011,11 +1260,23 @@ RECOMPUTE_ORDER = (None, "selective", "full")
 
 def tensor_parallel_options(run: Run) -> list[int]:
     """TP sizes searched: powers of two up to :data:`NODE_GPUS` and the run's own, those that
-    divide the attention heads, the query groups and the FFN width (as Megatron-Core needs)."""
+    divide the attention heads, the query groups and the FFN width (as Megatron-Core needs),
+    and the experts' width where their TP is TP's."""
     sizes = {run.tensor_parallel, *(1 << k for k in range(NODE_GPUS.bit_length()))}
+    experts = run.moe_ffn_hidden_size if run.num_experts and not run.expert_tensor_parallel else 0
     return sorted(t for t in sizes if t <= max(NODE_GPUS, run.tensor_parallel)
                   and not (run.num_attention_heads % t or run.num_query_groups % t
-                           or run.ffn_hidden_size % t))
+                           or run.ffn_hidden_size % t or experts % t))
+
+
+def expert_parallel_options(run: Run, tp: int, dp: int) -> list[int]:
+    """EP sizes searched at TP ``tp`` and DP ``dp``: those that divide the experts and, times
+    the experts' TP, TP x CP x DP (the experts are laid out inside data parallelism); 1 for a
+    dense model."""
+    etp = run.expert_tensor_parallel or tp
+    return [e for e in range(1, run.num_experts + 1)
+            if run.num_experts % e == 0 and (tp * run.context_parallel * dp) % (etp * e) == 0
+            ] or [1]
 
 
 def pipeline_parallel_options(run: Run) -> list[int]:
@@ -1048,28 +1309,36 @@ def _recompute_options(run: Run) -> list[dict[str, Any]]:
     return options
 
 
+def _sequence_parallel_options(run: Run, tp: int) -> list[bool]:
+    """Sequence parallelism as the run has it or on, where TP > 1 and divides the sequence
+    (a MoE model at TP > 1: on, as Megatron-Core's MoE layer needs)."""
+    if tp == 1 or run.seq_length % tp:
+        return [False]
+    return [True] if run.num_experts else sorted({run.sequence_parallel, True})
+
+
 def layouts(run: Run) -> list[Run]:
     """Every run the suggestion searches: TP (:func:`tensor_parallel_options`) x PP
     (:func:`pipeline_parallel_options`) x DP (:func:`data_parallel_options`) on at least the
-    run's GPUs (those it is given), each with sequence parallelism, the distributed optimizer
-    and recompute as the run has them or turned on. CP, VPP, the micro-batch and the sequence
-    stay as they are."""
+    run's GPUs (those it is given), for a MoE model x EP (:func:`expert_parallel_options`),
+    each with sequence parallelism, the distributed optimizer and recompute as the run has
+    them or turned on. CP, VPP, the experts' TP, the micro-batch and the sequence stay as they
+    are."""
     found = []
     cp = run.context_parallel
     for tp in tensor_parallel_options(run):
-        sp_options = ({run.sequence_parallel, True}
-                      if tp > 1 and run.seq_length % tp == 0 else {False})
         for pp in pipeline_parallel_options(run):
             for dp in data_parallel_options(run):
                 if tp * pp * cp * dp < run.num_gpus:
                     continue
-                for sp in sorted(sp_options):
+                for ep, sp in itertools.product(expert_parallel_options(run, tp, dp),
+                                                _sequence_parallel_options(run, tp)):
                     for distributed in sorted({run.distributed_optimizer, True}):
                         for recompute in _recompute_options(run):
                             found.append(replace(
                                 run, tensor_parallel=tp, pipeline_parallel=pp, data_parallel=dp,
-                                sequence_parallel=sp, distributed_optimizer=distributed,
-                                **recompute))
+                                expert_parallel=ep, sequence_parallel=sp,
+                                distributed_optimizer=distributed, **recompute))
     return found
 
 
@@ -1082,6 +1351,8 @@ def suggestion_flags(run: Run, new: Run) -> list[str]:
         flags.append(f"--pipeline-model-parallel-size {new.pipeline_parallel}")
     if (new.num_gpus, new.data_parallel) != (run.num_gpus, run.data_parallel):
         flags.append(f"--num-gpus {new.num_gpus} (data parallel {new.data_parallel})")
+    if new.expert_parallel != run.expert_parallel:
+        flags.append(f"--expert-model-parallel-size {new.expert_parallel}")
     if new.sequence_parallel != run.sequence_parallel:
         flags.append("--sequence-parallel" if new.sequence_parallel else "--no-sequence-parallel")
     if new.distributed_optimizer != run.distributed_optimizer:
@@ -1102,10 +1373,11 @@ def suggestion_cost(run: Run, new: Run) -> tuple:
     recompute's third more compute on half the GPUs still takes fewer GPU-hours); then the
     least recompute (none < selective < full: extra compute on every GPU); then the least
     model parallelism TP x PP (less communication and fewer pipeline bubbles at the same GPU
-    count); then the fewest changed flags."""
+    count); then the least expert parallelism (fewer tokens exchanged between GPUs); then the
+    fewest changed flags."""
     return (new.num_gpus, RECOMPUTE_ORDER.index(new.recompute_granularity),
-            new.tensor_parallel * new.pipeline_parallel, len(suggestion_flags(run, new)),
-            new.tensor_parallel, new.pipeline_parallel)
+            new.tensor_parallel * new.pipeline_parallel, new.expert_parallel,
+            len(suggestion_flags(run, new)), new.tensor_parallel, new.pipeline_parallel)
 
 
 def _suggest(run: Run, gpu_memory_bytes: int) -> tuple[str, Optional[Run]]:

@@ -2,9 +2,9 @@
 prints: GiB per GPU of each part on each pipeline stage, worst first, then the verdict, the
 cheapest layout that fits where the run does not, and the time a stopping run needs."""
 
-from megatron_gift.planning.memory import (GIB, USABLE_FRACTION, Plan, Run, checkpoint_bytes,
-                                           fused_head_chunk_tokens, shutdown_timeout,
-                                           stop_seconds)
+from megatron_gift.planning.memory import (GIB, USABLE_FRACTION, Plan, Run, active_parameters,
+                                           checkpoint_bytes, fused_head_chunk_tokens,
+                                           shutdown_timeout, stop_seconds)
 
 _ROWS = (("student weights", "student_weights"), ("gradients", "gradients"),
          ("optimizer", "optimizer"), ("reference weights", "reference_weights"),
@@ -24,13 +24,14 @@ def as_text(plan: "Plan") -> str:
         f"{run.context_parallel} x DP {run.data_parallel} = {run.num_gpus} GPUs; micro-batch "
         f"{run.micro_batch_size} x {run.micro_batches} = global batch {run.global_batch_size}, "
         f"seq {run.seq_length}",
+        *_experts(run),
         f"training    {_precision(run)}, sequence parallel "
         f"{'on' if run.sequence_parallel else 'off'}, recompute {recompute}, "
         f"{'distributed' if run.distributed_optimizer else 'plain'} {run.optimizer}, "
         f"{'GIFT (frozen reference on every stage)' if run.reference else 'SFT (no reference)'}",
         f"head        {_head(run)}",
-        f"student     {plan.student_parameters / 1e9:.2f} B parameters; "
-        "Transformer Engine layers assumed",
+        f"student     {plan.student_parameters / 1e9:.2f} B parameters"
+        f"{_active(run)}; Transformer Engine layers assumed",
         "",
         f"{'GiB per GPU':<20}" + "".join(f"{'stage ' + str(s.pipeline_rank):>10}" for s in stages),
     ]
@@ -56,6 +57,23 @@ def as_text(plan: "Plan") -> str:
                  f"torchrun --shutdown-timeout {shutdown_timeout(run)}, "
                  f"sbatch --signal=B:TERM@{shutdown_timeout(run)}")
     return "\n".join(lines)
+
+
+def _experts(run: Run) -> list[str]:
+    """The experts' layout line of a MoE model (none for a dense one)."""
+    if not run.num_experts:
+        return []
+    return [f"experts     {run.num_experts} a MoE layer ({sum(run.moe_layers)} of "
+            f"{run.num_layers} layers), top {run.moe_topk}: ETP {run.etp} x EP "
+            f"{run.expert_parallel} x PP {run.pipeline_parallel} x EDP "
+            f"{run.expert_data_parallel}, {run.num_experts // run.expert_parallel} experts a "
+            f"GPU; activations for a balanced router"
+            + ("" if run.moe_imbalance == 1 else f" x {run.moe_imbalance:g}")]
+
+
+def _active(run: Run) -> str:
+    """``(3.34 B active)`` for a MoE model: the parameters a token goes through."""
+    return f" ({active_parameters(run) / 1e9:.2f} B active)" if run.num_experts else ""
 
 
 def _head(run: Run) -> str:
