@@ -12,9 +12,9 @@ Design:
 - **Chunking.** Tokens go through in chunks of ``chunk_tokens`` rows. Per chunk: one fp32 GEMM
   per model (``[c, H] x [H, V/tp]``), the row maxima (MAX all-reduce of ``[c, 2]``), the
   statistics of :mod:`megatron_gift.loss.columns` (SUM all-reduce of ``[c, 7]``), the loss, and
-  the gradient tile ``G`` ``[c, V/tp]``. The largest live buffers are four fp32 ``[c, V/tp]``
-  tiles (student, reference, ``exp(z)``, one product; released before the next chunk), never
-  ``[T, V/tp]``.
+  the gradient tile ``G`` ``[c, V/tp]``. The largest live buffers are three fp32 ``[c, V/tp]``
+  tiles (student, reference, ``exp(z)``; released before the next chunk), never ``[T, V/tp]``;
+  the row sums of products are batched GEMMs, which make no fourth.
 - **Gradient in the forward (Liger's way).** The loss is the last op of the step, so ``G`` is
   multiplied out while the tile is live: ``grad_hidden[chunk] = G @ W`` and
   ``grad_weight += G^T @ h[chunk]`` (fp32 accumulators). Only those two (and small per-token
@@ -65,12 +65,17 @@ from megatron_gift.loss.passes import select
 TILE_BYTES = 128 * 2**20  # one fp32 [chunk, V/tp] tile when chunk_tokens is not given
 
 
-def default_chunk_tokens(vocab_shard: int) -> int:
-    """Tokens per chunk such that one fp32 ``[chunk, vocab_shard]`` tile takes at most
+def default_chunk_tokens(vocab_shard: int, tokens: Optional[int] = None) -> int:
+    """Tokens per chunk: such that one fp32 ``[chunk, vocab_shard]`` tile takes at most
     :data:`TILE_BYTES` (128 MiB: 1048 tokens at V/tp = 32000, 441 at 76032, 261 at 128256, 220
-    at 152064), at least 1. Up to four tiles are live at once (student, reference, ``exp(z)``
-    and a product); the GEMMs stay large enough to run at full rate."""
-    return max(1, TILE_BYTES // (4 * max(1, vocab_shard)))
+    at 152064), and at most an eighth of the ``tokens`` when given; at least 1. Three tiles
+    are live at once on the eager path (student, reference, ``exp(z)``), so the head holds at
+    most 3/8 of one fp32 ``[tokens, V/tp]`` buffer, the one Megatron's cross-entropy keeps;
+    the GEMMs stay large enough to run at full rate."""
+    chunk = TILE_BYTES // (4 * max(1, vocab_shard))
+    if tokens is not None:
+        chunk = min(chunk, -(-tokens // 8))
+    return max(1, chunk)
 
 
 def fused_gift_head_loss(
@@ -141,7 +146,7 @@ def fused_gift_head_loss(
                          "(only beta=inf skips them)")
     _check_shapes(hidden, weight, labels, ref_hidden, ref_weight)
     if chunk_tokens is None:
-        chunk_tokens = default_chunk_tokens(weight.size(0))
+        chunk_tokens = default_chunk_tokens(weight.size(0), labels.numel())
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if accumulate_into_main_grad and getattr(weight, "main_grad", None) is None:
@@ -275,6 +280,12 @@ def _gather(x: torch.Tensor, column: torch.Tensor, owned: torch.Tensor) -> torch
     return torch.where(owned, x.gather(-1, column.unsqueeze(-1)).squeeze(-1), 0.0)
 
 
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``(x * y).sum(-1)`` ``[rows]`` for ``[rows, V]`` tiles, as a batched GEMM: no
+    ``[rows, V]`` product is made."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(x.size(0))
+
+
 def _statistics(z: torch.Tensor, r: Optional[torch.Tensor], column: torch.Tensor,
                 owned: torch.Tensor, smooth: bool) -> torch.Tensor:
     """``[rows, STAT_COLUMNS]`` sums of this shard from max-shifted ``z`` and ``r``; turns ``r``
@@ -282,13 +293,13 @@ def _statistics(z: torch.Tensor, r: Optional[torch.Tensor], column: torch.Tensor
     stats = torch.zeros(z.size(0), STAT_COLUMNS, dtype=z.dtype, device=z.device)
     exp_z = torch.exp(z)
     stats[:, SUM_EXP_Z] = exp_z.sum(-1)
-    stats[:, DOT_EXP_Z_Z] = (exp_z * z).sum(-1)  # the student's entropy
+    stats[:, DOT_EXP_Z_Z] = _row_dot(exp_z, z)  # the student's entropy
     stats[:, Z_LABEL] = _gather(z, column, owned)
     if r is not None:
         stats[:, R_LABEL] = _gather(r, column, owned)
         exp_r = r.exp_()
         stats[:, SUM_EXP_R] = exp_r.sum(-1)
-        stats[:, DOT_EXP_R_Z] = (exp_r * z).sum(-1)
+        stats[:, DOT_EXP_R_Z] = _row_dot(exp_r, z)
         if smooth:
             stats[:, SUM_Z] = z.sum(-1)
     return stats
@@ -560,7 +571,7 @@ def fused_next_token_metrics(
     tp_size = dist.get_world_size(group) if group is not None else 1
     vocab_size = weight.size(0) * tp_size if vocab_size is None else vocab_size
     config = _HeadConfig(math.inf, 0.0, vocab_size, chunk_tokens or default_chunk_tokens(
-        weight.size(0)), group, ignore_index)
+        weight.size(0), labels.numel()), group, ignore_index)
     shard = _shard(weight, config)
     h, y = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
     w = _gemm_operand(weight, dtype)
