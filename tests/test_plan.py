@@ -11,7 +11,10 @@ model the same thing; the fused GIFT head's terms are within 10% of what its for
 backward allocate (fp32, bf16, its GPU path). Plus what FP8 changes (Transformer Engine's FP8
 copies, transposes, scaling state and FP8 saved inputs, derived from its source), the command,
 its errors and the suggestions, every shipped recipe fits, and its launch line gives a
-stopping run the time to save.
+stopping run the time to save. LoRA GIFT likewise: static parts to the byte against the
+engine's LoRA models (the adapters alone trained, no reference), activations to 1% against
+autograd, the local attention's workspace and the fused head with a frozen output weight
+against what they allocate.
 """
 
 import builtins
@@ -290,10 +293,12 @@ def _count_on_rank(cases, out_dir):
             config = parse_config([*argv, "--bf16" if precision == "bf16" else "--no-bf16"])
             trainer._init_parallel_state(config)
             _, _, students, references = trainer._build_models(config)
+            references = references or []  # LoRA: none, the base is the reference
             params = [p for m in students for p in m.parameters()]
             counts[precision] = {
                 "student_params": sum(p.numel() for p in params),
                 "student_bytes": _storage_bytes(params),
+                "trained_params": sum(p.numel() for p in params if p.requires_grad),
                 "reference_params": sum(p.numel() for m in references for p in m.parameters()),
                 "reference_bytes": _storage_bytes([p for m in references for p in m.parameters()])}
             if precision == "fp32":
@@ -370,6 +375,71 @@ def test_static_parts_equal_what_megatron_core_allocates(tmp_path):
         norms = 2 * run.hidden_size * run.num_layers + run.hidden_size
         copy = 0 if run.untied else run.padded_vocab * run.hidden_size
         assert built == memory.total_parameters(run) + (run.tensor_parallel - 1) * norms + copy
+
+
+LORA_STATIC_CASES = {
+    "LoRA r4, untied, QKV bias": [*TINY, *LAYOUT_2X2, "--add-qkv-bias", "--lora-rank", "4"],
+    "LoRA r3 on qkv and fc2, tied": [*TINY, *LAYOUT_2X2, "--no-untie-embeddings-and-output-weights",
+                                     "--lora-rank", "3", "--lora-target-modules",
+                                     "linear_qkv,linear_fc2"],
+    "LoRA r8 on proj and fc1, interleaved, q/k norms": [
+        *TINY, *LAYOUT_2X2, "--virtual-pipeline-model-parallel-size", "2", "--qk-layernorm",
+        "--lora-rank", "8", "--lora-target-modules", "linear_proj,linear_fc1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lora_static_parts_equal_what_megatron_core_allocates(tmp_path, monkeypatch):
+    """LoRA GIFT's models as the engine builds them (``build_chunks`` with ``lora.rank``, the
+    base frozen) on 4 gloo ranks at TP2 x PP2: every rank's parameters (base and adapters) and
+    bytes, the trained ones (the adapters), Megatron-Core's DDP grad buffer and Adam's state
+    (the adapters' alone) equal the planner's, and no reference model is built (the planner
+    counts no reference weights). Over all ranks, the adapters are the model's once plus the
+    TP copies of the replicated halves (a column linear's ``A``, a row linear's ``B``). A
+    planner that gives the base gradients, or counts the reference as a model, fails."""
+    from megatron_gift.planning import lora
+
+    run_distributed(4, _count_on_rank, LORA_STATIC_CASES, str(tmp_path))
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+
+    def planned(argv, precision, stage):
+        return memory.plan_stage(_run([*argv, f"--{precision}"], 4), stage)
+
+    for name, argv in LORA_STATIC_CASES.items():
+        for rank in ranks:
+            stage, where = rank["rank"]["pp"], f"{name}, rank {rank['rank']}"
+            built_bf16, built_fp32 = rank["cases"][name]["bf16"], rank["cases"][name]["fp32"]
+            bf16, fp32 = planned(argv, "bf16", stage), planned(argv, "no-bf16", stage)
+            assert bf16.parameters_per_gpu == built_bf16["student_params"], where
+            assert bf16.bytes["student_weights"] == built_bf16["student_bytes"], where
+            assert memory.stage_trained_parameters(_run(argv, 4), stage) == (
+                built_bf16["trained_params"]), where
+            assert built_bf16["reference_params"] == bf16.bytes["reference_weights"] == 0, where
+            assert fp32.bytes["student_weights"] == built_fp32["student_bytes"], where
+            assert fp32.bytes["gradients"] == built_fp32["grad_bytes"], where
+            assert fp32.bytes["optimizer"] == built_fp32["optimizer_bytes"], where
+        run = _run(argv, 4)
+        replicated = sum(run.lora_rank * lora.linear_shape(run, t)[t not in lora.COLUMN_PARALLEL]
+                         for t in run.lora_targets)
+        assert sum(r["cases"][name]["bf16"]["trained_params"] for r in ranks) == (
+            memory.trained_parameters(run) + (run.tensor_parallel - 1) * replicated
+            * run.num_layers), name
+    # The check fails where it should: the base counted with gradients and optimizer state, or
+    # the reference counted as a second copy of the weights.
+    for planted in ({"stage_trained_parameters": memory.stage_parameters},
+                    {"reference_weight_bytes": lambda run, stage: memory.weight_bytes(
+                        run, memory.stage_parameters(run, stage), stage, False)}):
+        with monkeypatch.context() as patch:
+            for attribute, value in planted.items():
+                patch.setattr(memory, attribute, value)
+            for name, argv in LORA_STATIC_CASES.items():
+                for rank in ranks:
+                    built = rank["cases"][name]["fp32"]
+                    plan = planned(argv, "no-bf16", rank["rank"]["pp"])
+                    assert (plan.bytes["gradients"], plan.bytes["optimizer"],
+                            plan.bytes["reference_weights"]) != (
+                                built["grad_bytes"], built["optimizer_bytes"], 0), planted
 
 
 # A tiny Qwen3-MoE: per-head q/k norms, a head dim of its own, 4 experts (top 2) of width 48,
@@ -636,7 +706,10 @@ def _measure_on_rank(cases, out_dir):
             if type(module).__name__ == "SequentialMLP":
                 module.register_forward_pre_hook(
                     lambda _, args, routed=routed: routed.append(args[0].shape[0]))
-        chunks = [GiftModel(s, r) for s, r in zip(students, references)]
+        # LoRA: no reference model; the student's base (adapters off) is the reference.
+        references = references or []
+        chunks = [GiftModel(s, r, reference_is_base=config.lora.rank is not None)
+                  for s, r in itertools.zip_longest(students, references)]
         params = {p.untyped_storage().data_ptr()
                   for m in students + references for p in m.parameters()}
         tracker = _SavedTensors(params)
@@ -679,6 +752,7 @@ def _measure_on_rank(cases, out_dir):
 
 ACTIVATION_MODEL = [*TINY, "--bf16", "--gift-beta", "20"]
 MOE = TINY_MOE[len(TINY):]  # the MoE flags
+LORA = ["--lora-rank", "4"]
 FULL = ["--recompute-granularity", "full", "--recompute-method"]
 TP2 = ["--tensor-model-parallel-size", "2"]
 PP2 = ["--pipeline-model-parallel-size", "2"]
@@ -714,6 +788,28 @@ ACTIVATION_CASES = {
         "MoE EP2, fused SwiGLU": ([*MOE, *EP2], 2),
         "MoE PP2 1F1B": ([*MOE, *PP2], 4),
     },
+    "lora": {
+        "LoRA TP2": ([*LORA, *TP2], 2),
+        "LoRA TP2 SP": ([*LORA, *TP2, "--sequence-parallel"], 2),
+        "LoRA TP2 SP selective": ([*LORA, *TP2, "--sequence-parallel",
+                                   "--recompute-granularity", "selective"], 2),
+        "LoRA TP2 SP full uniform 2": ([*LORA, *TP2, "--sequence-parallel", *FULL, "uniform",
+                                        "--recompute-num-layers", "2"], 2),
+        "LoRA TP2 full block 1": ([*LORA, *TP2, *FULL, "block", "--recompute-num-layers", "1"],
+                                  2),
+        "LoRA TP2 SP, dropout, qkv and fc2": ([*LORA, *TP2, "--sequence-parallel",
+                                               "--lora-dropout", "0.1", "--lora-target-modules",
+                                               "linear_qkv,linear_fc2"], 2),
+        "LoRA TP2, q/k norms, dropout, fc1 alone": ([*LORA, *TP2, "--qk-layernorm",
+                                                     "--lora-dropout", "0.1",
+                                                     "--lora-target-modules", "linear_fc1"], 2),
+        "LoRA TP2 SP selective, proj and fc2, fused SwiGLU": (
+            [*LORA, *TP2, "--sequence-parallel", "--recompute-granularity", "selective",
+             "--lora-target-modules", "linear_proj,linear_fc2"], 2),
+        "LoRA PP2 1F1B": ([*LORA, *PP2], 4),
+        "LoRA PP2 interleaved, fused SwiGLU": ([*LORA, *PP2,
+                                                "--virtual-pipeline-model-parallel-size", "2"], 4),
+    },
 }
 ACTIVATION_TOLERANCE = 0.15
 
@@ -721,6 +817,9 @@ ACTIVATION_TOLERANCE = 0.15
 # The MoE cases are held closer (measured: exact): at this size even their experts counted
 # twice move the total by only 10-16%, so 15% would not see a missing or extra MoE tensor.
 MOE_ACTIVATION_TOLERANCE = 0.01
+# The LoRA cases likewise (measured: exact, but for the int32 a selective checkpoint keeps per
+# layer): a column adapter's gathered input under SP is 4-6% of their totals.
+LORA_ACTIVATION_TOLERANCE = 0.01
 
 
 @pytest.mark.slow
@@ -733,19 +832,26 @@ def test_activations_are_within_15_percent_of_what_autograd_keeps(tmp_path, grou
     selective checkpoint keeps per layer.) The MoE cases (Qwen3-MoE's q/k norms, router,
     all-gather dispatcher and experts) within :data:`MOE_ACTIVATION_TOLERANCE`, with the
     planner told how unevenly the step routed its tokens over EP ranks; a planner that gives
-    every EP rank the token copies of all the experts fails them."""
+    every EP rank the token copies of all the experts fails them. The LoRA cases (the engine's
+    LoRA models: frozen base, adapters on all or some linears, dropout, the reference the base
+    under ``no_grad``) within :data:`LORA_ACTIVATION_TOLERANCE`; a planner whose column adapters
+    share the base's sequence shard under SP, instead of keeping their gathered input, fails
+    them."""
     cases = {name: ([*ACTIVATION_MODEL, *argv, "--global-batch-size", str(2 * micro_batches)],
                     micro_batches, name.endswith("fused SwiGLU"))
              for name, (argv, micro_batches) in ACTIVATION_CASES[group].items()}
     run_distributed(2, _measure_on_rank, cases, str(tmp_path))
     ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     report = []
+    tolerance = {"moe": MOE_ACTIVATION_TOLERANCE,
+                 "lora": LORA_ACTIVATION_TOLERANCE}.get(group, ACTIVATION_TOLERANCE)
     for name, stage, planned, measured, loss in _planned_and_measured(cases, ranks, report):
-        tolerance = MOE_ACTIVATION_TOLERANCE if name.startswith("MoE") else ACTIVATION_TOLERANCE
         assert abs(planned / measured - 1) <= tolerance, "\n".join(report)
         if loss is not None:
             assert abs(loss[0] / loss[1] - 1) <= ACTIVATION_TOLERANCE, "\n".join(report)
     print("\n".join(report))
+    if group == "lora":
+        _lora_shard_fails(cases, ranks, monkeypatch)
     if group != "moe":
         return
     # The check fails where it should: the experts of every EP rank counted as all E experts
@@ -755,6 +861,25 @@ def test_activations_are_within_15_percent_of_what_autograd_keeps(tmp_path, grou
     for name, _, planned, measured, _ in _planned_and_measured(cases, ranks, []):
         if "EP2" in name:
             assert planned / measured - 1 > MOE_ACTIVATION_TOLERANCE, (name, planned, measured)
+
+
+def _lora_shard_fails(cases, ranks, monkeypatch):
+    """A planner whose column adapters keep only this rank's sequence shard under SP (as if
+    they shared the base's input) misses every SP case with one by more than the
+    tolerance."""
+    from megatron_gift.planning import lora
+
+    adapter = lora.adapter_activations
+
+    def shard(run, name, tokens):
+        sp = run.sequence_parallel and name in lora.COLUMN_PARALLEL
+        return adapter(run, name, tokens / (run.tensor_parallel if sp else 1))
+
+    monkeypatch.setattr(lora, "adapter_activations", shard)
+    for name, _, planned, measured, _ in _planned_and_measured(cases, ranks, []):
+        run = _run(cases[name][0], 2)
+        if run.sequence_parallel and set(run.lora_targets) & set(lora.COLUMN_PARALLEL):
+            assert planned / measured - 1 < -LORA_ACTIVATION_TOLERANCE, (name, planned, measured)
 
 
 def _planned_and_measured(cases, ranks, report):
@@ -806,6 +931,74 @@ def _routed_imbalance(run, routed, micro_batches):
     assert all(len(tokens) == layers * micro_batches for tokens in routed)
     return max(sum(tokens[i:i + layers]) for tokens in routed
                for i in range(0, len(tokens), layers)) / (layers * balanced)
+
+
+def _attention_peak_on_rank(cases, out_dir):
+    """For each case: the peak bytes Megatron-Core's local attention (``DotProductAttention``)
+    allocates in one forward and backward, its ``"mpu"`` score buffer included (made at its
+    first call, inside the count), its inputs not."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_gift.core import model
+    from megatron_gift.engine import trainer
+
+    found = {}
+    for name, argv in cases.items():
+        config = parse_config(argv)
+        trainer._init_parallel_state(config)
+        dtype = torch.bfloat16 if config.training.bf16 else torch.float32
+        attention = DotProductAttention(model.transformer_config(config, dtype), layer_number=1,
+                                        attn_mask_type=AttnMaskType.causal,
+                                        attention_type="self")
+        s, b, d = config.model.seq_length, config.training.micro_batch_size, 8
+        heads, groups = config.model.num_attention_heads, config.model.num_query_groups
+        q, k, v = (torch.randn(s, b, n, d, dtype=dtype, requires_grad=True)
+                   for n in (heads, groups, groups))
+        mask = torch.ones(b, 1, s, s, dtype=torch.bool).triu(1)
+        with _live_bytes([q, k, v, mask]) as meter:
+            out = attention(q, k, v, mask)
+            out.backward(torch.ones_like(out))
+            del out
+        found[name] = meter.peak
+        parallel_state.destroy_model_parallel()
+    with open(os.path.join(out_dir, "peaks.json"), "w") as f:
+        json.dump(found, f)
+
+
+# Long enough that the [b, a, s, s] tensors are 99% of what the attention allocates.
+ATTENTION_MODEL = ["--num-layers", "1", "--hidden-size", "64", "--num-attention-heads", "8",
+                   "--num-query-groups", "2", "--ffn-hidden-size", "96", "--seq-length", "1024",
+                   "--vocab-size", "300", "--micro-batch-size", "1", "--lora-rank", "4"]
+ATTENTION_CASES = {"bf16": [*ATTENTION_MODEL, "--bf16"], "fp32": [*ATTENTION_MODEL, "--no-bf16"]}
+
+
+@pytest.mark.distributed
+def test_the_local_attentions_workspace_is_what_it_allocates(tmp_path, monkeypatch):
+    """What a LoRA run's attention (Megatron-Core's local ``DotProductAttention``) keeps and
+    works on: its peak over one forward and backward, measured, against the planner's scores
+    it keeps plus its workspace (``12 + e`` bytes a ``[b, a, s, s]`` element in all: the
+    kept buffer of raw scores, the fp32 softmax, its gradient and its input's), within 2%
+    (measured: -0.4% bf16, -0.6% fp32; the rest is O(s d)). A planner without the kept buffer
+    misses it."""
+    run_distributed(1, _attention_peak_on_rank, ATTENTION_CASES, str(tmp_path))
+    measured = json.loads((tmp_path / "peaks.json").read_text())
+
+    def planned(name):
+        run = _run(ATTENTION_CASES[name], 1)
+        return memory._local_scores(run) + memory.local_attention_workspace(run)
+
+    for name in ATTENTION_CASES:
+        print(f"{name}: planned {planned(name)}, measured {measured[name]} "
+              f"({planned(name) / measured[name] - 1:+.2%})")
+        assert abs(planned(name) / measured[name] - 1) <= 0.02, name
+    workspace = memory.local_attention_workspace
+    monkeypatch.setattr(memory, "local_attention_workspace", lambda run: workspace(run) - (
+        run.micro_batch_size * run.num_attention_heads * run.seq_length ** 2 * run.param_bytes))
+    for name in ATTENTION_CASES:
+        assert planned(name) / measured[name] - 1 < -0.02, name
 
 
 def test_the_in_flight_count_is_megatrons():
@@ -933,7 +1126,7 @@ def _fused_head_peak(run) -> int:
     g = torch.Generator().manual_seed(0)
     s, b, h, rows = run.seq_length, run.micro_batch_size, run.hidden_size, run.padded_vocab
     hidden = torch.randn(s, b, h, generator=g).to(dtype).requires_grad_()
-    weight = (0.3 * torch.randn(rows, h, generator=g)).to(dtype).requires_grad_()
+    weight = (0.3 * torch.randn(rows, h, generator=g)).to(dtype).requires_grad_(not run.lora)
     labels = torch.randint(0, run.vocab_size, (b, s), generator=g)
     labels[:, :3] = -100
     ref_hidden = torch.randn(s, b, h, generator=g).to(dtype)
@@ -945,7 +1138,7 @@ def _fused_head_peak(run) -> int:
             beta=20.0 if run.reference else math.inf, smooth_lambda=0.1 if run.smooth else 0.0,
             vocab_size=run.vocab_size, chunk_tokens=run.head_chunk_tokens, check_labels=False,
             implementation="triton" if run.device == "cuda" else "eager")
-        torch.autograd.grad(loss.sum(), [hidden, weight])
+        torch.autograd.grad(loss.sum(), [hidden] if run.lora else [hidden, weight])
     return meter.peak
 
 
@@ -978,6 +1171,14 @@ FUSED_HEAD_CASES = {
         device="cuda", seq_length=64, reference=False, head_chunk_tokens=None),
     "CUDA path, bf16, reference, small chunks: the backward's peak": dict(
         device="cuda", seq_length=32, hidden_size=256, head_chunk_tokens=4),
+    # LoRA: the output weight is frozen (no weight gradient, kept or returned).
+    "bf16, LoRA, reference, 2 sequences, chunk does not divide T": dict(
+        micro_batch_size=2, head_chunk_tokens=48, lora_rank=4),
+    "fp32, LoRA, beta inf, small chunks: the backward's peak": dict(
+        param_bytes=4, reference=False, seq_length=512, hidden_size=256, head_chunk_tokens=8,
+        lora_rank=4),
+    "CUDA path, bf16, LoRA, reference, small chunks": dict(
+        device="cuda", seq_length=32, hidden_size=256, head_chunk_tokens=4, lora_rank=4),
 }
 
 
@@ -1033,7 +1234,8 @@ def test_a_fused_head_keeping_one_more_tile_fails_its_check(monkeypatch):
 
 
 def test_the_fused_heads_chunk_and_config_are_the_trainers():
-    """The default chunk is the loss's (a 128 MiB fp32 tile of this rank's vocab rows);
+    """The default chunk is the loss's (a 128 MiB fp32 tile of this rank's vocab rows, at most
+    an eighth of the micro-batch's tokens);
     ``--gift-head`` and ``--gift-head-chunk-tokens`` reach the plan, whose last stage counts
     the fused head's terms."""
     from megatron_gift.loss.fused_head import default_chunk_tokens
@@ -1042,7 +1244,7 @@ def test_the_fused_heads_chunk_and_config_are_the_trainers():
         run = dataclasses.replace(_run(TINY), vocab_size=vocab, tensor_parallel=tp,
                                   head="fused")
         assert memory.fused_head_chunk_tokens(run) == default_chunk_tokens(
-            run.padded_vocab // tp)
+            run.padded_vocab // tp, memory._tokens(run))
     logits = _run(QWEN_7B)
     fused = _run([*QWEN_7B, "--gift-head", "fused", "--gift-head-chunk-tokens", "300"])
     assert (logits.head, logits.head_chunk_tokens) == ("logits", None)
@@ -1069,6 +1271,83 @@ def test_the_plan_names_its_head(capsys):
                      r"fp32 tile; never whole\)$", out, re.M)
     _, out, _ = _command(capsys, *QWEN_7B)
     assert re.search(r"^head\s+logits ", out, re.M)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA GIFT: the plan of a frozen base with adapters and no reference model
+
+# Llama-3.1-70B's adapters at rank 16 on the four linears, counted by hand per layer (A [r, in]
+# and B [out, r], whole): QKV 8192 -> 10240, projection 8192 -> 8192, fc1 8192 -> 57344, fc2
+# 28672 -> 8192.
+LLAMA_70B_LORA_16 = 80 * 16 * (8192 + 10240 + 8192 + 8192 + 8192 + 57344 + 28672 + 8192)
+LORA_70B = ["--config", os.path.join(RECIPES, "llama3.1-70b-gift.yaml"), "--lora-rank", "16",
+            "--pipeline-model-parallel-size", "1", "--gift-head", "fused"]
+
+
+def test_the_lora_plan_names_its_adapters_and_holds_no_reference(capsys):
+    """Llama-3.1-70B with rank-16 adapters at TP8 on 8 GPUs: 175.6 M trained parameters, whose
+    gradients and Adam state are all the plan holds of either (the base's 70.55 B none); no
+    reference weights; the local layers; JSON and text name the adapters."""
+    from megatron_gift.core import lora as engine_lora
+
+    from megatron_gift.planning import lora
+
+    assert lora.COLUMN_PARALLEL == engine_lora.COLUMN_PARALLEL
+    code, out, _ = _command(capsys, *LORA_70B, "--recompute-granularity", "selective", "--json")
+    assert code == 0
+    plan = json.loads(out)
+    parameters, stage = plan["parameters"], plan["stages"][0]
+    assert parameters["student_trained"] == LLAMA_70B_LORA_16 == 175_636_480
+    assert parameters["student_total"] == 70_553_706_496 + LLAMA_70B_LORA_16
+    assert plan["lora"] == {"rank": 16, "target_modules": list(lora.TARGET_ORDER),
+                            "dropout": 0.0, "trained_parameters": LLAMA_70B_LORA_16}
+    trained = memory.stage_trained_parameters(memory.run_from_config(
+        parse_config(LORA_70B), 8), 0)
+    assert trained == 80 * 733_184  # a column A and a row B whole on every GPU, the rest / 8
+    assert stage["bytes"]["gradients"] == 4 * trained  # fp32 grad buffer
+    assert stage["bytes"]["optimizer"] == 12 * trained  # fp32 main weights, two moments
+    assert stage["bytes"]["reference_weights"] == 0
+    assert stage["bytes"]["student_weights"] == 2 * stage["parameters_per_gpu"]
+    assert plan["stop"]["save_bytes"] == 14 * LLAMA_70B_LORA_16  # the adapters alone
+    _, text, _ = _command(capsys, *LORA_70B, "--lora-target-modules", "linear_qkv,linear_fc2",
+                          "--lora-dropout", "0.05")
+    assert re.search(r"^lora\s+rank 16 on linear_qkv, linear_fc2, dropout 0.05: 0.071 B "
+                     r"trained parameters", text, re.M)
+    assert "LoRA GIFT (the reference is the base" in text
+    assert "Megatron-Core's local layers (LoRA takes them)" in text
+    _, out, _ = _command(capsys, *LLAMA_70B, "--json")
+    full = json.loads(out)
+    assert full["lora"] is None
+    assert full["parameters"]["student_trained"] == full["parameters"]["student_total"]
+
+
+def test_the_suggestion_searches_lora_runs():
+    """LoRA 70B at TP8 on 8 GPUs at 8192 tokens: without recompute the local attention's
+    scores of 80 layers do not fit; the suggestion is selective recompute (the least that
+    fits on these GPUs), checked by planning it, and no cheaper layout fits."""
+    run = memory.run_from_config(parse_config(LORA_70B), 8)
+    assert run.layer_spec == "local" and run.lora_rank == 16
+    result = memory.plan(run)
+    assert not result.fits
+    assert result.suggestion.startswith("--recompute-granularity selective (then ")
+    assert result.suggested_run == dataclasses.replace(run, recompute_granularity="selective")
+    assert memory.plan(result.suggested_run, suggest=False).fits
+    cost = memory.suggestion_cost(run, result.suggested_run)
+    for layout in memory.layouts(run):
+        if memory.suggestion_cost(run, layout) < cost:
+            assert not memory.plan(layout, suggest=False).fits, layout
+
+
+def test_a_lora_step_computes_no_weight_gradient_for_the_base():
+    """LoRA 70B: a step is 6 N FLOPs a token for the base (forward 2 N, backward 2 N: input
+    gradients alone; the reference's forward 2 N) and 8 A for the adapters, plus the
+    attention scores; a save writes the adapters' 14 bytes a parameter."""
+    run = memory.run_from_config(parse_config(LORA_70B), 8)
+    n, a = memory.total_parameters(run), memory.trained_parameters(run)
+    tokens = 128 * 8192
+    scores = 4 * 8192 * 64 * 128 * 80
+    assert memory.step_flops(run) == tokens * (6 * (n - a) + 8 * a + 4 * scores)
+    assert memory.checkpoint_bytes(run) == 14 * a
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1302,14 +1581,17 @@ def _recipe_run(path):
     return config, gpus, memory.run_from_config(config, gpus)
 
 
-# Nodes of 8 GPUs a GIFT recipe may state, by the model size in its name.
-RECIPE_NODES = {"-7b-": (1,), "-8b-": (1,), "-30b-a3b-": (2,), "-70b-": (4, 8), "-72b-": (4, 8)}
+# Nodes of 8 GPUs a GIFT recipe may state, by the model size in its name (the first that
+# matches: a LoRA 70B on one node).
+RECIPE_NODES = {"-70b-lora-": (1,), "-7b-": (1,), "-8b-": (1,), "-30b-a3b-": (2,),
+                "-70b-": (4, 8), "-72b-": (4, 8)}
 
 
 def test_every_shipped_recipe_validates_and_fits_by_its_own_planner():
     names = [os.path.basename(p) for p in _run_recipes()]
     for gift in ("qwen2.5-7b-gift.yaml", "llama3.1-8b-gift.yaml", "llama3.1-70b-gift.yaml",
-                 "qwen2.5-72b-gift.yaml", "qwen3-8b-gift.yaml", "qwen3-30b-a3b-gift.yaml"):
+                 "qwen2.5-72b-gift.yaml", "qwen3-8b-gift.yaml", "qwen3-30b-a3b-gift.yaml",
+                 "llama3.1-70b-lora-gift.yaml"):
         assert gift in names
     for path in _run_recipes():
         config, gpus, run = _recipe_run(path)
@@ -1321,6 +1603,7 @@ def test_every_shipped_recipe_validates_and_fits_by_its_own_planner():
             nodes = next(n for size, n in RECIPE_NODES.items() if size in path)
             assert gpus in [8 * n for n in nodes], path
             assert config.checkpoint.pretrained_checkpoint.startswith("/models/")
+            assert (config.lora.rank is not None) == ("-lora-" in path), path
 
 
 def _launch_lines(path) -> list[str]:

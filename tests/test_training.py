@@ -587,12 +587,12 @@ def test_a_load_without_a_checkpoint_is_refused_before_any_work(world, tmp_path)
 LORA = {"rank": 4, "alpha": 8.0}
 
 
-def _lora_run(world, tmp, name, tp=1, pp=1, parallel=(), head="logits"):
+def _lora_run(world, tmp, name, tp=1, pp=1, parallel=(), head="logits", training=()):
     """Three SGD steps of LoRA GIFT at a layout: ``(losses, model tensors)``."""
     out = tmp / name
     overrides = _overrides(world, parallel={
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, **dict(parallel)},
-        optimizer=SGD, lora=LORA, gift={"head": head},
+        optimizer=SGD, lora=LORA, gift={"head": head}, training=dict(training),
         checkpoint={"pretrained_checkpoint": world["base"], "save": str(out / "ckpt")},
         logging={"metrics_file": str(out / "metrics.jsonl"), "progress": False})
     _train(overrides, world_size=tp * pp)
@@ -660,15 +660,20 @@ def test_lora_gives_the_base_no_gradient_buffer_no_optimizer_state_and_no_refere
     assert facts["unchanged"] and facts["no_reference"] and facts["reference_is_base"]
 
 
-@pytest.mark.parametrize("tp,pp,parallel,head", [
-    (2, 1, {}, "logits"), (1, 2, {}, "logits"), (2, 1, {"sequence_parallel": True}, "logits"),
-    (2, 2, {"sequence_parallel": True}, "fused")], ids=["tp2", "pp2", "tp2-sp", "tp2-pp2-sp-fused"])
+@pytest.mark.parametrize("tp,pp,parallel,head,training", [
+    (2, 1, {}, "logits", {}), (1, 2, {}, "logits", {}),
+    (2, 1, {"sequence_parallel": True}, "logits", {}),
+    (2, 2, {"sequence_parallel": True}, "fused", {}),
+    (1, 2, {}, "logits", FULL_RECOMPUTE)],
+    ids=["tp2", "pp2", "tp2-sp", "tp2-pp2-sp-fused", "pp2-full-recompute"])
 def test_lora_gift_trains_at_tp2_and_pp2_like_one_process(world, lora_one_process, tmp_path,
-                                                          tp, pp, parallel, head):
+                                                          tp, pp, parallel, head, training):
     """Adapters split as their layers (column: B by rows; row: A by columns) train like one
-    process, also through the fused head: losses rel 1e-5 and each adapter's update within 1e-4
-    of its largest."""
-    losses, weights = _lora_run(world, tmp_path, "run", tp, pp, parallel.items(), head)
+    process, also through the fused head and under full recompute (whose reentrant
+    checkpoints need the frozen embedding's output to ask for a gradient): losses rel 1e-5 and
+    each adapter's update within 1e-4 of its largest."""
+    losses, weights = _lora_run(world, tmp_path, "run", tp, pp, parallel.items(), head,
+                                training.items())
     expected_losses, expected = lora_one_process
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5,
                                atol=1e-6)

@@ -18,7 +18,11 @@ asks for (``--gift-head``: ``logits``, both models' logit shards and the loss's 
 ``fused``, the fused head's chunk tiles, gradient sums and what it keeps, no logits; the
 table's ``head`` line and the JSON's ``head`` object name it) and, for FP8 runs (the
 ``precision`` section), what Transformer Engine keeps beside the weights (FP8 copies and
-transposes, scaling state), then whether the worst stage fits in 90% of the GPU's memory (the
+transposes, scaling state); a LoRA run (``--lora-rank``) as the engine builds it (the frozen
+base without gradients or optimizer state, the adapters with both, no reference weights, the
+local layers' activations with what each adapter keeps; the ``lora`` line and the JSON's
+``lora`` object name the rank and the trained parameters), then whether the worst stage fits
+in 90% of the GPU's memory (the
 rest is left to the CUDA context, NCCL and the allocator) and, if not, the cheapest layout that
 does: the fewest GPUs over tensor, pipeline and data parallel sizes (and expert parallel sizes
 for a MoE model) with sequence parallelism, the distributed optimizer and recompute (each

@@ -189,9 +189,22 @@ def is_adapter(name: str) -> bool:
 
 def freeze_base(model: torch.nn.Module) -> None:
     """Every parameter but the adapters' stops taking gradients, so Megatron-Core's DDP gives it
-    no gradient buffer and its optimizer no state."""
+    no gradient buffer and its optimizer no state. The embedding's output (first pipeline
+    stage) is marked as needing a gradient while gradients are on, as Hugging Face's
+    ``enable_input_require_grads`` does: with the embedding frozen it needs none, and
+    Megatron-Core's full recompute (reentrant checkpoints) would then give the adapters of the
+    layers it wraps no gradient."""
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
+    embedding = getattr(model, "embedding", None)
+    if embedding is not None:
+        embedding.register_forward_hook(_output_requires_grad)
+
+
+def _output_requires_grad(module, inputs, output):
+    if torch.is_grad_enabled() and not output.requires_grad:
+        return output.requires_grad_()
+    return output
 
 
 @contextlib.contextmanager

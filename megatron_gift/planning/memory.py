@@ -41,17 +41,31 @@ Every count follows what Megatron-Core 0.19 allocates for this project's models
   the layers that run FP8: FP8 copies of the GEMM weights and their transposes, and the
   scaling state (:func:`fp8_state_bytes`). FP8 also changes the weights (``--fp8-param-gather``,
   ``--reference-fp8-weights``: the GEMM weights themselves are FP8) and the activations (the
-  GEMM inputs TE saves are FP8): :func:`layer_activations`, :func:`plan_stage`.
+  GEMM inputs TE saves are FP8): :func:`layer_activations`, :func:`plan_stage`;
+* **LoRA** (``lora.rank``; :mod:`megatron_gift.planning.lora`): the student's weights are the
+  frozen base's and the adapters'; gradients and optimizer state the adapters' alone
+  (:func:`stage_trained_parameters`); no reference weights (the reference is the base with the
+  adapters off: :func:`reference_weight_bytes`); Megatron-Core's local layers on any device,
+  whose frozen linears keep no input while each adapter keeps its own
+  (:func:`lora_layer_activations`), and whose attention keeps and works on ``[b, a/tp, s, s]``
+  scores (:func:`local_attention_workspace`). The reference's pass keeps nothing (``no_grad``)
+  and its transient peak stays below the student's: it runs just before the student's pass of
+  the same micro-batch through the same modules (one layer's temporaries at a time, the very
+  ones the student's pass makes at that layer), when the student's pass at the same layer holds
+  besides what every layer before it keeps; its output is counted where it waits (the pipeline
+  buffers' reference half, the loss buffers' reference logits or hidden states).
 
 Two layer implementations are modelled: ``"te"``, Transformer Engine's layers that GPU runs use
-(fused norm + linear, flash attention that keeps no ``s x s`` scores; derived from the source,
-not measured here) and ``"local"``, Megatron-Core's own layers that CPU runs use (measured:
-``tests/test_plan.py``). FP8 exists only with ``"te"``; the GPU is taken to be a Hopper (H100,
-H200), where an FP8 GEMM needs its operands' transposes. A MoE layer's token dispatcher is the
-one the engine picks: all-to-all on CUDA (read from the source), all-gather on a CPU
-(measured). Not modelled: the CUDA context, NCCL's buffers and the allocator's fragmentation
-(:data:`USABLE_FRACTION` leaves room for them), the reference's no-grad forward temporaries,
-the MoE dispatcher's transient token buffers, and the distributed optimizer's bucket padding.
+(fused norm + linear, flash attention that keeps no ``s x s`` scores; derived from the source, not
+measured here) and ``"local"``, Megatron-Core's own layers that CPU runs and LoRA runs use (measured
+on a CPU: ``tests/test_plan.py``; on CUDA torch's fused RMSNorm keeps the input in its own dtype
+instead of an fp32 copy, so the CPU's count is an upper bound there). FP8 exists only with ``"te"``;
+the GPU is taken to be a Hopper (H100, H200), where an FP8 GEMM needs its operands' transposes. A
+MoE layer's token dispatcher is the one the engine picks: all-to-all on CUDA (read from the source),
+all-gather on a CPU (measured). Not modelled: the CUDA context, NCCL's buffers and the allocator's
+fragmentation (:data:`USABLE_FRACTION` leaves room for them), the reference's no-grad forward
+temporaries (one layer's at a time, below what the student's pass holds then: see LoRA above), the
+MoE dispatcher's transient token buffers, and the distributed optimizer's bucket padding.
 """
 
 import itertools
@@ -60,9 +74,11 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
 
-from megatron_gift.config.checks import layer_split_problems, moe_layer_freq, raise_problems
+from megatron_gift.config.checks import (layer_split_problems, lora_targets, moe_layer_freq,
+                                          raise_problems)
 from megatron_gift.core.vocab import padded_vocab_size
 from megatron_gift.errors import ConfigError, UserError
+from megatron_gift.planning import lora
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -167,6 +183,13 @@ class Run:
     # How many times its balanced share of token copies the busiest GPU's experts take (1.0: a
     # perfectly balanced router; at most min(topk, E / EP) x EP / topk: every token to them).
     moe_imbalance: float = 1.0
+    # LoRA (the lora section): the adapters' rank (None: full-parameter training), the linears
+    # that take them (in megatron_gift.planning.lora.TARGET_ORDER) and the dropout on their
+    # input. The base is frozen, the reference is the base itself (no weights of its own) and
+    # the layers are Megatron-Core's local ones (layer_spec "local").
+    lora_rank: Optional[int] = None
+    lora_targets: tuple[str, ...] = ()
+    lora_dropout: float = 0.0
 
     @property
     def num_gpus(self) -> int:
@@ -200,6 +223,11 @@ class Run:
         EDP over the same ``TP x PP x CP x DP`` GPUs, so EDP = TP x CP x DP / (ETP x EP)."""
         return (self.tensor_parallel * self.context_parallel * self.data_parallel
                 // (self.etp * self.expert_parallel))
+
+    @property
+    def lora(self) -> bool:
+        """Whether the run trains LoRA adapters on a frozen base."""
+        return self.lora_rank is not None
 
     @property
     def padded_vocab(self) -> int:
@@ -242,7 +270,8 @@ class Plan:
         names the loss head planned, its chunk (fused) and the last stage's loss buffers by
         term (:func:`loss_terms`), in bytes; ``layout`` holds the experts' EP (1 for a dense
         model) and TP (null for a dense model); ``student_active``: the parameters a token
-        goes through (:func:`active_parameters`)."""
+        goes through (:func:`active_parameters`); ``student_trained``: those that train
+        (:func:`trained_parameters`); ``lora``: the adapters of a LoRA run (null without)."""
         run = self.run
         step, save = stop_seconds(run)
         return {
@@ -257,7 +286,11 @@ class Plan:
                        "expert_model_parallel_size": run.expert_parallel,
                        "expert_tensor_parallel_size": run.etp if run.num_experts else None},
             "parameters": {"student_total": self.student_parameters,
-                           "student_active": active_parameters(run)},
+                           "student_active": active_parameters(run),
+                           "student_trained": trained_parameters(run)},
+            "lora": ({"rank": run.lora_rank, "target_modules": list(run.lora_targets),
+                      "dropout": run.lora_dropout, "trained_parameters": trained_parameters(run)}
+                     if run.lora else None),
             "stages": [{"pipeline_rank": s.pipeline_rank,
                         "parameters_per_gpu": s.parameters_per_gpu, "bytes": dict(s.bytes)}
                        for s in self.stages],
@@ -279,9 +312,12 @@ def run_from_config(config: "DictConfig", num_gpus: Optional[int] = None,
                     layer_spec: str = "te", device: str = "cuda") -> Run:
     """The :class:`Run` of a validated run config on ``num_gpus`` GPUs (default TP x PP x CP,
     i.e. one data-parallel rank). Raises one ConfigError/UserError naming every key or flag at
-    fault when the config lacks the architecture or the layout does not divide."""
+    fault when the config lacks the architecture or the layout does not divide. A LoRA run
+    (``lora.rank``) takes the local layers whatever ``layer_spec`` says, as the engine builds
+    them (:func:`megatron_gift.core.model.build_chunks`)."""
     if layer_spec not in LAYER_SPECS:
         raise ValueError(f"layer_spec must be one of {LAYER_SPECS}, got {layer_spec!r}")
+    layer_spec = "local" if config.lora.rank is not None else layer_spec
     model, parallel, training = config.model, config.parallel, config.training
     problems = [] if model.vocab_size is not None else [
         "model.vocab_size (--vocab-size) is not set: the planner reads no model files, so the "
@@ -325,7 +361,7 @@ def run_from_config(config: "DictConfig", num_gpus: Optional[int] = None,
         layer_spec=layer_spec, device=device, fused_swiglu=device == "cuda",
         head=config.gift.head, head_chunk_tokens=config.gift.head_chunk_tokens,
         smooth=config.gift.smooth_lambda > 0, qk_layernorm=model.qk_layernorm,
-        **_precision(config), **_experts(config))
+        **_precision(config), **_experts(config), **_lora(config))
 
 
 def _expert_layout_problems(config: "DictConfig", num_gpus: int) -> list[str]:
@@ -364,6 +400,14 @@ def _moe_pattern(model: "DictConfig") -> tuple[bool, ...]:
     if isinstance(pattern, int):
         return tuple(i % pattern == 0 for i in range(model.num_layers))
     return tuple(bool(v) for v in pattern)
+
+
+def _lora(config: "DictConfig") -> dict[str, Any]:
+    """The :class:`Run` fields of the ``lora`` section (none for full-parameter training)."""
+    if config.lora.rank is None:
+        return {}
+    return {"lora_rank": config.lora.rank, "lora_targets": lora_targets(config),
+            "lora_dropout": float(config.lora.dropout)}
 
 
 def _precision(config: "DictConfig") -> dict[str, Any]:
@@ -411,13 +455,15 @@ def layer_parameters(run: Run, moe: bool = False) -> int:
     ``qk_layernorm``, the query and key norms ``d`` each (all replicated), the attention
     (:func:`_attention_parameters`) split over TP; then SwiGLU ``fc1`` ``2 ffn x h`` and
     ``fc2`` ``h x ffn`` split over TP, or for a MoE layer (``moe``) the router ``[E, h]``
-    (replicated: ``TopKRouter.weight``) and the local experts (:func:`layer_expert_parameters`)."""
+    (replicated: ``TopKRouter.weight``) and the local experts (:func:`layer_expert_parameters`);
+    with LoRA, the adapters (:func:`megatron_gift.planning.lora.layer_adapter_parameters`)."""
     h, t = run.hidden_size, run.tensor_parallel
     replicated = 2 * h + (2 * run.kv_channels if run.qk_layernorm else 0)
     if moe:
         return (replicated + run.num_experts * h + _attention_parameters(run) // t
                 + layer_expert_parameters(run))
-    return replicated + (_attention_parameters(run) + 3 * run.ffn_hidden_size * h) // t
+    return (replicated + (_attention_parameters(run) + 3 * run.ffn_hidden_size * h) // t
+            + lora.layer_adapter_parameters(run))
 
 
 def chunk_parameters(run: Run, layers: range, pre_process: bool, post_process: bool) -> int:
@@ -447,6 +493,15 @@ def stage_parameters(run: Run, rank: int) -> int:
     return sum(chunk_parameters(run, chunk_layers(run, v), pre_process=v == 0,
                                 post_process=v == stages - 1)
                for v in _stage_chunks(run, rank))
+
+
+def stage_trained_parameters(run: Run, rank: int) -> int:
+    """The parameters of :func:`stage_parameters` that train (take a gradient buffer and
+    optimizer state): all of them, or with LoRA the adapters alone (the base is frozen:
+    ``megatron_gift.core.lora.freeze_base``)."""
+    if not run.lora:
+        return stage_parameters(run, rank)
+    return lora.layer_adapter_parameters(run) * len(_stage_layers(run, rank))
 
 
 def stage_expert_parameters(run: Run, rank: int) -> int:
@@ -516,6 +571,14 @@ def total_parameters(run: Run) -> int:
     embedding = run.padded_vocab * run.hidden_size
     layers = sum(layer_parameters(whole, is_moe_layer(run, i)) for i in range(run.num_layers))
     return layers + run.hidden_size + embedding * (2 if run.untied else 1)
+
+
+def trained_parameters(run: Run) -> int:
+    """Student parameters that train, whole model (TP shards together): all of them, or with
+    LoRA the adapters (``A`` and ``B`` whole)."""
+    if not run.lora:
+        return total_parameters(run)
+    return lora.layer_adapter_parameters(replace(run, tensor_parallel=1)) * run.num_layers
 
 
 def active_parameters(run: Run) -> int:
@@ -609,22 +672,24 @@ def _saved_input_bytes(run: Run, fp8: bool) -> float:
     return _FP8_ACTIVATION_BYTES[run.fp8_recipe] if fp8 and run.fp8 else run.param_bytes
 
 
-# The terms of :func:`layer_activations` on the MLP side of a layer, dense or MoE.
-_MLP_TERMS = ("mlp", "router", "dispatch", "experts")
+# The terms of :func:`layer_activations` that a layer's backward frees before it reaches the
+# core attention: the MLP side, dense, MoE or LoRA's, its norm, and the output projection's.
+_FREED_BEFORE_ATTENTION = ("mlp", "router", "dispatch", "experts", "lora_linear_fc1",
+                           "lora_linear_fc2", "pre_mlp_norm", "projection", "lora_linear_proj")
 
 
 def layer_activations(run: Run, recompute: Optional[str] = None,
                       fp8: Optional[bool] = None, moe: bool = False) -> dict[str, float]:
     """Bytes one transformer layer keeps for the backward of one micro-batch, by term.
 
-    ``recompute``: None or ``"selective"`` (core attention recomputed); ``fp8``: the layer runs
-    FP8 (default: as the run does, away from bf16 edge layers); ``moe``: a mixture-of-experts
-    layer. Terms: ``norms`` (both RMSNorms, with the inputs of the linear layers they feed),
-    ``qk_norms`` (Qwen3's query and key norms, 0 without), ``rope``, ``attention`` (Q, K, V
-    and the core attention's internals), ``projection`` (the output projection's input: the
-    core attention's output), then ``mlp`` (SwiGLU: fc1's output and fc2's input; unfused also
-    the linear half plus 0 and SiLU's output) or, for a MoE layer, ``router``, ``dispatch``
-    and ``experts`` (:func:`moe_activations`).
+    ``recompute``: None or ``"selective"`` (core attention recomputed); ``fp8``: the layer runs FP8
+    (default: as the run does, away from bf16 edge layers); ``moe``: a mixture-of-experts layer
+    (LoRA runs take the terms of :func:`lora_layer_activations` instead). Terms: ``norms`` (both RMSNorms, with the inputs of the
+    linear layers they feed), ``qk_norms`` (Qwen3's query and key norms, 0 without), ``rope``,
+    ``attention`` (Q, K, V and the core attention's internals), ``projection`` (the output
+    projection's input: the core attention's output), then ``mlp`` (SwiGLU: fc1's output and fc2's
+    input; unfused also the linear half plus 0 and SiLU's output) or, for a MoE layer, ``router``,
+    ``dispatch`` and ``experts`` (:func:`moe_activations`).
 
     With FP8 (Transformer Engine's layers), the inputs TE's linear layers save are FP8
     (:func:`_saved_input_bytes`): the norms' outputs and fc2's input take 1 byte an element
@@ -632,6 +697,8 @@ def layer_activations(run: Run, recompute: Optional[str] = None,
     flash attention keeps (unless selective recompute frees that). Attention itself stays bf16,
     and so does a MoE layer's second norm output, which the router keeps.
     """
+    if run.lora:
+        return lora_layer_activations(run, recompute)
     fp8 = run.fp8 if fp8 is None else fp8 and run.fp8
     e, h, T = run.param_bytes, run.hidden_size, _tokens(run)
     a8 = _saved_input_bytes(run, fp8)
@@ -682,16 +749,50 @@ def layer_activations(run: Run, recompute: Optional[str] = None,
     return terms
 
 
+def lora_layer_activations(run: Run, recompute: Optional[str] = None) -> dict[str, float]:
+    """Bytes one layer of a LoRA run keeps for the backward of one micro-batch, by term
+    (Megatron-Core's local layers; the base frozen, so a linear keeps no input:
+    ``linear_with_frozen_weight``):
+
+    * ``input_norm``, ``pre_mlp_norm``: torch's RMSNorm with a frozen weight keeps an fp32 copy
+      of its input ``[s / sp, b, h]`` and fp32 1/rms, not the normalised output (which only the
+      weight's gradient needs);
+    * ``qk_norms`` (:func:`qk_norm_activations`), ``rope`` and ``attention`` as in
+      :func:`layer_activations` (``recompute``: None or ``"selective"``);
+    * ``mlp``: the SwiGLU's own (fused: fc1's output; unfused: also the linear half plus 0 and
+      SiLU's output), not fc2's input;
+    * ``lora_<linear>``: each target's adapter
+      (:func:`megatron_gift.planning.lora.adapter_activations`), the inputs of those linears
+      among what it keeps.
+
+    The model's first layer keeps what every layer keeps: the frozen embedding's output asks
+    for a gradient (``megatron_gift.core.lora.freeze_base``).
+    """
+    e, h, T = run.param_bytes, run.hidden_size, _tokens(run)
+    base = layer_activations(replace(run, lora_rank=None), recompute)
+    norm = T / _sp(run) * (_FP32 * h + _FP32)
+    ffn = run.ffn_hidden_size / run.tensor_parallel
+    terms = {"input_norm": norm, "pre_mlp_norm": norm, "qk_norms": qk_norm_activations(run),
+             "rope": base["rope"], "attention": base["attention"],
+             "mlp": T * ffn * (2 if run.fused_swiglu else 4) * e}
+    for name in lora.TARGET_ORDER:
+        if name in run.lora_targets:
+            terms[f"lora_{name}"] = lora.adapter_activations(run, name, T)
+    return terms
+
+
 def qk_norm_activations(run: Run) -> float:
     """What Qwen3's query and key RMSNorms (``qk_layernorm``) keep for one micro-batch, over
     the ``(a + g) / tp`` heads of each of the ``T`` tokens: torch's RMSNorm (local layers) an
-    fp32 copy of its input, the fp32 normalised input and fp32 1/rms; Transformer Engine's
-    (``ops.RMSNorm``) a contiguous copy of its input and fp32 1/rms. 0 without the norms."""
+    fp32 copy of its input, the fp32 normalised input (not with LoRA's frozen weight) and fp32
+    1/rms; Transformer Engine's (``ops.RMSNorm``) a contiguous copy of its input and fp32
+    1/rms. 0 without the norms."""
     if not run.qk_layernorm:
         return 0.0
     d = run.kv_channels
     heads = (run.num_attention_heads + run.num_query_groups) / run.tensor_parallel
-    per_head = (2 * _FP32 * d if run.layer_spec == "local" else run.param_bytes * d) + _FP32
+    local = (1 if run.lora else 2) * _FP32 * d
+    per_head = (local if run.layer_spec == "local" else run.param_bytes * d) + _FP32
     return _tokens(run) * heads * per_head
 
 
@@ -758,6 +859,26 @@ def _local_scores(run: Run) -> float:
             * (_FP32 + (e if e != _FP32 else 0)))
 
 
+def local_attention_workspace(run: Run) -> int:
+    """Bytes the local attention (Megatron-Core's ``DotProductAttention``: LoRA runs, and the
+    CPU's) holds beyond what it keeps (:func:`_local_scores`), once a GPU, in ``[b, a/tp, s,
+    s]`` tensors: the ``"mpu"`` buffer its raw scores take as ``baddbmm``'s ``beta=0`` input
+    (in the activation dtype, allocated once and kept: ``GlobalMemoryBuffer``) and, at its
+    peak, forward or backward alike (measured: ``tests/test_plan.py``), in bf16 the fp32
+    softmax, its fp32 gradient and the fp32 gradient of its input: ``12 + e`` bytes an element
+    in all; in fp32, where the mask is filled in place in a view of the raw scores, the
+    backward of that view (``CopySlices``) holds four fp32 tensors beside the buffer: 20
+    bytes. Less what it keeps. Apex's fused softmax kernels (``masked_softmax_fusion``) need
+    less. 0 with Transformer Engine's layers (flash attention: no ``s x s`` tensor)."""
+    if run.layer_spec != "local":
+        return 0
+    S = run.seq_length // run.context_parallel
+    elements = run.micro_batch_size * run.num_attention_heads // run.tensor_parallel * S * S
+    e = run.param_bytes
+    peak = 3 * _FP32 + e if e != _FP32 else 5 * _FP32
+    return math.ceil(elements * peak - _local_scores(run))
+
+
 def _layer_total(run: Run, layer: int, recompute: Optional[str] = None,
                  fp8: Optional[bool] = None) -> float:
     """:func:`layer_activations` of the layer of global index ``layer``, summed."""
@@ -797,21 +918,27 @@ def recompute_working_set(run: Run, layers: range, holds_head: bool = False,
             S, b = run.seq_length // run.context_parallel, run.micro_batch_size
             again = T * e * (kv + q) + b * run.num_attention_heads / run.tensor_parallel * S * _FP32
         kept = layer_activations(run, "selective", fp8, is_moe_layer(run, layers[-1]))
-        freed += (sum(kept.get(term, 0.0) for term in _MLP_TERMS) + kept["projection"]
-                  + kept["norms"] / 2)
+        freed += (sum(kept.get(term, 0.0) for term in _FREED_BEFORE_ATTENTION)
+                  + kept.get("norms", 0.0) / 2)
     return max(again - freed, 0.0)
 
 
 def embedding_activations(run: Run) -> float:
     """What the embedding keeps for one micro-batch: the token ids (int64), and with TP the
-    bool mask of the ids outside this rank's vocab shard."""
+    bool mask of the ids outside this rank's vocab shard; nothing with LoRA (its weight is
+    frozen)."""
+    if run.lora:
+        return 0.0
     return _tokens(run) * (8 + (1 if run.tensor_parallel > 1 else 0))
 
 
 def head_activations(run: Run) -> float:
     """What the final norm and the output layer keep for one micro-batch (the loss's buffers
-    are :func:`loss_terms`)."""
+    are :func:`loss_terms`); with LoRA the frozen norm's fp32 input and 1/rms alone, the frozen
+    output layer keeps nothing (:func:`lora_layer_activations`)."""
     e, h, rows = run.param_bytes, run.hidden_size, _tokens(run) / _sp(run)
+    if run.lora:
+        return rows * (_FP32 * h + _FP32)
     if run.layer_spec == "local":  # as a local norm + linear (layer_activations)
         return rows * (2 * _FP32 * h + _FP32 + e * h)
     return rows * (2 * e * h + _FP32)  # TE's norm keeps input and 1/rms, the layer its input
@@ -956,12 +1083,13 @@ def logits_loss_terms(run: Run) -> dict[str, int]:
 
 def fused_head_chunk_tokens(run: Run) -> int:
     """Tokens per chunk of the fused head: ``gift.head_chunk_tokens``, else as many as keep
-    one fp32 ``[chunk, V/tp]`` tile within :data:`FUSED_HEAD_TILE_BYTES` (the loss's
-    ``default_chunk_tokens``), at least 1."""
+    one fp32 ``[chunk, V/tp]`` tile within :data:`FUSED_HEAD_TILE_BYTES` and at most an eighth
+    of the micro-batch's tokens (the loss's ``default_chunk_tokens``), at least 1."""
     if run.head_chunk_tokens is not None:
         return run.head_chunk_tokens
     shard = run.padded_vocab // run.tensor_parallel
-    return max(1, FUSED_HEAD_TILE_BYTES // (_FP32 * max(1, shard)))
+    chunk = min(FUSED_HEAD_TILE_BYTES // (_FP32 * max(1, shard)), -(-_tokens(run) // 8))
+    return max(1, chunk)
 
 
 def _fused_gemms_in_param_dtype(run: Run) -> bool:
@@ -973,13 +1101,13 @@ def _fused_gemms_in_param_dtype(run: Run) -> bool:
 def fused_head_tiles(run: Run) -> int:
     """The forward's largest set of live ``[c, R]`` tiles, the most over the phases of a
     chunk. Each model's logits ``z``, ``r`` are fp32 (``_logits``); then, on CPU, the eager
-    passes (``_eager_chunk``: ``_statistics`` makes ``exp(z)`` and products, the gradient tile
-    is written over ``z``) and, on CUDA, the loss's Triton passes (``_kernel_chunk``, which the
+    passes (``_eager_chunk``: ``_statistics`` makes ``exp(z)``, its row sums of products are
+    batched GEMMs, the gradient tile is written over ``z``) and, on CUDA, the loss's Triton passes (``_kernel_chunk``, which the
     loss's ``auto`` picks there: a new fp32 gap ``softmax(z) - q`` and a new fp32 gradient
     tile). A chunk's tiles are released before the next chunk's logits are made.
 
-    * statistics: ``z``, ``r``, and ``exp(z)`` with a product ``exp(.) * z`` (eager) or the
-      gap with the gradient tile (Triton): 4 fp32 tiles (3 without a reference);
+    * statistics: ``z``, ``r``, and ``exp(z)`` (eager) or the gap with the gradient tile
+      (Triton): 3 fp32 tiles eager, 4 Triton (one fewer without a reference);
     * logits: ``z`` and ``r``, plus the fp32 copy of the ``[c, H]`` hidden chunk where the
       GEMMs run in fp32 on bf16;
     * gradient (``G @ W``, ``G^T h``): ``z``, ``r`` and (Triton) the gradient tile, the
@@ -994,7 +1122,7 @@ def fused_head_tiles(run: Run) -> int:
     triton = run.device == "cuda"
     low_precision = _fused_gemms_in_param_dtype(run)
     hidden_chunk = c * H * _FP32
-    statistics = (models + 2) * tile
+    statistics = (models + (2 if triton else 1)) * tile
     logits = models * tile + (hidden_chunk if e != _FP32 and not low_precision else 0)
     gradient = (models + int(triton)) * tile + (c * real * e if low_precision else 0) + hidden_chunk
     return max(statistics, logits, gradient)
@@ -1025,12 +1153,13 @@ def fused_head_backward_outputs(run: Run) -> int:
     weight's gradient ``[V_l, H]`` in the parameter dtype, cast from the saved fp32 sum (with
     gradient-accumulation fusion: the sum added to ``main_grad`` and a zero gradient of the
     same size returned). With fp32 parameters the product and the saved sum are returned as
-    they are (left out: the zero fp32 gradient of fp32 parameters with the fusion)."""
+    they are (left out: the zero fp32 gradient of fp32 parameters with the fusion). With LoRA
+    the output weight is frozen: no weight gradient."""
     T, H, e = _tokens(run), run.hidden_size, run.param_bytes
     rows = run.padded_vocab // run.tensor_parallel
     hidden = T * H * e
     product = T * H * _FP32 if e != _FP32 else 0
-    weight = rows * H * e if e != _FP32 else 0
+    weight = rows * H * e if e != _FP32 and not run.lora else 0
     return T * _FP32 + max(product + hidden, hidden + weight)
 
 
@@ -1050,7 +1179,8 @@ def fused_head_terms(run: Run) -> dict[str, int]:
     by term; their sum is the head's peak: what it keeps from the forward to the backward,
     plus the larger of the forward's workspace and the backward's outputs.
 
-    * ``grad_weight``: the fp32 ``[V_l, H]`` sum ``G^T h`` the forward accumulates and saves;
+    * ``grad_weight``: the fp32 ``[V_l, H]`` sum ``G^T h`` the forward accumulates and saves
+      (none with LoRA: the output weight is frozen, ``needs_input_grad`` says so);
     * ``grad_hidden``: the fp32 ``[T, H]`` rows ``G @ W`` it saves;
     * ``per_token``: the loss, its diagnostics and the coefficients
       (:func:`fused_head_per_token_bytes`);
@@ -1059,7 +1189,8 @@ def fused_head_terms(run: Run) -> dict[str, int]:
       exist); none without a reference;
     * ``gathered_hidden``: with sequence parallelism, the student's gathered hidden states
       ``[T, H]`` the head saves, beyond the ``[T / tp, H]`` the output layer would keep
-      (counted in :func:`head_activations`);
+      (counted in :func:`head_activations`); with LoRA all ``[T, H]`` (a frozen output layer
+      keeps nothing);
     * ``tiles``, ``weight_copies``, ``hidden_copies``: the forward's workspace
       (:func:`fused_head_forward_workspace`);
     * ``backward_excess``: what the backward's outputs (:func:`fused_head_backward_outputs`)
@@ -1074,10 +1205,10 @@ def fused_head_terms(run: Run) -> dict[str, int]:
     rows = run.padded_vocab // run.tensor_parallel
     forward = fused_head_forward_workspace(run)
     backward = fused_head_backward_outputs(run)
-    return {"grad_weight": rows * H * _FP32, "grad_hidden": T * H * _FP32,
+    return {"grad_weight": 0 if run.lora else rows * H * _FP32, "grad_hidden": T * H * _FP32,
             "per_token": T * fused_head_per_token_bytes(run),
             "reference_hidden": T * H * e if run.reference else 0,
-            "gathered_hidden": (T - T // _sp(run)) * H * e,
+            "gathered_hidden": (T - (0 if run.lora else T // _sp(run))) * H * e,
             **forward, "backward_excess": max(0, backward - sum(forward.values()))}
 
 
@@ -1150,16 +1281,27 @@ def weight_bytes(run: Run, parameters: int, rank: int, fp8_weights: bool) -> int
     return math.ceil((parameters - gemm) * run.param_bytes + fp8)
 
 
+def reference_weight_bytes(run: Run, rank: int) -> int:
+    """The frozen reference's weights on one GPU of stage ``rank``: the student's shard (FP8
+    with ``--reference-fp8-weights``); none without a reference, and none with LoRA, whose
+    reference is the student's own base (adapters off: ``GiftModel._base_forward``)."""
+    if not run.reference or run.lora:
+        return 0
+    return weight_bytes(run, stage_parameters(run, rank), rank, run.reference_fp8_weights)
+
+
 def plan_stage(run: Run, rank: int) -> StagePlan:
-    """Bytes by part on one GPU of pipeline stage ``rank``."""
+    """Bytes by part on one GPU of pipeline stage ``rank``: gradients and optimizer state for
+    the parameters that train (:func:`stage_trained_parameters`), the activations with the
+    local attention's workspace (:func:`local_attention_workspace`)."""
     params, experts = stage_parameters(run, rank), stage_expert_parameters(run, rank)
+    trained = stage_trained_parameters(run, rank)
     parts = {
         "student_weights": weight_bytes(run, params, rank, run.fp8_param),
-        "gradients": gradient_bytes(run, params, experts),
-        "optimizer": optimizer_bytes(run, params, experts),
-        "reference_weights": (weight_bytes(run, params, rank, run.reference_fp8_weights)
-                              if run.reference else 0),
-        "activations": stage_activations(run, rank),
+        "gradients": gradient_bytes(run, trained, experts),
+        "optimizer": optimizer_bytes(run, trained, experts),
+        "reference_weights": reference_weight_bytes(run, rank),
+        "activations": stage_activations(run, rank) + local_attention_workspace(run),
         "pipeline_buffers": pipeline_buffer_bytes(run, rank),
         "loss_buffers": (sum(loss_terms(run).values())
                          if rank == run.pipeline_parallel - 1 else 0),
@@ -1209,14 +1351,16 @@ SHUTDOWN_FLOORS = ((70e9, 600), (1e9, 300), (0, 60))
 
 def step_flops(run: Run) -> float:
     """FLOPs of one training step, all GPUs together: the student's forward and backward
-    (``6 N`` a token, N the parameters a token goes through: :func:`active_parameters`), the
-    reference's forward (``2 N``), recompute's second forward, and the attention scores
-    ``4 s a d`` a token and layer forward (not halved for causality)."""
+    (``6 N`` a token, N the parameters a token goes through: :func:`active_parameters`; with
+    LoRA ``4 N`` for the frozen base, whose backward computes no weight gradient, and ``6 N``
+    for the adapters), the reference's forward (``2 N``), recompute's second forward, and the
+    attention scores ``4 s a d`` a token and layer forward (not halved for causality)."""
     tokens = run.global_batch_size * run.seq_length
     n = active_parameters(run)
     scores = 4 * run.seq_length * run.num_attention_heads * run.kv_channels * run.num_layers
     forwards = 3 + int(run.reference)  # backward = 2 forwards
-    dense = (6 + (2 if run.reference else 0)) * n
+    frozen = n - trained_parameters(run) if run.lora else 0  # a LoRA run's base
+    dense = (6 + (2 if run.reference else 0)) * n - 2 * frozen
     if run.recompute_granularity == "full":
         dense, forwards = dense + 2 * n, forwards + 1
     elif run.recompute_granularity == "selective":
@@ -1226,8 +1370,9 @@ def step_flops(run: Run) -> float:
 
 def checkpoint_bytes(run: Run) -> int:
     """Bytes a save writes: the student's weights in the parameter dtype, fp32 main weights
-    (bf16 runs) and the optimizer's moments (the reference is not saved)."""
-    n = total_parameters(run)
+    (bf16 runs) and the optimizer's moments (the reference is not saved); with LoRA the
+    adapters' alone (the checkpoint records where the base is)."""
+    n = trained_parameters(run)
     moments = 2 if run.optimizer == "adam" else (1 if run.sgd_momentum else 0)
     main = _FP32 if run.param_bytes != _FP32 else 0
     return n * (run.param_bytes + main + moments * _FP32)

@@ -4,7 +4,7 @@ cheapest layout that fits where the run does not, and the time a stopping run ne
 
 from megatron_gift.planning.memory import (GIB, USABLE_FRACTION, Plan, Run, active_parameters,
                                            checkpoint_bytes, fused_head_chunk_tokens,
-                                           shutdown_timeout, stop_seconds)
+                                           shutdown_timeout, stop_seconds, trained_parameters)
 
 _ROWS = (("student weights", "student_weights"), ("gradients", "gradients"),
          ("optimizer", "optimizer"), ("reference weights", "reference_weights"),
@@ -28,10 +28,11 @@ def as_text(plan: "Plan") -> str:
         f"training    {_precision(run)}, sequence parallel "
         f"{'on' if run.sequence_parallel else 'off'}, recompute {recompute}, "
         f"{'distributed' if run.distributed_optimizer else 'plain'} {run.optimizer}, "
-        f"{'GIFT (frozen reference on every stage)' if run.reference else 'SFT (no reference)'}",
+        f"{_objective(run)}",
+        *_lora(run),
         f"head        {_head(run)}",
         f"student     {plan.student_parameters / 1e9:.2f} B parameters"
-        f"{_active(run)}; Transformer Engine layers assumed",
+        f"{_active(run)}; {_layers(run)}",
         "",
         f"{'GiB per GPU':<20}" + "".join(f"{'stage ' + str(s.pipeline_rank):>10}" for s in stages),
     ]
@@ -69,6 +70,31 @@ def _experts(run: Run) -> list[str]:
             f"{run.expert_data_parallel}, {run.num_experts // run.expert_parallel} experts a "
             f"GPU; activations for a balanced router"
             + ("" if run.moe_imbalance == 1 else f" x {run.moe_imbalance:g}")]
+
+
+def _objective(run: Run) -> str:
+    """What trains against what: GIFT or SFT, full-parameter or LoRA."""
+    if run.lora:
+        return ("LoRA GIFT (the reference is the base: adapters off, no weights of its own)"
+                if run.reference else "LoRA SFT (no reference)")
+    return "GIFT (frozen reference on every stage)" if run.reference else "SFT (no reference)"
+
+
+def _lora(run: Run) -> list[str]:
+    """The adapters' line of a LoRA run (none otherwise)."""
+    if not run.lora:
+        return []
+    dropout = f", dropout {run.lora_dropout:g}" if run.lora_dropout else ""
+    return [f"lora        rank {run.lora_rank} on {', '.join(run.lora_targets)}{dropout}: "
+            f"{trained_parameters(run) / 1e9:.3f} B trained parameters (gradients and "
+            "optimizer state for them alone; the base frozen)"]
+
+
+def _layers(run: Run) -> str:
+    """The layer implementation planned."""
+    if run.layer_spec == "local":
+        return "Megatron-Core's local layers" + (" (LoRA takes them)" if run.lora else "")
+    return "Transformer Engine layers assumed"
 
 
 def _active(run: Run) -> str:
