@@ -59,13 +59,19 @@ def run(argv, env):
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """The model-size flags :func:`model_flags` reads (8 layers, hidden 512, seq 512)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=2)
+    return parser
+
+
+def main():
+    parser = model_parser(__doc__)
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="the model's vocab (default: the bundled tokenizer's 30 words); "
                              "e.g. 128256 for Llama 3's output layer and loss cost")
