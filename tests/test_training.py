@@ -772,3 +772,18 @@ def test_lora_checkpoints_hold_the_adapters_alone_and_resume_at_another_layout(
     resumed = [r for r in _metrics(metrics) if "loss" in r]
     assert [r["iteration"] for r in resumed] == [3]
     assert resumed[0]["loss"] == pytest.approx(lora_one_process[0][2], rel=1e-5)
+
+
+def test_the_rl_hand_offs_refuse_a_lora_checkpoint_naming_the_merged_route(world, tmp_path):
+    """NeMo RL and NeMo-Aligner load Megatron checkpoints whole; a LoRA run's hold its adapters
+    alone: each hand-off refuses it in one line that names the merged export."""
+    from megatron_gift.rl import handoff, nemo_aligner
+
+    _lora_run(world, tmp_path, "run")
+    ckpt = str(tmp_path / "run" / "ckpt")
+    with pytest.raises(ValueError, match="holds a LoRA run's adapters alone: hand off the "
+                                         "merged model.*megatron-to-hf"):
+        handoff.megatron_lm_iteration(ckpt)
+    with pytest.raises(ValueError, match="is a LoRA run: hand off the merged model"):
+        nemo_aligner.write_nemo_aligner(ckpt, None, str(tmp_path / "aligner"))
+    assert not (tmp_path / "aligner").exists()

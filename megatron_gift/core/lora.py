@@ -2,8 +2,8 @@
 
 A LoRA linear computes ``y = W x + (alpha / r) B A dropout(x)`` with the base ``W`` frozen and
 ``A`` ``[r, in]``, ``B`` ``[out, r]`` trained. Under tensor parallelism each adapter follows its
-base layer (as Megatron-Bridge's ``LoRALinearSplitAdapter`` / ``ParallelLinearAdapter`` split
-them):
+base layer (Megatron-Bridge's ``ParallelLinearAdapter`` splits both matrices and gathers
+between them; here one of the two is replicated, so the low-rank activation needs no gather):
 
 - **column-parallel** (``linear_qkv``, ``linear_fc1``: output split over TP): ``A`` replicated,
   ``B`` split like the output, ``[out/tp, r]``. The input is the full one (gathered from the

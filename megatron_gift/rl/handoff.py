@@ -69,7 +69,13 @@ def megatron_lm_iteration(root: str) -> str:
     directory = iteration_dir(root, int(value))
     if not os.path.isfile(os.path.join(directory, "metadata.json")):
         raise MissingFileError(f"{directory}: no metadata.json (not a torch_dist checkpoint)")
-    if "args" not in _common_state(directory):
+    common = _common_state(directory)
+    if (common.get("run") or {}).get("lora_base"):
+        raise UserError(
+            f"{directory} holds a LoRA run's adapters alone: hand off the merged model, "
+            f"'megatron-gift convert megatron-to-hf --load {root} --out MERGED' then "
+            "'megatron-gift convert hf-to-megatron --hf MERGED --out CKPT', and pass CKPT")
+    if "args" not in common:
         raise UserError(
             f"{directory}: the common state has no 'args' entry; Megatron-Bridge's megatron_lm "
             "loader reads the TP/PP and save flags of Megatron-LM's arguments from it and stops "

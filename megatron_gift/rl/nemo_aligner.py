@@ -251,6 +251,13 @@ def write_nemo_aligner(checkpoint: str, hf_dir: Optional[str], out: str,
     if directory is None:
         raise MissingFileError(f"--checkpoint {checkpoint}: no Megatron checkpoint (no "
                                 "latest_checkpointed_iteration.txt or metadata.json)")
+    from megatron_gift.core import checkpoint as ckpt
+
+    if (ckpt.run_facts(directory).get("config") or {}).get("lora", {}).get("rank"):
+        raise UserError(
+            f"{directory} is a LoRA run: hand off the merged model, 'megatron-gift convert "
+            f"megatron-to-hf --load {checkpoint} --out MERGED' then 'megatron-gift convert "
+            "hf-to-megatron --hf MERGED --out CKPT', and pass --checkpoint CKPT")
     hf_dir = hf_dir_beside(checkpoint, hf_dir, "HF tokenizer")
     check_tokenizer_files(hf_dir)
     out = os.path.abspath(out)
