@@ -57,11 +57,13 @@ def test_a_wrong_loss_fails_its_row_and_the_exit_status(monkeypatch, tmp_path):
     eager = [row for row in rows if "eager" in row.check]
     assert eager and all(row.status == "FAILED" for row in eager)
     monkeypatch.setattr(sys, "argv", [CHECK, "--quick", "--device", "cpu", "--skip", "speed",
-                                      "step", "--out", str(tmp_path)])
+                                      "head", "step", "--out", str(tmp_path)])
     assert check.main() == 1
 
 
-def test_a_wrong_fused_head_fails_its_row(monkeypatch):
+def test_a_wrong_fused_head_fails_its_row(monkeypatch, world_of_one):
+    """In this process's one-rank world (the fixture's, taken down after): the rows' own
+    would stay up and refuse the next test's."""
     sys.path.insert(0, os.path.dirname(CHECK))
     import check
 
