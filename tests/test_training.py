@@ -664,8 +664,9 @@ def test_lora_gives_the_base_no_gradient_buffer_no_optimizer_state_and_no_refere
     (2, 1, {}, "logits", {}), (1, 2, {}, "logits", {}),
     (2, 1, {"sequence_parallel": True}, "logits", {}),
     (2, 2, {"sequence_parallel": True}, "fused", {}),
-    (1, 2, {}, "logits", FULL_RECOMPUTE)],
-    ids=["tp2", "pp2", "tp2-sp", "tp2-pp2-sp-fused", "pp2-full-recompute"])
+    (1, 2, {}, "logits", FULL_RECOMPUTE),
+    (1, 2, {"virtual_pipeline_model_parallel_size": 2}, "logits", {})],
+    ids=["tp2", "pp2", "tp2-sp", "tp2-pp2-sp-fused", "pp2-full-recompute", "vpp"])
 def test_lora_gift_trains_at_tp2_and_pp2_like_one_process(world, lora_one_process, tmp_path,
                                                           tp, pp, parallel, head, training):
     """Adapters split as their layers (column: B by rows; row: A by columns) train like one
