@@ -33,7 +33,7 @@ def _job(config, calls):
     spec = SimpleNamespace(config=config, reference_source=None, fingerprints={}, conversion={})
     return SimpleNamespace(spec=spec, config=config, ddp_chunks=[chunk, chunk],
                            optimizer=optimizer, scheduler=None, iteration=3,
-                           consumed_samples=12)
+                           consumed_samples=12, lora_base=None)
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap-param-gather", "plain"])
