@@ -452,20 +452,27 @@ def _assert_same_updates(trained, expected, base_dir, selected):
                                    atol=1e-4 * float(update.abs().max()), msg=key)
 
 
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """A tiny Qwen3-MoE from transformers and its conversion: ``root`` with ``hf/`` and
+    ``megatron/``."""
+    root = tmp_path_factory.mktemp("moe")
+    make_hf_model(root / "hf", "qwen3_moe")
+    assert convert_cli("hf-to-megatron", "--hf", root / "hf",
+                       "--out", root / "megatron").returncode == 0
+    return root
+
+
 @pytest.mark.distributed
-def test_qwen3_moe_at_ep2_gives_the_logits_of_transformers(tmp_path):
+def test_qwen3_moe_at_ep2_gives_the_logits_of_transformers(moe):
     """Two ranks each holding two of the four experts (the dispatcher gathers the tokens and
     scatters the experts' outputs back) give transformers' logits."""
-    make_hf_model(tmp_path / "hf", "qwen3_moe")
-    assert convert_cli("hf-to-megatron", "--hf", tmp_path / "hf",
-                       "--out", tmp_path / "megatron").returncode == 0
-    run_distributed(2, _check_logits, tmp_path / "hf", tmp_path / "megatron", 1, 1, VOCAB,
-                    False, 2)
+    run_distributed(2, _check_logits, moe / "hf", moe / "megatron", 1, 1, VOCAB, False, 2)
 
 
-def _train_moe(tmp_path, name, world, parallel, iters=3, save=None, **checkpoint):
-    overrides = _gift_overrides(tmp_path, tmp_path / "megatron",
-                                save=str(tmp_path / (save or name)), **checkpoint)
+def _train_moe(tmp_path, base, name, world, parallel, iters=3, save=None, **checkpoint):
+    overrides = _gift_overrides(tmp_path, base, save=str(tmp_path / (save or name)),
+                                **checkpoint)
     overrides["parallel"] = parallel
     overrides["training"]["train_iters"] = iters
     overrides["training"]["moe_aux_loss_coeff"] = 0.01
@@ -481,32 +488,30 @@ def _train_moe(tmp_path, name, world, parallel, iters=3, save=None, **checkpoint
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_qwen3_moe_trains_at_ep2_like_ep1_and_resumes_across_ep(tmp_path):
+def test_qwen3_moe_trains_at_ep2_like_ep1_and_resumes_across_ep(moe, tmp_path):
     """Data-parallel 2 with the experts replicated (EP=1) and split (EP=2), also with TP=2 and
     with PP=2: the same losses and updates (SGD, 3 steps, the student's load-balancing loss
     on). A checkpoint saved at EP=2 resumes at EP=1 on the same curve (Megatron-Core's
     dist-checkpoint reshards the experts)."""
-    make_hf_model(tmp_path / "hf", "qwen3_moe")
-    assert convert_cli("hf-to-megatron", "--hf", tmp_path / "hf",
-                       "--out", tmp_path / "megatron").returncode == 0
-    ep1 = _train_moe(tmp_path, "ep1", 2, {"expert_model_parallel_size": 1})
-    ep2 = _train_moe(tmp_path, "ep2", 2, {"expert_model_parallel_size": 2}, iters=2)
+    base = moe / "megatron"
+    ep1 = _train_moe(tmp_path, base, "ep1", 2, {"expert_model_parallel_size": 1})
+    ep2 = _train_moe(tmp_path, base, "ep2", 2, {"expert_model_parallel_size": 2}, iters=2)
     torch.testing.assert_close(torch.tensor(ep2[0]), torch.tensor(ep1[0][:2]), rtol=1e-5,
                                atol=1e-6)
-    resumed = _train_moe(tmp_path, "resumed", 2, {"expert_model_parallel_size": 1},
+    resumed = _train_moe(tmp_path, base, "resumed", 2, {"expert_model_parallel_size": 1},
                          save="ep2", load=str(tmp_path / "ep2"))
     assert resumed[0] == pytest.approx(ep1[0][2:], rel=1e-5)
-    _assert_same_updates(resumed[1], ep1[1], tmp_path / "megatron",
+    _assert_same_updates(resumed[1], ep1[1], base,
                          lambda key: "experts" in key or "router" in key)
     # With TP=2 (and SP, which an MoE model at TP > 1 needs; the experts split by TP too) and
     # with PP=2: four ranks, two of them data-parallel, the same losses.
     for name, parallel in (("ep2-tp2", {"tensor_model_parallel_size": 2, "sequence_parallel": True}),
                            ("ep2-pp2", {"pipeline_model_parallel_size": 2})):
-        losses, trained = _train_moe(tmp_path, name, 4, {"expert_model_parallel_size": 2,
-                                                         **parallel})
+        losses, trained = _train_moe(tmp_path, base, name, 4,
+                                     {"expert_model_parallel_size": 2, **parallel})
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ep1[0]), rtol=1e-5,
                                    atol=1e-6, msg=name)
-        _assert_same_updates(trained, ep1[1], tmp_path / "megatron",
+        _assert_same_updates(trained, ep1[1], base,
                              lambda key: "experts" in key or "router" in key)
 
 
@@ -550,18 +555,15 @@ def _moe_gift_rank(overrides, hf_dir, out):
 
 
 @pytest.mark.distributed
-def test_moe_gift_the_reference_stays_frozen_and_routes_as_the_base(tmp_path):
+def test_moe_gift_the_reference_stays_frozen_and_routes_as_the_base(moe, tmp_path):
     """GIFT on Qwen3-MoE (3 steps, load-balancing loss 0.01): the student's routers attach the
     loss and the run logs it beside GIFT's; the reference's never do, it stays in eval mode with
     every parameter and buffer unchanged, and its logits (hence GIFT's target, a function of
     them and the label) equal those of the HF base model run by transformers (rel 1e-4)."""
-    make_hf_model(tmp_path / "hf", "qwen3_moe")
-    assert convert_cli("hf-to-megatron", "--hf", tmp_path / "hf",
-                       "--out", tmp_path / "megatron").returncode == 0
-    overrides = _gift_overrides(tmp_path, tmp_path / "megatron", save=str(tmp_path / "run"))
+    overrides = _gift_overrides(tmp_path, moe / "megatron", save=str(tmp_path / "run"))
     overrides["parallel"] = {}
     overrides["training"]["moe_aux_loss_coeff"] = 0.01
-    run_distributed(1, _moe_gift_rank, overrides, tmp_path / "hf", tmp_path / "out.pt",
+    run_distributed(1, _moe_gift_rank, overrides, moe / "hf", tmp_path / "out.pt",
                     initialize=False)
     result = torch.load(tmp_path / "out.pt")
     assert result["attached"] > 0 and result["attached_by_reference"] == 0
