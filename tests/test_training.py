@@ -747,6 +747,12 @@ def test_lora_exports_merged_and_as_a_peft_adapter_that_give_the_megatron_models
     for name, theirs in (("merged", merged(tokens).logits), ("peft", adapted(tokens).logits)):
         torch.testing.assert_close(theirs.detach(), ours, rtol=1e-4, atol=1e-5, msg=name)
     assert not torch.allclose(base_logits, ours, rtol=1e-4, atol=1e-5)  # the adapters count
+    # An adapter written before is nobody's to replace without --overwrite: refused, untouched.
+    written = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    again = run_main(convert, ["megatron-to-hf", "--load", str(ckpt), "--out",
+                               str(tmp_path / "adapter"), "--adapter"])
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == written
 
 
 def test_lora_checkpoints_hold_the_adapters_alone_and_resume_at_another_layout(
