@@ -43,8 +43,13 @@ benchmark: $(STAMP)
 	$(PY) examples/benchmarks/loss.py
 	$(PY) examples/benchmarks/step.py
 
+# The suite runs in pytest-xdist workers, one per core up to 4 (tests/README.md, "Workers");
+# TEST_WORKERS=1 runs one.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS)
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-unit test-distributed test-system: test-%: $(STAMP)
-	$(PY) -m pytest -m $*
+	$(PYTEST) -m $*

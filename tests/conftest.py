@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from support import tiers  # noqa: E402  (after the path insert)
+from support import tiers, workers  # noqa: E402  (after the path insert)
 
 if not torch.cuda.is_available():
     # Triton's kernels (the GIFT loss's fused passes) run on CPU tensors in its interpreter; the
@@ -23,6 +23,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        workers.longest_first(items)
+
+
+def pytest_configure(config):
+    workers.share_the_cores()
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``-n``: whole groups to a worker (:func:`support.workers.scheduler`)."""
+    return workers.scheduler(config, log)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -38,6 +50,16 @@ def pytest_runtest_call(item):
 def pytest_terminal_summary(terminalreporter):
     """Process launches per tier, beside ``--durations``: the suite's cost is its launches."""
     terminalreporter.write_line(tiers.summary())
+
+
+def pytest_sessionfinish(session):
+    workers.send_launches(session.config, tiers.launches)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_testnodedown(node, error):
+    """A worker's process starts, added to the session's (under ``make test``'s workers)."""
+    tiers.launches.update(workers.received_launches(node))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -94,3 +116,4 @@ def slurm():
         pytest.skip(reason)
     with LocalSlurmCluster() as cluster:
         yield cluster
+

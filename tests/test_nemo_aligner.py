@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from megatron_gift.rl import nemo_aligner
+from support import old_stack  # at collection: its cache outlives the session (old_stack.py)
 
 pytestmark = pytest.mark.system  # the converter and the NeMo-Aligner era stack, as programs
 
@@ -270,7 +271,6 @@ def _source(save):
 @pytest.mark.slow
 def test_megatron_core_0_10_on_torch_2_4_loads_the_export(export, tmp_path):
     """NeMo's restore path on Aligner's stack: weights equal the source, logits match."""
-    from support import old_stack
     from support.parallel_harness import free_port
 
     save, out, _, family = export

@@ -1,6 +1,6 @@
 """examples/slurm/gift.sbatch on a real (local, two-node) SLURM cluster: two nodes x one process
-at TP=2 train like torchrun on one machine; the end-of-time signal makes the ranks save, the job
-requeue itself and resume, and the finished curve equals an uninterrupted run's. SLURM's ranks
+at TP=2, stopped by the end-of-time signal, save, requeue themselves and resume, and the finished
+curve equals an uninterrupted torchrun's on one machine. SLURM's ranks
 are taken by srun's tasks and not by the batch script, a requeue moves rank 0's port, and the
 script without --ntasks-per-node starts one process a node (the cluster has no GPUs)."""
 
@@ -63,22 +63,10 @@ def _output(tmp_path):
     return "\n".join(p.read_text() for p in tmp_path.glob("gift-*.out"))
 
 
-def test_two_nodes_train_like_torchrun_on_one_machine(slurm, tiny_world, tmp_path):
-    recipe = _recipe(tiny_world, tmp_path, train_iters=3)
-    job = _submit(slurm, tmp_path, recipe)
-    assert slurm.wait(job, timeout=600) == "COMPLETED", _output(tmp_path)
-    _torchrun(recipe, str(tmp_path / "torchrun.jsonl"))
-    on_slurm, iterations = _losses(tmp_path / "slurm.jsonl")
-    assert iterations == [1, 2, 3]
-    on_one_machine, _ = _losses(tmp_path / "torchrun.jsonl")
-    assert on_slurm == pytest.approx(on_one_machine, rel=1e-6)
-    output = _output(tmp_path)
-    assert "0: [gift]" in output  # srun --label: rank-prefixed lines
-    assert "start 1 on 2 node(s) x 1" in output
-
-
 def test_the_end_of_time_signal_saves_requeues_and_resumes_on_the_same_curve(
         slurm, tiny_world, tmp_path):
+    """Two nodes x one process at TP=2, stopped by the end-of-time signal and requeued: the
+    finished curve is torchrun's on one machine, uninterrupted."""
     recipe = _recipe(tiny_world, tmp_path, train_iters=40)
     job = _submit(slurm, tmp_path, recipe)
     metrics = tmp_path / "slurm.jsonl"
@@ -92,6 +80,7 @@ def test_the_end_of_time_signal_saves_requeues_and_resumes_on_the_same_curve(
     assert slurm.wait(job, timeout=900) == "COMPLETED", _output(tmp_path)
     assert slurm.job_info(job).get("Restarts") == "1"
     output = _output(tmp_path)
+    assert "start 1 on 2 node(s) x 1" in output and "0: [gift]" in output  # srun --label
     assert "TERM received" in output and "requeueing job" in output and "start 2 on" in output
     saved_at = [line for line in output.splitlines() if "stopped by SIGTERM after iteration" in line]
     assert saved_at, output
