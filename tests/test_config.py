@@ -60,6 +60,12 @@ def test_every_field_has_a_flag_and_help():
     (["--gift-beta", "-1"], "gift.beta (--gift-beta) must be >= 0"),
     (["--gift-beta", "nan"], "gift.beta must be a number, got 'nan'"),
     (["--gift-smooth-lambda", "2"], "gift.smooth_lambda (--gift-smooth-lambda) must be in [0, 1]"),
+    (["--gift-soft-sft-weight", "1.5"],
+     "gift.soft_sft_weight (--gift-soft-sft-weight) must be in [0, 1], got 1.5"),
+    (["--gift-soft-sft-weight", "0.2", "--gift-beta", "inf"],
+     "gift.soft_sft_weight (--gift-soft-sft-weight) needs a finite gift.beta"),
+    (["--gift-soft-sft-weight", "0.2", "--gift-head", "fused"],
+     "gift.soft_sft_weight (--gift-soft-sft-weight) takes the logits head only: set --gift-head logits"),
     (["--overlong", "drop"], "data.overlong (--overlong) must be one of truncate, reject; got 'drop'"),
     (["--train-iters", "0"], "training.train_iters (--train-iters) must be positive, got 0"),
     (["--lr", "1e-5", "--min-lr", "1e-4"], "optimizer.min_lr=0.0001 exceeds optimizer.lr=1e-05"),
@@ -69,6 +75,11 @@ def test_every_field_has_a_flag_and_help():
 def test_bad_values_name_the_key_and_flag(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(argv)
+
+
+def test_the_soft_sft_weight_is_read_and_defaults_to_none():
+    assert parse_config([]).gift.soft_sft_weight is None
+    assert parse_config(["--gift-soft-sft-weight", "0.25"]).gift.soft_sft_weight == 0.25
 
 
 def test_a_config_with_several_problems_is_refused_once_naming_them_all():

@@ -253,3 +253,59 @@ def test_the_engine_calls_the_loss_without_its_label_check(monkeypatch):
     assert torch.equal(loss_sum, checked) and int(num_tokens) == labels.numel()
     with pytest.raises(AssertionError, match="checked its labels"):
         vocab_parallel_gift_loss(logits, ref, labels, beta=3.0)  # the default still checks
+
+
+def _soft_sft_oracle(logits, ref, labels, weight, smooth_lambda=0.0, ignore_index=-100):
+    """Soft SFT by its definition, float64 full vocab: q = (1 - w) onehot(y) + w p'."""
+    z = logits.detach().double().requires_grad_()
+    vocab = z.size(-1)
+    valid = labels != ignore_index
+    onehot = torch.nn.functional.one_hot(torch.where(valid, labels, 0), vocab).double()
+    p_ref = (1 - smooth_lambda) * torch.softmax(ref.double(), -1) + smooth_lambda / vocab
+    q = (1 - weight) * onehot + weight * p_ref
+    loss = torch.where(valid, -(q * torch.log_softmax(z, -1)).sum(-1), 0.0)
+    loss.backward(torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape).double())
+    return loss.detach(), z.grad, torch.where(valid, (q * onehot).sum(-1), 0.0)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "auto"])
+@pytest.mark.parametrize("weight,smooth_lambda", [(0.0, 0.0), (0.07, 0.0), (0.5, 0.01),
+                                                  (0.93, 0.3), (1.0, 0.0)])
+def test_soft_sft_matches_its_oracle(weight, smooth_lambda, implementation):
+    logits, ref, labels = _inputs()
+    loss, stats = vocab_parallel_gift_loss(logits, ref, labels, beta=20.0,
+                                           smooth_lambda=smooth_lambda, soft_sft_weight=weight,
+                                           return_stats=True, implementation=implementation)
+    loss.backward(torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape))
+    expected_loss, expected_grad, expected_q = _soft_sft_oracle(logits, ref, labels, weight,
+                                                                smooth_lambda)
+    torch.testing.assert_close(loss.detach().double(), expected_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.grad.double(), expected_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.target_mass.double(), expected_q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 3.0, math.inf])
+def test_soft_sft_limits_are_cross_entropy_and_distillation(beta):
+    # w = 0 is plain cross-entropy and w = 1 is beta = 0, whatever beta is passed (unused).
+    logits, ref, labels = _inputs()
+    for weight, equal_to in ((0.0, math.inf), (1.0, 0.0)):
+        got = vocab_parallel_gift_loss(logits, ref, labels, beta=beta, soft_sft_weight=weight)
+        want = vocab_parallel_gift_loss(logits, ref, labels, beta=equal_to)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # ... and w = 0 needs no reference.
+    vocab_parallel_gift_loss(logits, None, labels, beta=3.0, soft_sft_weight=0.0)
+
+
+def test_soft_sft_weight_differs_from_gift_per_token_weight():
+    # The control is not GIFT: one constant weight, not g = 1 / (1 + p (e^beta - 1)).
+    logits, ref, labels = _inputs()
+    gift = vocab_parallel_gift_loss(logits, ref, labels, beta=2.0)
+    soft = vocab_parallel_gift_loss(logits, ref, labels, beta=2.0, soft_sft_weight=0.5)
+    assert not torch.allclose(gift, soft)
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5, math.nan])
+def test_soft_sft_weight_outside_the_unit_interval_raises(weight):
+    logits, ref, labels = _inputs()
+    with pytest.raises(ValueError, match="soft_sft_weight must be in"):
+        vocab_parallel_gift_loss(logits, ref, labels, beta=1.0, soft_sft_weight=weight)

@@ -161,3 +161,27 @@ def test_tp2_large_beta_is_megatron_cross_entropy():
 
 def test_tp2_default_group_and_global_label_check():
     run_distributed(TP, _explicit_group_and_bad_label)
+
+
+def _soft_sft_against_oracle():
+    with model_parallel(tp=TP):
+        for weight, smooth_lambda in ((0.3, 0.0), (0.8, 0.05)):
+            logits, ref, labels = _full_inputs(torch.float32, seed=2)
+            local = _shard(logits).clone().requires_grad_()
+            loss = vocab_parallel_gift_loss(local, _shard(ref), labels, beta=20.0,
+                                            smooth_lambda=smooth_lambda, soft_sft_weight=weight)
+            loss.sum().backward()
+            full = logits.double().requires_grad_()
+            valid = labels != -100
+            onehot = torch.nn.functional.one_hot(torch.where(valid, labels, 0), VOCAB).double()
+            p_ref = (1 - smooth_lambda) * torch.softmax(ref.double(), -1) + smooth_lambda / VOCAB
+            q = (1 - weight) * onehot + weight * p_ref  # soft SFT by its definition
+            expected = torch.where(valid, -(q * torch.log_softmax(full, -1)).sum(-1), 0.0)
+            expected.sum().backward()
+            torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(local.grad.double(), _shard(full.grad), rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_tp2_soft_sft_matches_full_vocab_oracle():
+    run_distributed(TP, _soft_sft_against_oracle)

@@ -66,3 +66,18 @@ def test_the_fused_head_reports_what_the_logits_report(world_of_one, beta):
     assert float(loss_sum) == pytest.approx(float(expected), rel=1e-5)
     for key in fused.metrics:
         torch.testing.assert_close(report[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_gift_loss_passes_the_soft_sft_weight(world_of_one):
+    batch = _batch()
+    logits, reference = torch.randn(2, 5, V).double(), torch.randn(2, 5, V).double()
+    loss_sum, _, report = GiftLoss(20.0, 0.0, V, implementation="eager",
+                                   soft_sft_weight=0.25)(logits, reference, batch)
+    labels = batch["labels"]
+    valid = labels != -100
+    onehot = torch.nn.functional.one_hot(torch.where(valid, labels, 0), V).double()
+    q = 0.75 * onehot + 0.25 * torch.softmax(reference, -1)
+    expected = torch.where(valid, -(q * torch.log_softmax(logits, -1)).sum(-1), 0.0)
+    assert float(loss_sum) == pytest.approx(float(expected.sum()), rel=1e-6)
+    q_label = torch.where(valid, (q * onehot).sum(-1), 0.0)
+    assert float(report["target_mass"][0]) == pytest.approx(float(q_label.sum()), rel=1e-6)

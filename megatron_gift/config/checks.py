@@ -139,7 +139,21 @@ def _gift_problems(gift: DictConfig) -> list[str]:
     if not 0.0 <= gift.smooth_lambda <= 1.0:
         problems.append(f"gift.smooth_lambda (--gift-smooth-lambda) must be in [0, 1], "
                         f"got {gift.smooth_lambda}")
-    return problems
+    return problems + _soft_sft_problems(gift)
+
+
+def _soft_sft_problems(gift: DictConfig) -> list[str]:
+    w, name = gift.soft_sft_weight, _name("gift", "soft_sft_weight")
+    if w is None:
+        return []
+    if math.isnan(w) or not 0.0 <= w <= 1.0:
+        return [f"{name} must be in [0, 1], got {w}"]
+    if math.isinf(gift.beta):
+        return [f"{name} needs a finite gift.beta (--gift-beta; unused by soft SFT, but "
+                "beta = inf loads no reference): drop --gift-beta inf"]
+    if gift.head == "fused":
+        return [f"{name} takes the logits head only: set --gift-head logits"]
+    return []
 
 
 def lora_targets(config: DictConfig) -> tuple[str, ...]:

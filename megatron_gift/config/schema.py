@@ -121,6 +121,10 @@ class Gift:
     head_chunk_tokens: Optional[int] = option(
         None, "tokens per chunk of the fused head; default: as many as keep one fp32 "
         "[chunk, V/tp] tile within 128 MiB", flag="--gift-head-chunk-tokens")
+    soft_sft_weight: Optional[float] = option(
+        None, "a constant weight w on the reference for every token, q = (1 - w) onehot + w "
+        "p_ref: the soft-SFT control (beta is then unused but must be finite, so that the "
+        "reference is loaded); in [0, 1]; logits head only", flag="--gift-soft-sft-weight")
 
 
 @dataclass

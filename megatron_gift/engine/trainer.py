@@ -475,7 +475,8 @@ def _train_step(job: Job) -> dict:
     batches = _batches(job, job.train_data, job.consumed_samples, shuffle_seed=config.training.seed)
     loss = GiftLoss(config.gift.beta, config.gift.smooth_lambda, job.vocab_size,
                     config.gift.loss_implementation, config.gift.head,
-                    config.gift.head_chunk_tokens, _head_accumulates_into_main_grad(job))
+                    config.gift.head_chunk_tokens, _head_accumulates_into_main_grad(job),
+                    config.gift.soft_sft_weight)
     for chunk in job.chunks:
         chunk.head = loss.head
     step = pipeline.forward_step_func(loss, pipeline.causal_attention_mask, thd=_packs_thd(config))
@@ -738,9 +739,11 @@ def _parameters(modules: list, trainable: bool = False) -> int:
 
 def _describe(job: Job) -> str:
     config, p = job.config, job.config.parallel
+    gift = config.gift
+    target = (f"soft SFT w={gift.soft_sft_weight}" if gift.soft_sft_weight is not None
+              else f"GIFT beta={gift.beta}")
     mode = "SFT (beta=inf, no reference)" if is_sft(config) else (
-        f"GIFT beta={config.gift.beta} lambda={config.gift.smooth_lambda}, reference "
-        f"{job.spec.reference_source}")
+        f"{target} lambda={gift.smooth_lambda}, reference {job.spec.reference_source}")
     vpp = p.virtual_pipeline_model_parallel_size
     return (f"{mode}; TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size}"
             f"{f' VPP={vpp}' if vpp else ''} DP={parallel_state.get_data_parallel_world_size()}; "

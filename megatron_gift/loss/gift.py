@@ -16,6 +16,9 @@ Per token ``t`` with label ``y``, student logits ``z`` and frozen-reference logi
 so ``beta = inf`` gives ``g = 0`` (plain cross-entropy), ``beta = 0`` gives ``g = 1``
 (cross-entropy against the reference), and neither ``e^beta`` nor ``p`` is ever formed: a
 label the reference gives probability 1e-30 is handled exactly, which is what GIFT is about.
+``soft_sft_weight = w`` replaces the per-token ``g`` by one constant ``w`` for every token
+(soft SFT, ``q = (1 - w) onehot(y) + w p'``: the control with GIFT's softness spread evenly;
+``beta`` is then unused).
 
 Logits are sharded over the tensor-parallel group along the last dim, rank ``k`` owning
 columns ``[k * V/tp, (k + 1) * V/tp)`` as in Megatron-Core. The forward makes two all-reduces
@@ -57,6 +60,7 @@ def vocab_parallel_gift_loss(
     return_stats: bool = False,
     check_labels: bool = True,
     implementation: str = "auto",
+    soft_sft_weight: Optional[float] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, GiftTokenStats]]:
     """Per-token GIFT loss of vocab-parallel student logits against a frozen reference.
 
@@ -86,14 +90,23 @@ def vocab_parallel_gift_loss(
             ``"auto"`` (default; the fused Triton kernels for CUDA tensors where Triton is
             installed, else eager PyTorch), ``"triton"`` or ``"eager"``. Same math and
             contract either way.
+        soft_sft_weight: a constant reference weight ``w`` in ``[0, 1]`` for every token
+            instead of GIFT's per-token ``g`` (soft SFT; ``beta`` is unused). None: GIFT.
 
     Returns:
         The loss ``[...]`` in fp32 (nats per token), identical on every TP rank, and the
         stats when ``return_stats``.
     """
     beta, smooth_lambda = _checked_hyperparameters(beta, smooth_lambda)
+    if soft_sft_weight is not None:
+        soft_sft_weight = float(soft_sft_weight)
+        if not 0.0 <= soft_sft_weight <= 1.0:
+            raise ValueError(f"soft_sft_weight must be in [0, 1], got {soft_sft_weight}")
+        beta = math.inf if soft_sft_weight == 0 else 0.0  # only read for "is there a reference"
     if ref_logits is None and not math.isinf(beta):
-        raise ValueError(f"ref_logits is required for finite beta={beta} (only beta=inf skips it)")
+        raise ValueError(f"ref_logits is required for finite beta={beta} (only beta=inf skips it)"
+                         if soft_sft_weight is None else
+                         f"ref_logits is required for soft_sft_weight={soft_sft_weight} > 0")
     if ref_logits is not None and ref_logits.shape != logits.shape:
         raise ValueError(
             f"logits and ref_logits shapes differ: {tuple(logits.shape)} vs "
@@ -120,7 +133,7 @@ def vocab_parallel_gift_loss(
         ref_logits = None  # q is one-hot: the reference cannot change the loss
     loss, entropy, target_mass, label_prob = _VocabParallelGiftLoss.apply(
         logits, ref_logits, labels, beta, smooth_lambda, ignore_index, tp_group, vocab_size,
-        return_stats, implementation
+        return_stats, implementation, soft_sft_weight
     )
     if return_stats:
         return loss, GiftTokenStats(entropy, target_mass, label_prob)
@@ -178,10 +191,12 @@ class _VocabParallelGiftLoss(torch.autograd.Function):
     def forward(ctx: FunctionCtx, logits: torch.Tensor, ref_logits: Optional[torch.Tensor],
                 labels: torch.Tensor, beta: float, smooth_lambda: float, ignore_index: int,
                 group: Optional[dist.ProcessGroup], vocab: int, with_stats: bool,
-                implementation: str) -> tuple[torch.Tensor, ...]:
+                implementation: str, soft_weight: Optional[float] = None
+                ) -> tuple[torch.Tensor, ...]:
         """``(loss, entropy, target_mass, label_prob)``, each shaped like ``labels`` in fp32 (fp64
         for fp64 logits), the stats zeros unless ``with_stats``; ``logits`` and ``ref_logits``:
-        ``[..., V/tp]``; ``vocab``: the real (unpadded) vocab size."""
+        ``[..., V/tp]``; ``vocab``: the real (unpadded) vocab size; ``soft_weight``: a constant
+        ``g`` (soft SFT) instead of GIFT's per-token one."""
         passes = select(implementation, logits)
         dtype = torch.promote_types(logits.dtype, torch.float32)
         tp_rank = dist.get_rank(group) if group is not None else 0
@@ -210,6 +225,8 @@ class _VocabParallelGiftLoss(torch.autograd.Function):
             loss, target_mass = nll, torch.ones_like(nll)
         else:
             g, log_p_label, ce_ref = _gibbs_weight(t, log_sum_exp_z, beta, smooth_lambda, vocab)
+            if soft_weight is not None:
+                g = torch.full_like(g, soft_weight)
             loss = nll + g * (ce_ref - nll)
             target_mass = 1 - g * (1 - torch.exp(log_p_label))
             ref_weight = g * (1 - smooth_lambda) / t[SUM_EXP_R]
@@ -238,7 +255,7 @@ class _VocabParallelGiftLoss(torch.autograd.Function):
         scale = torch.where(valid, grad_loss.reshape(-1), 0.0).to(gap.dtype)
         grad = ctx.passes.logits_grad(gap, scale, column, -(onehot_weight * scale), ctx.shard,
                                       ctx.input_dtype)
-        return grad.view(ctx.input_shape), *(None,) * 9
+        return grad.view(ctx.input_shape), *(None,) * 10
 
 
 def _gibbs_weight(t, log_sum_exp_z, beta, smooth_lambda, vocab):

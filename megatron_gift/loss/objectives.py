@@ -40,6 +40,9 @@ class GiftLoss:
     # The fused head adds the output weight's gradient into its main_grad (Megatron-Core's
     # gradient_accumulation_fusion) instead of returning it.
     accumulate_into_main_grad: bool = False
+    # Soft SFT: one constant reference weight w for every token instead of GIFT's per-token
+    # one (q = (1 - w) onehot + w p_ref; beta unused). The logits head only.
+    soft_sft_weight: Optional[float] = None
     metrics: ClassVar[tuple[str, ...]] = ("loss", "student_entropy", "target_mass",
                                           "student_label_prob")
     reduction: ClassVar[str] = TOKEN_MEAN
@@ -52,12 +55,15 @@ class GiftLoss:
         ``[V/tp, h]``); ``batch``: labels and loss mask ``[b, s]``. Returns the loss summed
         over tokens, the token count and the report."""
         if self.head == "fused":
+            if self.soft_sft_weight is not None:
+                raise ValueError("soft_sft_weight takes the logits head only (--gift-head logits)")
             loss, stats = self._fused(logits, reference_logits, batch)
         else:
             loss, stats = vocab_parallel_gift_loss(
                 logits, reference_logits, batch["labels"], beta=self.beta,
                 smooth_lambda=self.smooth_lambda, vocab_size=self.vocab_size,
-                return_stats=True, check_labels=False, implementation=self.implementation)
+                return_stats=True, check_labels=False, implementation=self.implementation,
+                soft_sft_weight=self.soft_sft_weight)
         num_tokens = batch["loss_mask"].sum().to(torch.int)
         count = num_tokens.float()
         report = {"loss": loss.sum().detach()}
