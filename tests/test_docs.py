@@ -45,7 +45,7 @@ def test_the_docs_build_strictly(tmp_path, mkdocs_logging):
     build_site(ROOT / "mkdocs.yml", tmp_path / "site")
     for page in ("index.html", "getting-started/index.html", "save-directory/index.html",
                  "reference/config/index.html", "results/index.html",
-                 "results/reproduction/report/index.html", "results/reproduction/beta_sweep.png"):
+                 "results/reproduction/report/index.html", "results/reproduction/primary.png"):
         assert (tmp_path / "site" / page).is_file(), page
 
 

@@ -14,7 +14,7 @@ Numbers are spelled digit by digit, so the vocabulary is small and closed.
 
 import json
 import random
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from megatron_gift.assets import TOKENIZER_DIR  # the bundled tokenizer, this world's words
 
@@ -68,14 +68,15 @@ def write_demonstrations(path: str, num_samples: int, seed: int,
             f.write(json.dumps(record) + "\n")
 
 
-def build_tokenizer() -> "PreTrainedTokenizerFast":
-    """The world's word-level tokenizer as a ``transformers.PreTrainedTokenizerFast``. Like
-    Llama's, it puts bos before a text when asked for special tokens (``tokenizer(text)``), so
-    tools that encode prompts that way (TRL) start them as the trainer does."""
+def build_tokenizer(extra_words: Sequence[str] = ()) -> "PreTrainedTokenizerFast":
+    """The world's word-level tokenizer as a ``transformers.PreTrainedTokenizerFast``, with
+    ``extra_words`` appended to its vocabulary (the bundled tokenizer has none). Like Llama's,
+    it puts bos before a text when asked for special tokens (``tokenizer(text)``), so tools that
+    encode prompts that way (TRL) start them as the trainer does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS)}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS + tuple(extra_words))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True)])

@@ -10,12 +10,13 @@ import itertools
 import math
 import os
 from collections import Counter
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from megatron_gift.errors import MissingFileError, UserError
 
 DEFAULT_BETAS = (2.0, 5.0, 10.0, 20.0, 50.0)
 StyleOf = Callable[[str], str]  # a completion -> its solution style
+Check = Callable[[str, dict], bool]  # (completion, record) -> correct
 
 
 def read_records(path: str, prompt_field: str = "prompt", answer_field: str = "answer",
@@ -65,18 +66,20 @@ def checker_for(name: str):
 
 
 def evaluate_policy(model, tokenizer, records: Sequence[dict], samples: int = 16,
-                    max_new_tokens: int = 48, checker: str = "answer", seed: int = 0,
-                    reference=None, batch_size: int = 512, temperature: float = 1.0,
-                    style_of: Optional[StyleOf] = None) -> dict:
+                    max_new_tokens: int = 48, checker: Union[str, Check] = "answer",
+                    seed: int = 0, reference=None, batch_size: int = 512,
+                    temperature: float = 1.0, style_of: Optional[StyleOf] = None) -> dict:
     """Sample ``samples`` completions per record at ``temperature`` and score them (see the
-    module doc); ``styles`` (each prompt's completions by ``style_of``) where it is given."""
+    module doc; ``checker``: a name of :func:`checker_for` or a ``(completion, record) ->
+    bool``); ``styles`` (each prompt's completions by ``style_of``: shares, diversity and the
+    accuracy of each style's samples) where it is given."""
     import torch
 
     from megatron_gift.data.formatting import prompt_ids
     from megatron_gift.evaluation.metrics import pass_at_k_curve, style_diversity
-    from megatron_gift.evaluation.sampling import sample, sequence_logprobs
+    from megatron_gift.evaluation.sampling import real_vocab_size, sample, sequence_logprobs
 
-    check = checker_for(checker)
+    check = _record_check(checker)
     generator = torch.Generator().manual_seed(seed)
     encoded = [prompt_ids(tokenizer, r["prompt"]) for r in records]
     flat = [(i, ids) for i, ids in enumerate(encoded) for _ in range(samples)]
@@ -87,12 +90,13 @@ def evaluate_policy(model, tokenizer, records: Sequence[dict], samples: int = 16
         out = sample(model, tokenizer, [ids for _, ids in chunk], max_new_tokens, generator,
                      temperature)
         texts += out.texts
-        correct += [check(t, records[i]["answer"]) for (i, _), t in zip(chunk, out.texts)]
+        correct += [check(t, records[i]) for (i, _), t in zip(chunk, out.texts)]
         entropy += [sum(e) / max(len(e), 1) for e in out.entropies]
         lengths += [len(t) for t in out.tokens]
         if reference is not None:
             with torch.no_grad():
-                ref = sequence_logprobs(reference, [ids for _, ids in chunk], out.tokens, pad)
+                ref = sequence_logprobs(reference, [ids for _, ids in chunk], out.tokens, pad,
+                                        real_vocab_size(model, tokenizer))
             kl += [sum(lp) - float(r.sum()) for lp, r in zip(out.logprobs, ref)]
     per_prompt = [correct[i * samples:(i + 1) * samples] for i in range(len(records))]
     counts = [sum(c) for c in per_prompt]
@@ -109,9 +113,28 @@ def evaluate_policy(model, tokenizer, records: Sequence[dict], samples: int = 16
         styles = [[style_of(t) for t in texts[i * samples:(i + 1) * samples]]
                   for i in range(len(records))]
         result["styles"] = style_diversity(styles, per_prompt)
+        result["styles"]["accuracy"] = _style_accuracy(styles, per_prompt)
     if reference is not None:
         result["kl_to_reference"] = sum(kl) / len(kl)
     return result
+
+
+def _record_check(checker: Union[str, Check]) -> Check:
+    if callable(checker):
+        return checker
+    check = checker_for(checker)
+    return lambda text, record: check(text, record["answer"])
+
+
+def _style_accuracy(styles: Sequence[Sequence[str]], correct: Sequence[Sequence[bool]]
+                    ) -> dict[str, float]:
+    """Per style, the share of its samples that are correct."""
+    hits, counts = Counter(), Counter()
+    for prompt_styles, prompt_correct in zip(styles, correct):
+        for style, ok in zip(prompt_styles, prompt_correct):
+            counts[style] += 1
+            hits[style] += bool(ok)
+    return {s: hits[s] / counts[s] for s in sorted(counts)}
 
 
 def token_kinds(tokens: Sequence[str]) -> list[str]:
@@ -139,14 +162,15 @@ def gift_token_diagnostics(reference, tokenizer, records: Sequence[dict],
 
     from megatron_gift.data.formatting import prompt_ids
     from megatron_gift.evaluation.metrics import gift_target_mass
-    from megatron_gift.evaluation.sampling import sequence_logprobs
+    from megatron_gift.evaluation.sampling import real_vocab_size, sequence_logprobs
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in records]
     responses = [tokenizer(r["response"], add_special_tokens=False)["input_ids"]
                  + [tokenizer.eos_token_id] for r in records]
     with torch.no_grad():
-        logps = sequence_logprobs(reference, prompts, responses, pad)
+        logps = sequence_logprobs(reference, prompts, responses, pad,
+                                  real_vocab_size(reference, tokenizer))
     tokens = []  # (log p_ref, relative position bin, kind)
     for ids, lp in zip(responses, logps):
         kinds = token_kinds(tokenizer.convert_ids_to_tokens(ids))
@@ -155,7 +179,7 @@ def gift_token_diagnostics(reference, tokenizer, records: Sequence[dict],
     all_kinds = Counter(kind for _, _, kind in tokens)
     result = {"tokens": len(tokens), "mean_p_ref": sum(math.exp(v) for v, _, _ in tokens) / len(tokens),
               "kinds": dict(all_kinds), "beta": {}}
-    vocab = len(tokenizer)
+    vocab = real_vocab_size(reference, tokenizer)
     for beta in betas:
         q = [gift_target_mass(v, beta, smooth_lambda, vocab) for v, _, _ in tokens]
         low = [(b, kind) for (_, b, kind), qi in zip(tokens, q) if qi < 0.5]

@@ -3,7 +3,10 @@
 Prompts are token ids encoded as the trainer encodes prompt/response records
 (:func:`megatron_gift.data.formatting.prompt_ids`); a completion ends at eos. Sampling is
 ancestral over the whole vocabulary (no top-k/top-p) at a temperature (1: the model's
-distribution; 0: greedy, the argmax), with the KV cache; batches are left-padded.
+distribution; 0: greedy, the argmax), with the KV cache; batches are left-padded. Sampling and
+scoring both normalise over the same columns, :func:`real_vocab_size`: a model whose output
+layer is padded beyond the tokenizer (or a tokenizer larger than the model) never puts mass on,
+or is scored against, a column no token can name.
 """
 
 import math
@@ -48,6 +51,16 @@ def load_policy(path: str, export_dir: Optional[str] = None):
     return model, tokenizer
 
 
+def real_vocab_size(model, tokenizer=None) -> Optional[int]:
+    """The logit columns a token id can name: the model's vocab (``config.vocab_size``), capped
+    by ``len(tokenizer)`` when one is given; columns beyond are padding. None (every column)
+    when neither is known."""
+    sizes = [getattr(getattr(model, "config", None), "vocab_size", None),
+             len(tokenizer) if tokenizer is not None else None]
+    sizes = [int(v) for v in sizes if v]
+    return min(sizes) if sizes else None
+
+
 def _left_pad(sequences: Sequence[Sequence[int]], pad: int):
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
@@ -68,7 +81,7 @@ def sample(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: i
         raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
-    vocab = len(tokenizer)
+    vocab = real_vocab_size(model, tokenizer)
     ids, mask = _left_pad(prompts, pad)
     batch = ids.shape[0]
     done = torch.zeros(batch, dtype=torch.bool)
@@ -113,14 +126,18 @@ def _draw(logits: torch.Tensor, temperature: float,
 
 
 def sequence_logprobs(model, prompts: Sequence[Sequence[int]],
-                      completions: Sequence[Sequence[int]], pad: int) -> list[torch.Tensor]:
+                      completions: Sequence[Sequence[int]], pad: int,
+                      vocab: Optional[int] = None) -> list[torch.Tensor]:
     """Per-token log-probabilities the model gives each completion after its prompt (a list of
-    1-D tensors; differentiable when grad is enabled)."""
+    1-D tensors; differentiable when grad is enabled), normalised over the first ``vocab``
+    columns (default :func:`real_vocab_size` of the model; pass the tokenizer's as
+    :func:`sample` does)."""
     sequences = [list(p) + list(c) for p, c in zip(prompts, completions)]
     ids, mask = _left_pad(sequences, pad)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    vocab = real_vocab_size(model) if vocab is None else vocab  # None: every column
+    logp = torch.log_softmax(logits[..., :vocab].float(), dim=-1)
     width = ids.shape[1]
     result = []
     for i, c in enumerate(completions):
