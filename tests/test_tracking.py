@@ -14,6 +14,7 @@ import os
 import re
 import struct
 import sys
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -227,34 +228,51 @@ def test_trackers_left_unset_need_no_package(tmp_path, monkeypatch):
 
 # Weights & Biases (system: wandb.init starts the wandb-core program)
 
-def _wandb_records(save_dir, run_id):
-    """The records of every offline run file of ``run_id`` under ``save_dir`` (W&B's
-    LevelDB-style log: a 7-byte header, 32 KiB blocks of chunks with a 7-byte header each),
-    as ``wandb_internal_pb2.Record`` protobufs, file by file in the order written."""
-    from wandb.proto import wandb_internal_pb2
-
+def _wandb_records(save_dir, run_id, timeout=60.0):
+    """The records of every offline run file of ``run_id`` under ``save_dir``, as
+    ``wandb_internal_pb2.Record`` protobufs, file by file in the order written. ``run.finish()``
+    returns before wandb-core has written the whole file: each file is read once it ends with
+    its start's ``exit`` record (within ``timeout`` seconds)."""
     files = sorted(glob.glob(os.path.join(save_dir, "wandb", f"offline-run-*-{run_id}*",
                                           f"run-{run_id}.wandb")), key=os.path.getmtime)
     assert files, f"no offline run file of {run_id} under {save_dir}"
+    deadline = time.monotonic() + timeout
     records = []
     for path in files:
-        with open(path, "rb") as f:
-            data = f.read()
-        assert data[:4] == b":W&B"
-        position, chunks = 7, b""
-        while position + 7 <= len(data):
-            left = 32768 - position % 32768
-            _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-            if left < 7 or (length == 0 and kind == 0):  # block padding
-                position += left
-                continue
-            chunks += data[position + 7:position + 7 + length]
-            position += 7 + length
-            if kind in (1, 4):  # a whole record, or the last chunk of one
-                record = wandb_internal_pb2.Record()
-                record.ParseFromString(chunks)
-                records.append(record)
-                chunks = b""
+        while True:
+            found = _wandb_file_records(path)
+            if any(r.WhichOneof("record_type") == "exit" for r in found):
+                break
+            assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s"
+            time.sleep(0.1)
+        records += found
+    return records
+
+
+def _wandb_file_records(path):
+    """One offline run file's records (W&B's LevelDB-style log: a 7-byte header, 32 KiB blocks
+    of chunks with a 7-byte header each); a record still being written is left out."""
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B"
+    records, position, chunks = [], 7, b""
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if left < 7 or (length == 0 and kind == 0):  # block padding
+            position += left
+            continue
+        if position + 7 + length > len(data):  # a chunk not yet written whole
+            break
+        chunks += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+            chunks = b""
     return records
 
 
