@@ -41,6 +41,22 @@ def test_debug_logs_every_rank_with_its_rank(monkeypatch, capsys):
         "[gift rank 3] a debug line", "[gift rank 3] an info line", "[gift rank 3] a warning line"]
 
 
+def test_the_log_follows_stdout_after_whoever_redirected_it_is_gone(monkeypatch):
+    """A command run in-process under a redirected stdout (``support/commands.py``) leaves the
+    logger behind: its next line goes to the stdout of the day, not the closed one."""
+    import contextlib
+    import io
+
+    monkeypatch.setenv("RANK", "0")
+    first, second = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(first):
+        log = console.setup_logging("info")
+    first.close()
+    with contextlib.redirect_stdout(second):
+        log.info("after the first stdout closed")
+    assert second.getvalue() == "[gift] after the first stdout closed\n"
+
+
 def test_known_third_party_noise_is_filtered_and_the_rest_is_not(monkeypatch, capsys):
     monkeypatch.setattr(console, "_quieted", [])
     monkeypatch.setenv("PYTHONWARNINGS", "")

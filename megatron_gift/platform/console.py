@@ -225,10 +225,16 @@ def _record_for_torchrun(error: BaseException, user_error: bool = False) -> None
 
 
 class _ProgressBarSafeHandler(logging.StreamHandler):
-    """Writes above a running tqdm progress bar instead of through it."""
+    """Writes above a running tqdm progress bar instead of through it, to ``sys.stdout`` as it
+    is when a record comes (the handler outlives whoever redirected stdout when it was made)."""
 
-    def __init__(self):
-        super().__init__(sys.stdout)
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):
+        pass
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
