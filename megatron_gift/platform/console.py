@@ -224,17 +224,25 @@ def _record_for_torchrun(error: BaseException, user_error: bool = False) -> None
         json.dump(record, f)
 
 
-class _ProgressBarSafeHandler(logging.StreamHandler):
-    """Writes above a running tqdm progress bar instead of through it, to ``sys.stdout`` as it
-    is when a record comes (the handler outlives whoever redirected stdout when it was made)."""
+class _CurrentStream:
+    """A handler's ``stream``: ``sys.<name>`` as it is when a record comes, since the handler
+    outlives whoever redirected it when the handler was made (e.g. a caller capturing a
+    command's output, then closing what it captured into)."""
 
-    @property
-    def stream(self):
-        return sys.stdout
+    def __init__(self, name: str):
+        self.name = name
 
-    @stream.setter
-    def stream(self, _):
+    def __get__(self, handler, owner=None):
+        return getattr(sys, self.name)
+
+    def __set__(self, handler, stream):  # logging.StreamHandler.__init__ sets one: not kept
         pass
+
+
+class _ProgressBarSafeHandler(logging.StreamHandler):
+    """Writes above a running tqdm progress bar instead of through it, to the current stdout."""
+
+    stream = _CurrentStream("stdout")
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
@@ -246,16 +254,9 @@ class _ProgressBarSafeHandler(logging.StreamHandler):
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
-    """Writes to ``sys.stderr`` as it is when a record comes (the handler outlives whoever
-    redirected stderr when it was made, e.g. a caller capturing a command's output)."""
+    """Writes to the current stderr."""
 
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
+    stream = _CurrentStream("stderr")
 
 
 class _DropMessages(logging.Filter):
