@@ -139,7 +139,9 @@ def engine_config(work: str, settings: dict, overrides: dict) -> dict:
     return {"model": model, **overrides}
 
 
-_LOGS = []  # the trainer's log files, open for the process's life (its logging keeps them)
+# The trainer's log files, open for the process's life: a library's logging handler made while
+# one is stdout/stderr (transformers' is) keeps writing to it afterwards.
+_LOGS = []
 
 
 def train_in_process(config: dict, argv: list[str], log_path: str) -> None:
